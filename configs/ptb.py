@@ -1,0 +1,245 @@
+"""ENAS on Penn Treebank: search a recurrent cell, derive it, train it from scratch.
+
+Variants (``--config=configs/ptb.py:VARIANT``):
+
+* ``search`` (default): shared-weight search with the LSTM controller, then
+  derive (sample ``derive.num_samples`` arcs, score them, keep the best).
+* ``final``: train one fixed arc from scratch (``--config.arc`` or
+  ``--config.arc_file``; default: the paper's cell) and report test perplexity.
+* ``smoke``: the whole pipeline (search -> derive -> final) on a small
+  synthetic corpus in a few minutes on 2 CPU cores; the README's quickstart.
+
+Three sources disagree on many values: the paper, the seed repository's
+scripts (``melodyguan/enas`` ``ptb_search.sh`` / ``ptb_final.sh``) and the
+authors' corrected code (``google-research/enas_lm``), which their errata say
+replaces the seed's PTB code. Search uses the corrected code's values; each
+comment gives the others. "paper" values are partly recalled (UNVERIFIED in the
+reference notes).
+
+Questions from the seed README's user notes, answered here:
+
+* *What is M?* The number of arcs sampled per child step: always 1 (a fresh
+  arc for every minibatch), as in both codebases.
+* *What does ``nocontroller_training`` mean?* Skip the controller phase. With a
+  fixed arc there is no controller at all: that is our ``final`` variant.
+* *``fixed_arc``?* The architecture to train from scratch: ``config.arc``.
+* *Does final training really take 16 hours on a CPU?* Far more: the
+  corrected recipe is 3000 nominal epochs (1,242,000 steps of 64x35 tokens) at
+  hidden size 800; see the README's timing table.
+* *What is a logit?* The unnormalised score of each word (or each controller
+  choice) before the softmax.
+"""
+
+import ml_collections
+
+VARIANTS = ("search", "final", "smoke")
+
+
+def _base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "ptb"  # used for the default workdir runs/<name>_<variant>
+  c.variant = "search"
+  c.seed = 0  # all randomness flows from jax.random.key(seed)
+  # "search": search then derive; "final": train config.arc from scratch.
+  c.mode = "search"
+  c.arc = ""  # final: the arc to train, seed format (see README "Arc strings")
+  c.arc_file = ""  # final: a file holding the arc string (e.g. a search's best_arc.txt)
+  c.eval_only = False  # final: evaluate the newest checkpoint (valid and test), no training
+
+  # ------------------------------------------------------------------ data
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "ptb"  # "ptb" (files in data_dir) or "synthetic" (generated corpus)
+  # PTB text files ptb.{train,valid,test}.txt. Empty: $ENAS_JAX_DATA/ptb,
+  # ./data/ptb or ../shared/data/ptb, the first that exists.
+  c.data.data_dir = ""
+  c.data.vocab_size = 10000  # PTB has exactly 10,000 word types
+  # Search: 128 (corrected code); seed ptb_search.sh 20; paper 64. Final: 64.
+  c.data.batch_size = 128
+  # Batch of validation and reward windows: 128 x 35 in the corrected search
+  # (16 windows cover the validation set), 64 x 35 in its final training.
+  c.data.eval_batch_size = 128
+  c.data.bptt = 35  # all three sources use 35 (fixed length in this issue's step)
+  # synthetic source only:
+  c.data.num_train_tokens = 0
+  c.data.num_valid_tokens = 0
+  c.data.num_test_tokens = 0
+  c.data.seed = 0  # generator seed of the synthetic corpus
+
+  # ----------------------------------------------------------------- space
+  c.space = ml_collections.ConfigDict()
+  c.space.name = "ptb"
+  # Nodes in the cell including node 0. Seed 12 (arc of 23 tokens; the paper's
+  # cell). The corrected code searches 9 nodes after node 0 (10 in all).
+  c.space.num_nodes = 12
+  # Activations the controller may sample: first k of (tanh, ReLU, identity,
+  # sigmoid). The seed's controller had num_funcs=2 (only tanh/ReLU ever
+  # sampled); corrected code 4. We use 4.
+  c.space.num_activations = 4
+  # Cell output: "loose_ends" (seed; mean of nodes no later node reads) or
+  # "all" (corrected GPU recipe: mean of nodes 1..N-1). Not part of the arc string.
+  c.space.aggregate = "loose_ends"
+
+  # ----------------------------------------------------------------- child
+  c.child = ml_collections.ConfigDict()
+  # Hidden = embedding size. Corrected search 200; seed search 720, final 748;
+  # paper 1000 (search). Corrected final 800.
+  c.child.hidden_size = 200
+  c.child.init_range = 0.04  # U(-r, r) for all weights. Corrected search 0.04, final 0.05
+  # Dropout rates are drop probabilities (the seed's flags were keep probabilities).
+  c.child.drop_e = 0.10  # embedding-row dropout. Corrected search 0.10, final 0.125; seed keep 0.75/0.79
+  c.child.drop_i = 0.20  # locked dropout on embeddings. Corrected search 0.20, final 0.175; seed: none
+  c.child.drop_x = 0.75  # mask on x into node 0. Corrected search 0.75, final 0.725; seed keep 0.25
+  c.child.drop_l = 0.25  # mask on every node's input. Corrected 0.25 / 0.225; seed h_keep 0.75
+  c.child.drop_o = 0.75  # locked dropout on the output. Corrected 0.75; seed keep 0.25 / 0.24
+  c.child.alpha = 0.0  # activation regularisation alpha*mean(h^2). Corrected search 0, final 0.7
+  # Temporal (slowness) regularisation beta*mean((h_t+1-h_t)^2). Corrected search 1.0,
+  # final 0; seed final 1e-3 on sums (not means).
+  c.child.beta = 1.0
+  # Weight decay added to the loss. Corrected 8e-7; seed search 1e-7, final 5e-7.
+  c.child.weight_decay = 8e-7
+  # "w4_selected": the corrected search code's quirk, wd*sum(w^4)/2 over node 0's
+  # and the selected node matrices except node 1 (faithful default for search);
+  # "l2": wd*sum(w^2) over the arc's slices (search) or all weights (final);
+  # "none". The seed applied wd*sum(w^2) to all 554M shared weights every step.
+  c.child.weight_decay_mode = "w4_selected"
+  c.child.lr = 20.0  # SGD. Corrected 20 (x len/35); seed search 0.25, final 20; paper 20
+  c.child.grad_clip = 0.1  # global norm. Corrected search 0.1, final 0.25; seed search 10, final 0.25
+  # Shared weights per (node, prev node, activation) as in both original codes
+  # (554M at hidden 1000). True: per (node, prev node) only, as the PyTorch port
+  # (146M at hidden 1000), for like-for-like comparisons.
+  c.child.share_across_activations = False
+  # How the traced arc picks an activation: "switch" (lax.switch), "mask"
+  # (compute all four, select), or "auto" (switch; fastest measured on CPU).
+  c.child.op_select = "auto"
+  c.child.scan_unroll = 1  # lax.scan unroll factor of the time loop
+
+  # ------------------------------------------------------------ controller
+  c.controller = ml_collections.ConfigDict()
+  c.controller.lstm_size = 64  # corrected 64; seed 100
+  c.controller.lstm_layers = 1
+  c.controller.init_range = 0.01  # U(-r, r). Corrected 0.01; seed 0.1
+  c.controller.temperature = 5.0  # corrected 5; seed 5 (ptb_final.sh comments: 2)
+  c.controller.tanh_constant = 2.25  # corrected 2.25; seed 2.5; paper 2.5
+  c.controller.locality_prior = True  # subtract (i-j)^2/6 from pointer logits (both codes)
+  # "sampled": the originals' p(a)*(-log p(a)) of the sampled token; "full": categorical entropy.
+  c.controller.entropy_mode = "sampled"
+  c.controller.entropy_weight = 1e-5  # added to the reward. Corrected 1e-5; seed 1e-3; paper 1e-4
+  c.controller.baseline_decay = 0.999  # EMA baseline. Corrected 0.999; seed 0.99
+  c.controller.lr = 5e-5  # Adam. Corrected 5e-5; seed 1e-3; paper 3.5e-4
+  # Adam as in the seed (beta1 = 0, eps = 1e-3). The corrected code used TF's
+  # defaults (0.9, 1e-8).
+  c.controller.adam_b1 = 0.0
+  c.controller.adam_eps = 1e-3
+  c.controller.num_aggregate = 10  # arcs whose REINFORCE gradients are averaged per update (both 10)
+  c.controller.train_steps = 25  # updates per controller phase. Corrected 25; seed 100; paper 2000 arcs
+  c.controller.reward_c = 80.0  # reward = c / valid_ppl (both codes)
+
+  # ---------------------------------------------------------------- search
+  c.search = ml_collections.ConfigDict()
+  # Child epochs. Corrected 600 nominal epochs (124,200 steps of 128x35);
+  # seed 100 (batch 20); paper 150.
+  c.search.num_epochs = 600
+  # "controller" (ENAS) or "uniform": the random-search baseline with the same
+  # shared training and derive, arcs drawn uniformly.
+  c.search.sampler = "controller"
+  c.search.controller_start_epoch = 1  # first epoch after which the controller trains (both: 1)
+  c.search.steps_per_dispatch = 50  # child steps per jitted call (host syncs only between calls)
+  c.search.valid_windows = 0  # validation windows per epoch (0 = all: 16 of 128x35 on PTB)
+  c.search.then_final = False  # after derive, train the best arc from scratch in <workdir>/final
+
+  # ---------------------------------------------------------------- derive
+  c.derive = ml_collections.ConfigDict()
+  # Arcs sampled from the trained controller and scored; the best is written to
+  # best_arc.txt. Neither original code derives automatically (the corrected
+  # code has no derive step); 100 follows the PyTorch port.
+  c.derive.num_samples = 100
+  c.derive.valid_windows = 0  # validation windows per arc, state carried (0 = all)
+  c.derive.batch = 10  # arcs scored per jitted call
+
+  # ----------------------------------------------------------------- final
+  c.final = ml_collections.ConfigDict()
+  c.final.num_epochs = 3000  # corrected GPU 3000 nominal epochs; seed 2000
+  c.final.steps_per_dispatch = 50
+  c.final.valid_windows = 0  # 0 = all validation windows, state carried
+  c.final.test_batch_size = 1  # corrected: test at batch 1, bptt 1, state carried
+  c.final.test_bptt = 1
+
+  # --------------------------------------------------------------- logging
+  c.log_every = 50  # child steps between metric lines (rounded to dispatches)
+  c.checkpoint_every = 0  # child steps between mid-epoch checkpoints (0: epoch ends only)
+  c.keep_checkpoints = 3
+  c.tensorboard = True
+  c.distributed = "auto"  # jax.distributed.initialize(): "auto" (from the environment), True, False
+  return c
+
+
+def _final(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fixed-arc training with the corrected code's GPU values where they exist."""
+  c.mode = "final"
+  c.arc = "0 0 0 1 1 2 1 2 0 2 0 5 1 1 0 6 1 8 1 8 1 8 1"  # the paper's cell (seed format)
+  c.data.batch_size = 64  # corrected final 64; seed final 64
+  c.data.eval_batch_size = 64
+  c.child.hidden_size = 800  # corrected 800; seed final 748
+  c.child.init_range = 0.05
+  c.child.drop_e = 0.125
+  c.child.drop_i = 0.175
+  c.child.drop_x = 0.725
+  c.child.drop_l = 0.225
+  c.child.drop_o = 0.75
+  c.child.alpha = 0.7
+  c.child.beta = 0.0
+  c.child.weight_decay = 8e-7
+  c.child.weight_decay_mode = "l2"  # wd*sum(w^2) over all trainables (corrected final)
+  c.child.grad_clip = 0.25
+  return c
+
+
+def _smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Search -> derive -> final on a generated corpus, a few minutes on 2 cores.
+
+  Keeps the 12-node cell; shrinks everything else.
+  """
+  c.data.source = "synthetic"
+  c.data.vocab_size = 200
+  c.data.num_train_tokens = 40_000
+  c.data.num_valid_tokens = 8_000
+  c.data.num_test_tokens = 4_000
+  c.data.batch_size = 16
+  c.data.eval_batch_size = 16
+  c.data.bptt = 20
+  c.child.hidden_size = 32
+  c.child.init_range = 0.1
+  c.child.drop_e = 0.0
+  c.child.drop_i = 0.0
+  c.child.drop_x = 0.25
+  c.child.drop_l = 0.1
+  c.child.drop_o = 0.25
+  c.child.lr = 10.0
+  c.child.grad_clip = 0.25
+  c.controller.lr = 1e-3  # faster controller learning for a short run
+  c.controller.train_steps = 5
+  c.search.num_epochs = 3
+  c.search.steps_per_dispatch = 25
+  c.search.then_final = True
+  c.derive.num_samples = 10
+  c.derive.valid_windows = 8
+  c.final.num_epochs = 2
+  c.final.valid_windows = 0
+  c.final.test_batch_size = 1
+  c.final.test_bptt = 1
+  c.log_every = 25
+  return c
+
+
+def get_config(variant: str = "search") -> ml_collections.ConfigDict:
+  variant = variant or "search"
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/ptb.py: unknown variant {variant!r}; choose one of {VARIANTS}.")
+  c = _base()
+  c.variant = variant
+  if variant == "final":
+    c = _final(c)
+  elif variant == "smoke":
+    c = _smoke(c)
+  c.lock()
+  return c

@@ -1,0 +1,424 @@
+"""The ENAS LSTM controller (Pham et al. 2018), independent of the search space.
+
+The controller only knows a :class:`~enas_jax.spaces.base.Decisions` program: a
+static list of steps, each an ``OP`` softmax, an attention ``POINTER`` over
+earlier nodes' anchors, or an ``ANCHOR`` step with no decision. It runs the
+program as ONE ``jax.lax.scan`` over the steps, carrying the LSTM state through
+every step, so that:
+
+* one compilation serves every arc (the arc is a traced ``int32`` array and
+  never leaves the device);
+* sampling an arc and scoring a given arc are the same code path
+  (:func:`_run`), so their log-probabilities agree to the last bit of the
+  arithmetic, which REINFORCE relies on (it samples, then recomputes the
+  log-probability differentiably).
+
+Heads are padded to ``decisions.max_choices`` and invalid choices get the
+constant logit :data:`NEG_LOGIT`, which gives them exactly zero probability.
+Nothing here uses ``lax.switch``, so ``vmap`` over keys or arcs is cheap.
+
+Reference behaviour (``melodyguan/enas`` ``common_ops.lstm`` and the PTB /
+CIFAR controllers; ``enas_lm`` ``controller.py``):
+
+* LSTM: one bias-free ``[2S, 4S]`` matrix per layer on ``concat(x, h)``, gates
+  ``i, f, o, g``; ``c' = σ(i)tanh(g) + σ(f)c``, ``h' = σ(o)tanh(c')``.
+* Op logits ``h @ w_soft``; pointer logits ``v·tanh(anchor_j @ W1 + h @ W2)``;
+  then ``/temperature``, then ``tanh_constant·tanh``; pointers then subtract the
+  locality prior ``(i - j)² / 6``.
+* Next input: ``w_emb[op]`` after an op, ``anchor_j / (0.1 + (i - j))`` after a
+  pointer, ``g_emb`` after an anchor step.
+* "Entropy" in the original is ``Σ p(a)·(−log p(a))`` over the *sampled* tokens
+  only (PTB, macro); the micro controller uses the full categorical entropy.
+  Both are returned; :attr:`ControllerConfig.entropy_mode` picks which one is
+  called ``entropy``. Entropies are always stop-gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from enas_jax.spaces.base import ANCHOR, OP, POINTER, Decisions
+
+# Logit given to invalid (padded or out-of-range) choices. Finite on purpose:
+# with -inf, p·log p and the gradients of log_softmax produce NaNs; -1e9 already
+# underflows exp() to exactly 0 in float32, and a Gumbel sample (at most ~17 in
+# float32) can never lift it above a valid logit.
+NEG_LOGIT = -1e9
+
+_ENTROPY_MODES = ("sampled", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerConfig:
+  """Hyperparameters of the controller. Frozen (hashable), so it can be static.
+
+  Attributes:
+    lstm_size: hidden size ``S`` of every LSTM layer (100 PTB, 64 CIFAR and
+      ``enas_lm``).
+    lstm_layers: number of stacked LSTM layers (every script uses 1).
+    temperature: logits are divided by it; ``None`` or ``<= 0`` turns it off.
+    tanh_constant: logits become ``c·tanh(logits)``; ``None`` or ``<= 0`` turns
+      it off.
+    init_range: every parameter is drawn from ``U[-r, r]`` (0.1 original, 0.01
+      ``enas_lm``).
+    locality_prior: subtract ``(i - j)² / 6`` from the logit of pointing from
+      node ``i`` to node ``j`` (PTB controllers; not the CIFAR ones).
+    entropy_mode: ``"sampled"`` (``Σ p(a)(−log p(a))`` of the sampled tokens,
+      PTB/macro original) or ``"full"`` (categorical entropy, micro original);
+      selects which of the two is returned as ``entropy``.
+  """
+
+  lstm_size: int
+  lstm_layers: int = 1
+  temperature: Optional[float] = None
+  tanh_constant: Optional[float] = None
+  init_range: float = 0.1
+  locality_prior: bool = True
+  entropy_mode: str = "sampled"
+
+  def __post_init__(self):
+    if int(self.lstm_size) < 1:
+      raise ValueError(f"ControllerConfig: lstm_size must be >= 1, got {self.lstm_size}.")
+    if int(self.lstm_layers) < 1:
+      raise ValueError(f"ControllerConfig: lstm_layers must be >= 1, got {self.lstm_layers}.")
+    if not float(self.init_range) > 0:
+      raise ValueError(f"ControllerConfig: init_range must be > 0, got {self.init_range}.")
+    if self.entropy_mode not in _ENTROPY_MODES:
+      raise ValueError(
+          f"ControllerConfig: entropy_mode must be one of {_ENTROPY_MODES}, "
+          f"got {self.entropy_mode!r}.")
+
+  @property
+  def use_temperature(self) -> bool:
+    return self.temperature is not None and float(self.temperature) > 0
+
+  @property
+  def use_tanh(self) -> bool:
+    return self.tanh_constant is not None and float(self.tanh_constant) > 0
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "ControllerConfig":
+    """Builds a config from an ``ml_collections.ConfigDict`` (or any mapping).
+
+    Reads the fields of this class by name; missing keys keep their defaults
+    (``lstm_size`` is required) and extra keys are ignored. Values are converted
+    to plain Python types so the result stays hashable.
+    """
+    def has(name):
+      try:
+        return name in cfg
+      except TypeError:  # pragma: no cover - objects without __contains__
+        return hasattr(cfg, name)
+
+    def get(name):
+      try:
+        return cfg[name]
+      except TypeError:  # pragma: no cover - attribute-only objects
+        return getattr(cfg, name)
+
+    if not has("lstm_size"):
+      raise ValueError("ControllerConfig.from_config: the config has no 'lstm_size'.")
+    kwargs = {}
+    converters = {
+        "lstm_size": int,
+        "lstm_layers": int,
+        "temperature": lambda v: None if v is None else float(v),
+        "tanh_constant": lambda v: None if v is None else float(v),
+        "init_range": float,
+        "locality_prior": bool,
+        "entropy_mode": str,
+    }
+    for field in dataclasses.fields(cls):
+      if has(field.name):
+        kwargs[field.name] = converters[field.name](get(field.name))
+    return cls(**kwargs)
+
+
+def validate_decisions(decisions: Decisions) -> None:
+  """Checks that a ``Decisions`` program is well formed; raises ``ValueError``.
+
+  Run at trace time (cheap: the program is a handful of small numpy arrays). The
+  device code trusts these invariants: e.g. a pointer's ``num_choices`` must not
+  exceed its node index, or the distance ``i - j`` could be <= 0.
+  """
+  d = decisions
+  n = d.num_steps
+  for name in ("kind", "node", "num_choices", "token", "write_anchor"):
+    a = np.asarray(getattr(d, name))
+    if a.ndim != 1 or a.shape[0] != n:
+      raise ValueError(
+          f"Decisions.{name} must be 1-D of length num_steps={n}, got shape {a.shape}.")
+  if n == 0:
+    raise ValueError("Decisions: empty program.")
+  if d.num_ops < 1 or d.num_nodes < 1 or d.arc_length < 1:
+    raise ValueError(
+        f"Decisions: num_ops={d.num_ops}, num_nodes={d.num_nodes}, "
+        f"arc_length={d.arc_length} must all be >= 1.")
+  seen_tokens = set()
+  for t in range(n):
+    kind, node = int(d.kind[t]), int(d.node[t])
+    nc, tok = int(d.num_choices[t]), int(d.token[t])
+    where = f"Decisions step {t} (kind {kind}, node {node})"
+    if not 0 <= node < d.num_nodes:
+      raise ValueError(f"{where}: node outside [0, num_nodes={d.num_nodes}).")
+    if kind == ANCHOR:
+      if tok != -1:
+        raise ValueError(f"{where}: an ANCHOR step must have token -1, got {tok}.")
+      continue
+    if kind == OP:
+      if not 1 <= nc <= d.num_ops:
+        raise ValueError(f"{where}: OP num_choices={nc} outside [1, num_ops={d.num_ops}].")
+    elif kind == POINTER:
+      if not 1 <= nc <= node:
+        raise ValueError(
+            f"{where}: POINTER num_choices={nc} must be in [1, node index {node}] "
+            f"(a pointer at node i chooses among nodes j < i).")
+    else:
+      raise ValueError(f"{where}: unknown kind {kind} (OP=0, POINTER=1, ANCHOR=2).")
+    if not 0 <= tok < d.arc_length:
+      raise ValueError(f"{where}: token {tok} outside [0, arc_length={d.arc_length}).")
+    if tok in seen_tokens:
+      raise ValueError(f"{where}: token {tok} is written by two steps.")
+    seen_tokens.add(tok)
+  if len(seen_tokens) != d.arc_length:
+    missing = sorted(set(range(d.arc_length)) - seen_tokens)
+    raise ValueError(f"Decisions: arc tokens {missing} are never written by any step.")
+
+
+def init(rng: jax.Array, decisions: Decisions, cfg: ControllerConfig) -> dict:
+  """Initial controller parameters, every entry float32 ``U[-r, r]``.
+
+  Returns a plain dict:
+    ``w_lstm`` ``[lstm_layers, 2S, 4S]`` (layer ``l`` reads ``concat(x, h_l)``),
+    ``g_emb`` ``[1, S]``, ``w_emb`` ``[num_ops, S]``, ``w_soft`` ``[S, num_ops]``,
+    ``w_attn_1`` and ``w_attn_2`` ``[S, S]``, ``v_attn`` ``[S, 1]``.
+  """
+  s, r = int(cfg.lstm_size), float(cfg.init_range)
+  shapes = {
+      "w_lstm": (int(cfg.lstm_layers), 2 * s, 4 * s),
+      "g_emb": (1, s),
+      "w_emb": (int(decisions.num_ops), s),
+      "w_soft": (s, int(decisions.num_ops)),
+      "w_attn_1": (s, s),
+      "w_attn_2": (s, s),
+      "v_attn": (s, 1),
+  }
+  keys = jax.random.split(rng, len(shapes))
+  return {
+      name: jax.random.uniform(k, shape, jnp.float32, -r, r)
+      for k, (name, shape) in zip(keys, sorted(shapes.items()))
+  }
+
+
+def _lstm_stack(w_lstm, x, c, h):
+  """One step of the stacked bias-free LSTM. c, h: [L, S]; returns new c, h."""
+  s = x.shape[-1]
+  new_c, new_h = [], []
+  inp = x
+  for layer in range(w_lstm.shape[0]):
+    z = jnp.concatenate([inp, h[layer]]) @ w_lstm[layer]
+    i, f, o, g = z[:s], z[s:2 * s], z[2 * s:3 * s], z[3 * s:]
+    c_l = jax.nn.sigmoid(i) * jnp.tanh(g) + jax.nn.sigmoid(f) * c[layer]
+    h_l = jax.nn.sigmoid(o) * jnp.tanh(c_l)
+    new_c.append(c_l)
+    new_h.append(h_l)
+    inp = h_l
+  return jnp.stack(new_c), jnp.stack(new_h)
+
+
+def _pad(x, width):
+  return jnp.pad(x, (0, width - x.shape[0]))
+
+
+def _run(params: dict,
+         decisions: Decisions,
+         cfg: ControllerConfig,
+         rng: Optional[jax.Array] = None,
+         forced_arc: Optional[jax.Array] = None) -> tuple[dict, jax.Array]:
+  """Runs the decision program once: samples (``rng``) or scores ``forced_arc``.
+
+  Exactly one of ``rng`` / ``forced_arc`` must be given. Returns
+  ``(out, step_logits)``: ``out`` holds ``arc`` (int32 ``[arc_length]``),
+  ``log_prob``, ``entropy``, ``entropy_sampled``, ``entropy_full``;
+  ``step_logits`` is ``[num_steps, max_choices]``, the final logits of each
+  step (after temperature, tanh and locality prior; invalid choices, and every
+  choice of an ANCHOR step, hold :data:`NEG_LOGIT`).
+  """
+  if (rng is None) == (forced_arc is None):
+    raise ValueError("_run: give exactly one of rng (sample) or forced_arc (score).")
+  validate_decisions(decisions)
+  d = decisions
+  s = int(cfg.lstm_size)
+  width = d.max_choices
+  num_nodes, num_ops = int(d.num_nodes), int(d.num_ops)
+  sampling = rng is not None
+  if not sampling:
+    forced_arc = jnp.asarray(forced_arc).astype(jnp.int32)
+    if forced_arc.shape != (d.arc_length,):
+      raise ValueError(
+          f"controller: arc of shape {forced_arc.shape}, expected ({d.arc_length},).")
+
+  w_lstm = params["w_lstm"]
+  g_emb = params["g_emb"][0]
+  choice_ids = jnp.arange(width, dtype=jnp.int32)
+
+  def step(carry, xs):
+    c, h, x, anchors, anchor_w, arc, log_prob, ent_s, ent_f = carry
+    t, kind, node, num_choices, token, write_anchor = xs
+    is_op = kind == OP
+    is_ptr = kind == POINTER
+    is_decision = jnp.logical_or(is_op, is_ptr)
+
+    # 1. LSTM step; the state is carried through every step, anchors included
+    # (melodyguan commit 2d0cd4b fixed an earlier version that did not).
+    c, h = _lstm_stack(w_lstm, x, c, h)
+    top = h[-1]
+
+    # 2. Store the anchor before computing a pointer at the same step: the
+    # current node's own slot is masked anyway (only j < i is valid).
+    anchors = anchors.at[node].set(jnp.where(write_anchor, top, anchors[node]))
+    anchor_w = anchor_w.at[node].set(
+        jnp.where(write_anchor, top @ params["w_attn_1"], anchor_w[node]))
+
+    # 3. Both heads are computed and one selected: the controller must stay
+    # free of lax.switch so that vmap over keys/arcs stays a plain batch.
+    op_logits = _pad(top @ params["w_soft"], width)
+    query = top @ params["w_attn_2"]
+    ptr_logits = _pad((jnp.tanh(anchor_w + query) @ params["v_attn"])[:, 0], width)
+    logits = jnp.where(is_ptr, ptr_logits, op_logits)
+    if cfg.use_temperature:
+      logits = logits / float(cfg.temperature)
+    if cfg.use_tanh:
+      logits = float(cfg.tanh_constant) * jnp.tanh(logits)
+    if cfg.locality_prior:
+      dist = (node - choice_ids).astype(jnp.float32)
+      logits = jnp.where(is_ptr, logits - dist * dist / 6.0, logits)
+    valid = jnp.logical_and(choice_ids < num_choices, is_decision)
+    logits = jnp.where(valid, logits, NEG_LOGIT)
+
+    log_p = jax.nn.log_softmax(logits)
+    tok = jnp.maximum(token, 0)  # ANCHOR steps have token -1
+    if sampling:
+      choice = jax.random.categorical(jax.random.fold_in(rng, t), logits).astype(jnp.int32)
+    else:
+      choice = forced_arc[tok]
+    # Gathers below clamp the index, so an invalid choice cannot read outside a
+    # buffer; its log-probability (about NEG_LOGIT) shows that it was invalid.
+    lp_choice = log_p[jnp.clip(choice, 0, width - 1)]
+    p_all = jnp.exp(log_p)
+    # where(), not a product with a mask: masked entries must contribute exactly
+    # 0 to the entropy, and the ANCHOR step (all masked) must contribute nothing.
+    full = -jnp.sum(jnp.where(valid, p_all * log_p, 0.0))
+    log_prob = log_prob + jnp.where(is_decision, lp_choice, 0.0)
+    ent_s = ent_s + jnp.where(is_decision, -jnp.exp(lp_choice) * lp_choice, 0.0)
+    ent_f = ent_f + jnp.where(is_decision, full, 0.0)
+    arc = arc.at[tok].set(jnp.where(is_decision, choice, arc[tok]))
+
+    # Next input.
+    emb = params["w_emb"][jnp.clip(choice, 0, num_ops - 1)]
+    j = jnp.clip(choice, 0, num_nodes - 1)
+    denom = jnp.where(is_ptr, 0.1 + (node - j).astype(jnp.float32), 1.0)
+    ptr_in = anchors[j] / denom
+    x = jnp.where(is_op, emb, jnp.where(is_ptr, ptr_in, g_emb))
+    return (c, h, x, anchors, anchor_w, arc, log_prob, ent_s, ent_f), logits
+
+  layers = int(cfg.lstm_layers)
+  zero = jnp.zeros((), jnp.float32)
+  carry0 = (
+      jnp.zeros((layers, s), jnp.float32),
+      jnp.zeros((layers, s), jnp.float32),
+      g_emb,
+      jnp.zeros((num_nodes, s), jnp.float32),
+      jnp.zeros((num_nodes, s), jnp.float32),
+      jnp.zeros((d.arc_length,), jnp.int32),
+      zero, zero, zero,
+  )
+  xs = (
+      jnp.arange(d.num_steps, dtype=jnp.int32),
+      jnp.asarray(np.asarray(d.kind), jnp.int32),
+      jnp.asarray(np.asarray(d.node), jnp.int32),
+      jnp.asarray(np.asarray(d.num_choices), jnp.int32),
+      jnp.asarray(np.asarray(d.token), jnp.int32),
+      jnp.asarray(np.asarray(d.write_anchor), jnp.bool_),
+  )
+  carry, step_logits = jax.lax.scan(step, carry0, xs)
+  _, _, _, _, _, arc, log_prob, ent_s, ent_f = carry
+  ent_s = jax.lax.stop_gradient(ent_s)
+  ent_f = jax.lax.stop_gradient(ent_f)
+  out = {
+      "arc": arc,
+      "log_prob": log_prob,
+      "entropy": ent_s if cfg.entropy_mode == "sampled" else ent_f,
+      "entropy_sampled": ent_s,
+      "entropy_full": ent_f,
+  }
+  return out, step_logits
+
+
+def sample(params: dict, rng: jax.Array, decisions: Decisions, cfg: ControllerConfig) -> dict:
+  """Samples one arc.
+
+  Returns ``dict(arc=int32[arc_length], log_prob, entropy, entropy_sampled,
+  entropy_full)`` (scalars float32). Pure and traceable; ``decisions`` and
+  ``cfg`` are Python constants, so jit it by closing over them (see
+  :func:`make_sampler`). The decision at step ``t`` uses
+  ``jax.random.fold_in(rng, t)``.
+  """
+  return _run(params, decisions, cfg, rng=rng)[0]
+
+
+def sample_many(params: dict, rng: jax.Array, decisions: Decisions, cfg: ControllerConfig,
+                n: int) -> dict:
+  """Samples ``n`` arcs with independent keys (``vmap`` over ``split(rng, n)``).
+
+  Same dict as :func:`sample`, each entry with a leading axis of size ``n``.
+  """
+  keys = jax.random.split(rng, int(n))
+  return jax.vmap(lambda k: sample(params, k, decisions, cfg))(keys)
+
+
+def log_prob(params: dict, arc: jax.Array, decisions: Decisions, cfg: ControllerConfig) -> dict:
+  """Scores a given arc with the same code path as :func:`sample`.
+
+  Returns the same dict as :func:`sample` (``arc`` echoes the input).
+  ``log_prob`` is differentiable w.r.t. ``params``; the entropies are
+  stop-gradient. The arc is not validated on the device: an invalid token gets a
+  log-probability of about :data:`NEG_LOGIT`.
+  """
+  return _run(params, decisions, cfg, forced_arc=arc)[0]
+
+
+def step_logits(params: dict, arc: jax.Array, decisions: Decisions,
+                cfg: ControllerConfig) -> jax.Array:
+  """The per-step logits ``[num_steps, max_choices]`` seen while scoring ``arc``.
+
+  These are the final logits (after temperature, tanh constant and locality
+  prior) that the step's softmax uses; invalid choices and ANCHOR steps hold
+  :data:`NEG_LOGIT`. Differentiable; meant for extra controller losses (e.g. a
+  skip penalty) and for tests.
+  """
+  return _run(params, decisions, cfg, forced_arc=arc)[1]
+
+
+def make_sampler(decisions: Decisions, cfg: ControllerConfig) -> Callable[[dict, jax.Array], dict]:
+  """A jitted ``fn(params, rng) -> sample dict`` for this program and config.
+
+  One compilation serves every key and every parameter value of the same
+  shapes (pass JAX arrays: a numpy argument is a separate cache entry).
+  """
+  return jax.jit(functools.partial(sample, decisions=decisions, cfg=cfg))
+
+
+def make_log_prob(decisions: Decisions, cfg: ControllerConfig) -> Callable[[dict, jax.Array], dict]:
+  """A jitted ``fn(params, arc) -> log_prob dict`` for this program and config.
+
+  Pass the arc as an ``int32`` JAX array: another dtype or a numpy array is a
+  new cache entry.
+  """
+  return jax.jit(functools.partial(log_prob, decisions=decisions, cfg=cfg))

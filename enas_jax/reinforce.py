@@ -1,0 +1,267 @@
+"""REINFORCE for the ENAS controller: baseline, loss, optimiser, train step.
+
+Follows the original (``melodyguan/enas`` ``get_train_ops`` and the
+controllers; ``enas_original.md`` §1, §2.8, §12.7):
+
+* reward ``R = reward_fn(arc) + entropy_weight · entropy`` (the entropy bonus
+  goes into the reward, not the loss; it is stop-gradient);
+* an EMA baseline updated per sample *before* that sample's advantage is
+  taken: ``b ← b − (1 − decay)(b − R)``, ``A = R − b``; ``b`` starts at 0;
+* loss ``−log p(arc) · A``, gradients averaged over ``num_aggregate`` arcs
+  (the original's ``SyncReplicasOptimizer``), one Adam step (β1 = 0,
+  ε = 1e-3), no clipping, no L2;
+* extra terms that go into the *loss* (the macro skip penalty) come through
+  ``extra_loss_fn``.
+
+Everything is pure and jittable; the sampled arcs never leave the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from enas_jax import controller as ctrl
+from enas_jax.spaces.base import Decisions
+
+METRIC_KEYS = (
+    "controller/reward",
+    "controller/total_reward",
+    "controller/entropy",
+    "controller/log_prob",
+    "controller/baseline",
+    "controller/loss",
+    "controller/advantage",
+    "controller/grad_norm",
+)
+
+
+def sequential_baseline(baseline: jax.Array, rewards: jax.Array,
+                        decay: float) -> tuple[jax.Array, jax.Array]:
+  """Runs the EMA baseline over ``rewards`` in order.
+
+  For each ``R_k``: ``b ← b − (1 − decay)(b − R_k)``, then
+  ``advantage_k = R_k − b`` (update first, then use, as recommended in
+  ``enas_original.md`` §12.7). Returns ``(new_baseline, advantages[K])``.
+  """
+  rewards = jnp.asarray(rewards, jnp.float32)
+
+  def body(b, r):
+    b = b - (1.0 - decay) * (b - r)
+    return b, r - b
+
+  return jax.lax.scan(body, jnp.asarray(baseline, jnp.float32), rewards)
+
+
+def policy_loss(log_probs: jax.Array, advantages: jax.Array) -> jax.Array:
+  """``mean_k(−log_prob_k · stop_gradient(advantage_k))``.
+
+  The mean over the K arcs averages their REINFORCE gradients, which is what the
+  original's ``SyncReplicasOptimizer`` (``replicas_to_aggregate = K``) did.
+  """
+  return jnp.mean(-log_probs * jax.lax.stop_gradient(advantages))
+
+
+class _TfAdamState(NamedTuple):
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+def _scale_by_tf_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+  """Adam with TensorFlow 1's epsilon placement (direction only, no lr).
+
+  TF computes ``lr·√(1−β2^t)/(1−β1^t) · m / (√v + ε)`` with the *uncorrected*
+  ``v``; optax adds ε to ``√v̂``. The two agree up to an effective
+  ``ε_tf = ε·√(1−β2^t)`` in optax terms, which matters early in training when ε
+  is as large as the controller's 1e-3.
+  """
+  def init_fn(params):
+    return _TfAdamState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params),
+                        jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = state.count + 1
+    mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state.nu, updates)
+    t = count.astype(jnp.float32)
+    scale = jnp.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+    new = jax.tree.map(lambda m, v: scale * m / (jnp.sqrt(v) + eps), mu, nu)
+    return new, _TfAdamState(count, mu, nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(learning_rate: Any, b1: float = 0.0, b2: float = 0.999, eps: float = 1e-3,
+                   *, tf_epsilon: bool = False) -> optax.GradientTransformation:
+  """The controller's Adam: β1 = 0, β2 = 0.999, ε = 1e-3 (original defaults).
+
+  ``learning_rate`` may be a float or an optax schedule. With the default
+  ``tf_epsilon=False`` this is exactly ``optax.adam``; ``tf_epsilon=True``
+  places ε as TensorFlow 1's ``AdamOptimizer`` did (see
+  :func:`_scale_by_tf_adam`), for bit-level fidelity to the original.
+  ``enas_lm`` used TF defaults instead: ``b1=0.9, eps=1e-8``, lr 5e-5.
+  """
+  if not tf_epsilon:
+    return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+  return optax.chain(_scale_by_tf_adam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate))
+
+
+def init_state(rng: jax.Array, decisions: Decisions, cfg: ctrl.ControllerConfig,
+               optimizer: optax.GradientTransformation) -> dict:
+  """A fresh controller training state.
+
+  ``dict(params, opt_state, baseline=float32 0., step=int32 0)``; ``step``
+  counts optimiser updates (one per ``num_aggregate`` arcs, as the original's
+  ``train_step``).
+  """
+  params = ctrl.init(rng, decisions, cfg)
+  return {
+      "params": params,
+      "opt_state": optimizer.init(params),
+      "baseline": jnp.zeros((), jnp.float32),
+      "step": jnp.zeros((), jnp.int32),
+  }
+
+
+RewardFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+
+def make_train_step(decisions: Decisions,
+                    cfg: ctrl.ControllerConfig,
+                    optimizer: optax.GradientTransformation,
+                    reward_fn: RewardFn,
+                    *,
+                    num_aggregate: int,
+                    entropy_weight: float,
+                    baseline_decay: float,
+                    extra_loss_fn: Optional[Callable[[dict, jax.Array], jax.Array]] = None):
+  """Builds ``train_step(ctrl_state, reward_ctx, rng) -> (ctrl_state, metrics)``.
+
+  One step = one controller update: sample ``num_aggregate`` arcs, reward each
+  with ``reward_fn(arc, rng_k, reward_ctx) -> scalar`` (run one arc at a time
+  with ``lax.map``: the reward runs a child network with ``lax.switch``, which
+  ``vmap`` would turn into a select over all branches), add the entropy bonus,
+  advance the baseline sample by sample, and take one optimiser step on the
+  mean REINFORCE loss (+ ``extra_loss_fn(params, arcs[K, arc_length])`` if
+  given). ``reward_ctx`` is any pytree of arrays (child params, validation
+  data, ...). The returned function is pure; jit it (it is not jitted here so
+  it can be composed, e.g. in :func:`make_train_phase`).
+
+  Metrics (float32 scalars, means over the K arcs unless noted):
+  ``controller/reward`` (reward_fn value, no entropy bonus),
+  ``controller/total_reward``, ``controller/entropy`` (per
+  ``cfg.entropy_mode``), ``controller/log_prob``, ``controller/baseline``
+  (the baseline after this step's K updates: the value the original logged),
+  ``controller/loss`` (total loss incl. extra term), ``controller/advantage``,
+  ``controller/grad_norm`` (global norm of the averaged gradient), and
+  ``controller/extra_loss`` when ``extra_loss_fn`` is given.
+  """
+  num_aggregate = int(num_aggregate)
+  if num_aggregate < 1:
+    raise ValueError(f"make_train_step: num_aggregate must be >= 1, got {num_aggregate}.")
+  entropy_weight = float(entropy_weight)
+  baseline_decay = float(baseline_decay)
+
+  def sample_one(params, key):
+    return ctrl.sample(params, key, decisions, cfg)
+
+  def loss_fn(params, arcs, advantages):
+    scored = jax.vmap(lambda a: ctrl.log_prob(params, a, decisions, cfg))(arcs)
+    loss = policy_loss(scored["log_prob"], advantages)
+    extra = jnp.zeros((), jnp.float32)
+    if extra_loss_fn is not None:
+      extra = jnp.asarray(extra_loss_fn(params, arcs), jnp.float32)
+    return loss + extra, (scored["log_prob"], extra)
+
+  def train_step(ctrl_state: dict, reward_ctx: Any, rng: jax.Array):
+    params = ctrl_state["params"]
+    k_sample, k_reward = jax.random.split(rng)
+    # The controller has no lax.switch, so vmap over keys is a true batch.
+    samples = jax.vmap(sample_one, in_axes=(None, 0))(
+        params, jax.random.split(k_sample, num_aggregate))
+    arcs = samples["arc"]
+
+    def reward_one(args):
+      arc, key = args
+      return jnp.asarray(reward_fn(arc, key, reward_ctx), jnp.float32).reshape(())
+
+    rewards = jax.lax.stop_gradient(
+        jax.lax.map(reward_one, (arcs, jax.random.split(k_reward, num_aggregate))))
+    entropy = jax.lax.stop_gradient(samples["entropy"])
+    total = rewards + entropy_weight * entropy
+    baseline, advantages = sequential_baseline(ctrl_state["baseline"], total, baseline_decay)
+
+    (loss, (log_probs, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, arcs, advantages)
+    updates, opt_state = optimizer.update(grads, ctrl_state["opt_state"], params)
+    new_state = {
+        "params": optax.apply_updates(params, updates),
+        "opt_state": opt_state,
+        "baseline": baseline,
+        "step": ctrl_state["step"] + 1,
+    }
+    metrics = {
+        "controller/reward": jnp.mean(rewards),
+        "controller/total_reward": jnp.mean(total),
+        "controller/entropy": jnp.mean(entropy),
+        "controller/log_prob": jnp.mean(log_probs),
+        "controller/baseline": baseline,
+        "controller/loss": loss,
+        "controller/advantage": jnp.mean(advantages),
+        "controller/grad_norm": optax.global_norm(grads),
+    }
+    if extra_loss_fn is not None:
+      metrics["controller/extra_loss"] = extra
+    return new_state, metrics
+
+  return train_step
+
+
+def make_train_phase(decisions: Decisions,
+                     cfg: ctrl.ControllerConfig,
+                     optimizer: optax.GradientTransformation,
+                     reward_fn: RewardFn,
+                     *,
+                     num_aggregate: int,
+                     entropy_weight: float,
+                     baseline_decay: float,
+                     num_steps: int,
+                     extra_loss_fn: Optional[Callable[[dict, jax.Array], jax.Array]] = None):
+  """Builds ``train_phase(ctrl_state, reward_ctx, rng) -> (ctrl_state, metrics)``.
+
+  Runs ``num_steps`` :func:`make_train_step` updates inside one ``lax.scan``
+  (one controller phase of the original: e.g. PTB 100 updates × 10 arcs). Step
+  ``i`` uses ``jax.random.fold_in(rng, i)``, so pass a fresh ``rng`` per phase.
+
+  Metrics: every ``make_train_step`` metric averaged over the steps, except
+  ``controller/baseline``, which is the baseline at the end of the phase (an
+  average of a slowly moving EMA says less than its current value). Also
+  ``controller/reward_last`` and ``controller/total_reward_last``: the last
+  step's means, which show where the policy ended rather than the phase
+  average.
+  """
+  num_steps = int(num_steps)
+  if num_steps < 1:
+    raise ValueError(f"make_train_phase: num_steps must be >= 1, got {num_steps}.")
+  train_step = make_train_step(
+      decisions, cfg, optimizer, reward_fn, num_aggregate=num_aggregate,
+      entropy_weight=entropy_weight, baseline_decay=baseline_decay,
+      extra_loss_fn=extra_loss_fn)
+
+  def train_phase(ctrl_state: dict, reward_ctx: Any, rng: jax.Array):
+    def body(state, i):
+      return train_step(state, reward_ctx, jax.random.fold_in(rng, i))
+
+    state, history = jax.lax.scan(body, ctrl_state, jnp.arange(num_steps, dtype=jnp.int32))
+    metrics = {k: jnp.mean(v) for k, v in history.items()}
+    metrics["controller/baseline"] = history["controller/baseline"][-1]
+    metrics["controller/reward_last"] = history["controller/reward"][-1]
+    metrics["controller/total_reward_last"] = history["controller/total_reward"][-1]
+    return state, metrics
+
+  return train_phase

@@ -1,0 +1,131 @@
+"""The search-space protocol shared by every space (DESIGN.md invariant 3).
+
+A search space is a small object that tells the controller *what* to sample (its
+:class:`Decisions` program), converts arcs between their string form and a flat
+``int32`` array (the codec), samples arcs uniformly, and builds the two child
+networks: the weight-shared child used during search (the arc is a traced array,
+one compilation serves every arc) and the fixed child used for final training
+(the arc is baked in as Python constants).
+
+The controller, the REINFORCE update and the search loop only ever talk to a
+space through this protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+# Kinds of controller steps (see :class:`Decisions`).
+OP = 0  # softmax over the space's op vocabulary (activations, conv ops, ...)
+POINTER = 1  # attention pointer over earlier nodes' anchors
+ANCHOR = 2  # no decision: one LSTM step whose output becomes the node's anchor
+
+
+@dataclasses.dataclass(frozen=True)
+class Decisions:
+  """A static program of controller steps, in the order the controller runs them.
+
+  Every field is a numpy array of length ``num_steps``; the controller turns
+  them into constants and runs one ``lax.scan`` over the steps.
+
+  Attributes:
+    kind: ``OP``, ``POINTER`` or ``ANCHOR`` per step.
+    node: index of the node the step belongs to. A ``POINTER`` step at node
+      ``i`` chooses among nodes ``0 .. i-1``; the locality prior uses ``i - j``.
+    num_choices: number of valid choices (ops for ``OP``; ``i`` for ``POINTER``;
+      0 for ``ANCHOR``). Choices at or above it get probability 0.
+    token: position in the arc array where the sampled value is written
+      (-1 for ``ANCHOR`` steps).
+    write_anchor: whether this step's LSTM output is stored as ``node``'s anchor
+      (the original stores the anchor on the first LSTM step of each node).
+    num_ops: size of the op vocabulary (width of the op softmax).
+    num_nodes: number of anchor slots.
+    arc_length: number of tokens in an arc.
+  """
+
+  kind: np.ndarray
+  node: np.ndarray
+  num_choices: np.ndarray
+  token: np.ndarray
+  write_anchor: np.ndarray
+  num_ops: int
+  num_nodes: int
+  arc_length: int
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.kind.shape[0])
+
+  @property
+  def max_choices(self) -> int:
+    return int(max(self.num_ops, self.num_nodes))
+
+
+def check_arc_tokens(arc: Any, length: int, space_name: str) -> np.ndarray:
+  """Common first checks of an arc: integer tokens, 1-D, right length.
+
+  Returns the arc as an ``int32`` numpy array. Raises ``ValueError`` naming the
+  position and value of the first bad token.
+  """
+  if isinstance(arc, str):
+    raise ValueError(
+        f"{space_name}: got a string where an arc array was expected; use "
+        f"space.parse(text) to read the string form.")
+  try:
+    a = np.asarray(arc)
+  except Exception as e:  # pragma: no cover - exotic inputs
+    raise ValueError(f"{space_name}: cannot read arc {arc!r}: {e}") from e
+  if a.ndim != 1:
+    raise ValueError(
+        f"{space_name}: an arc is a flat sequence of {length} integers, got an "
+        f"array of shape {a.shape}.")
+  if a.size == 0:
+    raise ValueError(f"{space_name}: empty arc; expected {length} integer tokens.")
+  if a.dtype.kind == "b":
+    a = a.astype(np.int64)
+  if a.dtype.kind not in "iuf":
+    raise ValueError(
+        f"{space_name}: arc tokens must be integers, got dtype {a.dtype} "
+        f"(first token {a.flat[0]!r}).")
+  if a.dtype.kind == "f":
+    for pos, v in enumerate(a.tolist()):
+      if not np.isfinite(v) or v != int(v):
+        raise ValueError(
+            f"{space_name}: token {pos} is {v!r}, which is not an integer.")
+  if a.size != length:
+    raise ValueError(
+        f"{space_name}: wrong arc length {a.size}; this space (as configured) "
+        f"takes exactly {length} tokens.")
+  for pos, v in enumerate(a.tolist()):
+    if v < 0:
+      raise ValueError(f"{space_name}: token {pos} is {int(v)}, negative; tokens are >= 0.")
+    if v > np.iinfo(np.int32).max:
+      raise ValueError(f"{space_name}: token {pos} is {int(v)}, too large.")
+  return a.astype(np.int32)
+
+
+def parse_tokens(text: Any, space_name: str) -> list[int]:
+  """Splits the string form of an arc (whitespace and/or commas) into ints."""
+  if not isinstance(text, str):
+    raise ValueError(
+        f"{space_name}: parse() takes the arc's string form, e.g. '0 1 2 ...', "
+        f"got {type(text).__name__}.")
+  parts = text.replace(",", " ").split()
+  if not parts:
+    raise ValueError(f"{space_name}: empty arc string.")
+  out = []
+  for pos, p in enumerate(parts):
+    try:
+      v = int(p, 10)
+    except ValueError:
+      raise ValueError(
+          f"{space_name}: token {pos} is {p!r}, not a non-negative integer.") from None
+    out.append(v)
+  return out
+
+
+def format_tokens(arc: Sequence[int]) -> str:
+  return " ".join(str(int(v)) for v in np.asarray(arc).tolist())

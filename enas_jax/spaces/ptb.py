@@ -1,0 +1,247 @@
+"""The Penn Treebank recurrent-cell search space.
+
+Arc format (the seed's, `melodyguan/enas`): a cell of ``num_nodes`` nodes has
+``2 * num_nodes - 1`` tokens. ``a[0]`` is node 0's activation; for node
+``i = 1 .. num_nodes - 1``, ``a[2i - 1]`` is its previous node (``0 .. i-1``)
+and ``a[2i]`` its activation. Activations: 0 tanh, 1 ReLU, 2 identity,
+3 sigmoid. The paper's cell is ``0 0 0 1 1 2 1 2 0 2 0 5 1 1 0 6 1 8 1 8 1 8 1``.
+
+The cell (seed definition, no biases):
+
+* node 0: ``[c | g] = [x_t * m_x, h_{t-1} * m_l] @ W0``;
+  ``n_0 = h_{t-1} + sigmoid(g) * (act(c) - h_{t-1})`` (a highway gate);
+* node i: ``[c | g] = (n_p * m_l) @ W_i``; ``n_i = n_p + sigmoid(g) * (act(c) - n_p)``;
+* output (and next state): the mean of the *loose ends* (nodes no later node
+  reads; ``aggregate="loose_ends"``, the seed's) or of nodes ``1 .. N-1``
+  (``aggregate="all"``, the corrected code's GPU recipe). The string does not
+  say which: it is a setting of the space, carried by converted arcs.
+
+The corrected code (`google-research/enas_lm`) writes arcs without node 0's
+activation (always tanh) and numbers activations 0 tanh, 1 ReLU, 2 sigmoid,
+3 identity; :func:`from_corrected` / :func:`to_corrected` convert explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from enas_jax.spaces import base
+
+ACTIVATION_NAMES = ("tanh", "relu", "identity", "sigmoid")  # seed ids 0..3
+# Corrected-code id -> seed id (and back: the map is its own inverse).
+_CORRECTED_TO_SEED_ACT = {0: 0, 1: 1, 2: 3, 3: 2}
+AGGREGATES = ("loose_ends", "all")
+PAPER_ARC = "0 0 0 1 1 2 1 2 0 2 0 5 1 1 0 6 1 8 1 8 1 8 1"
+# The corrected code's shipped arc, in its own format (aggregate = all).
+CORRECTED_SHIPPED_ARC = "0 2 1 0 2 1 2 2 4 0 5 0 3 2 6 2"
+
+
+def _identity(x):
+  return x
+
+
+ACTIVATIONS = (jnp.tanh, jax.nn.relu, _identity, jax.nn.sigmoid)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertedArc:
+  """An arc together with the space settings it needs to mean the same cell."""
+  arc: np.ndarray  # seed-format tokens
+  num_nodes: int
+  aggregate: str
+
+  def space(self) -> "PTBSpace":
+    return PTBSpace(num_nodes=self.num_nodes, aggregate=self.aggregate)
+
+  def __str__(self) -> str:
+    return base.format_tokens(self.arc)
+
+
+class PTBSpace:
+  """Recurrent cell search space (seed arc format).
+
+  Args:
+    num_nodes: nodes in the cell, node 0 included (the seed's 12).
+    num_activations: how many activations the controller and the uniform
+      sampler may pick, the first ``k`` of (tanh, ReLU, identity, sigmoid). The
+      original controller could only sample 2; all 4 by default. Arcs with any
+      of the 4 always parse and train.
+    aggregate: ``"loose_ends"`` (seed) or ``"all"`` (corrected GPU recipe).
+  """
+
+  name = "ptb"
+  num_ops = len(ACTIVATION_NAMES)
+
+  def __init__(self, num_nodes: int = 12, num_activations: int = 4,
+               aggregate: str = "loose_ends"):
+    if not isinstance(num_nodes, (int, np.integer)) or num_nodes < 2:
+      raise ValueError(f"ptb: num_nodes must be an integer >= 2, got {num_nodes!r}.")
+    if num_activations not in (1, 2, 3, 4):
+      raise ValueError(
+          f"ptb: num_activations must be 1..4 (tanh, ReLU, identity, sigmoid), "
+          f"got {num_activations!r}.")
+    if aggregate not in AGGREGATES:
+      raise ValueError(f"ptb: aggregate must be one of {AGGREGATES}, got {aggregate!r}.")
+    self.num_nodes = int(num_nodes)
+    self.num_activations = int(num_activations)
+    self.aggregate = aggregate
+    self.arc_length = 2 * self.num_nodes - 1
+    self.decisions = self._build_decisions()
+
+  def __repr__(self) -> str:
+    return (f"PTBSpace(num_nodes={self.num_nodes}, num_activations="
+            f"{self.num_activations}, aggregate={self.aggregate!r})")
+
+  # ---------------------------------------------------------------- decisions
+  def _build_decisions(self) -> base.Decisions:
+    # The seed controller: node 0 takes one LSTM step for its anchor, then one
+    # for its activation; node i takes a pointer step (which also stores its
+    # anchor) and an activation step.
+    kind, node, nchoice, token, anchor = [], [], [], [], []
+
+    def add(k, n, c, t, a):
+      kind.append(k); node.append(n); nchoice.append(c); token.append(t); anchor.append(a)
+
+    add(base.ANCHOR, 0, 0, -1, True)
+    add(base.OP, 0, self.num_activations, 0, False)
+    for i in range(1, self.num_nodes):
+      add(base.POINTER, i, i, 2 * i - 1, True)
+      add(base.OP, i, self.num_activations, 2 * i, False)
+    arr = lambda v, dt=np.int32: np.asarray(v, dtype=dt)  # noqa: E731
+    return base.Decisions(
+        kind=arr(kind), node=arr(node), num_choices=arr(nchoice), token=arr(token),
+        write_anchor=arr(anchor, bool), num_ops=self.num_ops,
+        num_nodes=self.num_nodes, arc_length=self.arc_length)
+
+  # -------------------------------------------------------------------- codec
+  def validate(self, arc: Any) -> np.ndarray:
+    """Checks an arc array; returns it as int32 or raises ``ValueError``."""
+    a = base.check_arc_tokens(arc, self.arc_length, "ptb")
+    nact = len(ACTIVATION_NAMES)
+    if a[0] >= nact:
+      raise ValueError(
+          f"ptb: token 0 (node 0's activation) is {a[0]}; allowed 0..{nact - 1} "
+          f"(0 tanh, 1 ReLU, 2 identity, 3 sigmoid).")
+    for i in range(1, self.num_nodes):
+      p, f = int(a[2 * i - 1]), int(a[2 * i])
+      if p >= i:
+        raise ValueError(
+            f"ptb: token {2 * i - 1} (node {i}'s previous node) is {p}; allowed "
+            f"0..{i - 1}: a node reads an earlier node.")
+      if f >= nact:
+        raise ValueError(
+            f"ptb: token {2 * i} (node {i}'s activation) is {f}; allowed "
+            f"0..{nact - 1} (0 tanh, 1 ReLU, 2 identity, 3 sigmoid).")
+    return a
+
+  def parse(self, text: str) -> np.ndarray:
+    """Reads the seed's string form, e.g. ``"0 0 0 1 1 2 ..."``."""
+    tokens = base.parse_tokens(text, "ptb")
+    if len(tokens) != self.arc_length:
+      hint = ""
+      if len(tokens) % 2 == 0:
+        hint = (" An even length looks like the corrected code's format "
+                "(no node-0 token): convert it with "
+                "enas_jax.spaces.ptb.from_corrected(text).")
+      raise ValueError(
+          f"ptb: wrong arc length {len(tokens)}; {self.num_nodes} nodes take "
+          f"2*{self.num_nodes}-1 = {self.arc_length} tokens.{hint}")
+    return self.validate(tokens)
+
+  def format(self, arc: Any) -> str:
+    return base.format_tokens(self.validate(arc))
+
+  def describe(self, arc: Any) -> str:
+    """Human-readable per-node listing of an arc."""
+    a = self.validate(arc)
+    lines = [f"node 0: (x, h_prev) -> {ACTIVATION_NAMES[a[0]]}"]
+    for i in range(1, self.num_nodes):
+      lines.append(f"node {i}: node {a[2 * i - 1]} -> {ACTIVATION_NAMES[a[2 * i]]}")
+    w = np.asarray(output_weights(a, self.num_nodes, self.aggregate, static=True))
+    lines.append("output: mean of nodes " + ", ".join(str(k) for k in np.nonzero(w)[0]))
+    return "\n".join(lines)
+
+  def sample_uniform(self, key: jax.Array) -> jax.Array:
+    """A uniformly random valid arc (jittable; int32 array)."""
+    k_act, k_prev = jax.random.split(key)
+    acts = jax.random.randint(k_act, (self.num_nodes,), 0, self.num_activations)
+    i = jnp.arange(1, self.num_nodes)
+    prevs = jnp.floor(jax.random.uniform(k_prev, (self.num_nodes - 1,)) * i).astype(jnp.int32)
+    prevs = jnp.minimum(prevs, i - 1)
+    arc = jnp.zeros((self.arc_length,), jnp.int32).at[0].set(acts[0])
+    arc = arc.at[1::2].set(prevs).at[2::2].set(acts[1:])
+    return arc.astype(jnp.int32)
+
+
+def from_corrected(text_or_tokens: Any, aggregate: str = "all") -> ConvertedArc:
+  """Converts an arc from the corrected code's format (``google-research/enas_lm``).
+
+  That format has ``2L`` tokens ``(prev, func)`` for nodes ``1..L``, node 0 fixed
+  to tanh, and activation ids 0 tanh, 1 ReLU, 2 sigmoid, 3 identity. The result
+  carries ``aggregate`` (``"all"`` for the corrected GPU recipe, ``"loose_ends"``
+  for its TPU recipe).
+  """
+  tokens = (base.parse_tokens(text_or_tokens, "ptb(corrected)")
+            if isinstance(text_or_tokens, str) else
+            [int(v) for v in np.asarray(text_or_tokens).tolist()])
+  if len(tokens) == 0 or len(tokens) % 2:
+    raise ValueError(
+        f"ptb(corrected): an arc in the corrected code's format has an even, "
+        f"non-zero number of tokens (prev, func per node); got {len(tokens)}.")
+  seed = [0]
+  for pos, v in enumerate(tokens):
+    if pos % 2 == 1:
+      if v not in _CORRECTED_TO_SEED_ACT:
+        raise ValueError(
+            f"ptb(corrected): token {pos} (an activation) is {v}; allowed 0..3 "
+            f"(0 tanh, 1 ReLU, 2 sigmoid, 3 identity).")
+      v = _CORRECTED_TO_SEED_ACT[v]
+    seed.append(v)
+  num_nodes = len(tokens) // 2 + 1
+  space = PTBSpace(num_nodes=num_nodes, aggregate=aggregate)
+  try:
+    arc = space.validate(seed)
+  except ValueError as e:
+    raise ValueError(f"ptb(corrected): {e} (position counted in the converted seed-format arc)") from None
+  return ConvertedArc(arc=arc, num_nodes=num_nodes, aggregate=aggregate)
+
+
+def to_corrected(arc: Any, num_nodes: int | None = None) -> str:
+  """Writes a seed-format arc in the corrected code's format.
+
+  Only arcs whose node 0 is tanh are representable (the corrected code has no
+  node-0 activation choice). The aggregate is not part of either string.
+  """
+  a = np.asarray(arc)
+  n = num_nodes if num_nodes is not None else (a.size + 1) // 2
+  a = PTBSpace(num_nodes=n).validate(a)
+  if a[0] != 0:
+    raise ValueError(
+        f"ptb: token 0 (node 0's activation) is {a[0]}; the corrected code's "
+        f"format fixes node 0 to tanh (0), so this arc has no corrected-format form.")
+  out = []
+  for pos, v in enumerate(a[1:].tolist()):
+    out.append(_CORRECTED_TO_SEED_ACT[v] if pos % 2 == 1 else v)
+  return base.format_tokens(out)
+
+
+# ---------------------------------------------------------------------------
+# Arc helpers used by the child networks. `static=True` means the arc is a numpy
+# array (fixed child: Python control flow on its values is fine); otherwise it
+# is a traced int32 array and every use is array arithmetic.
+
+def output_weights(arc, num_nodes: int, aggregate: str, static: bool):
+  """Per-node weights [num_nodes] of the cell output mean."""
+  xp = np if static else jnp
+  if aggregate == "all":
+    w = xp.concatenate([xp.zeros((1,), xp.float32), xp.ones((num_nodes - 1,), xp.float32)])
+    return w / (num_nodes - 1)
+  prevs = xp.asarray(arc)[1::2]
+  used = (prevs[:, None] == xp.arange(num_nodes)[None, :]).any(axis=0)
+  loose = 1.0 - used.astype(xp.float32)
+  return loose / loose.sum()

@@ -1,0 +1,285 @@
+"""Child language models of the PTB space: the weight-shared one and the fixed one.
+
+Both are plain pytrees plus pure functions. The *view* of a child is the pytree
+``{"emb": [V,H], "w0": [2H,2H], "w_nodes": [N-1,H,2H]}``: exactly the parameters
+of a fixed cell. The shared child stores one matrix per (node, previous node,
+activation) and :func:`gather` cuts the view for an arc out of it (a traced
+arc: one compilation for all arcs); :func:`scatter` writes an updated view back,
+so an SGD step only touches the slices the arc used. The fixed child *is* a
+view, run with the arc as Python constants (no gather, no switch).
+
+Shapes are suffixed in names where it helps: B batch, T time, H hidden,
+V vocabulary, N nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from enas_jax.spaces import ptb as ptb_space
+
+WEIGHT_DECAY_MODES = ("none", "l2", "w4_selected")
+OP_SELECT_MODES = ("switch", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildConfig:
+  """Static settings of a PTB child network (hashable: safe to close over in jit)."""
+  vocab_size: int
+  hidden_size: int
+  num_nodes: int = 12
+  aggregate: str = "loose_ends"
+  init_range: float = 0.04
+  drop_e: float = 0.0  # embedding-row dropout (whole word vectors), drop probability
+  drop_i: float = 0.0  # locked dropout on looked-up embeddings [B,1,H]
+  drop_x: float = 0.0  # mask on x into node 0 [B,H]
+  drop_l: float = 0.0  # mask on h_{t-1} in node 0 and on every node's input [B,H]
+  drop_o: float = 0.0  # locked dropout on the cell output [B,1,H]
+  alpha: float = 0.0  # activation regularisation: alpha * mean(h^2)
+  beta: float = 0.0  # temporal (slowness) regularisation: beta * mean((h_t+1 - h_t)^2)
+  weight_decay: float = 0.0
+  weight_decay_mode: str = "l2"  # see WEIGHT_DECAY_MODES and loss()
+  share_across_activations: bool = False  # the PyTorch port's layout
+  op_select: str = "switch"
+  scan_unroll: int = 1
+
+  def __post_init__(self):
+    if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
+      raise ValueError(f"child.weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, "
+                       f"got {self.weight_decay_mode!r}.")
+    if self.op_select not in OP_SELECT_MODES + ("auto",):
+      raise ValueError(f"child.op_select must be one of {OP_SELECT_MODES + ('auto',)}, "
+                       f"got {self.op_select!r}.")
+    for name in ("drop_e", "drop_i", "drop_x", "drop_l", "drop_o"):
+      v = getattr(self, name)
+      if not 0.0 <= v < 1.0:
+        raise ValueError(f"child.{name} is a drop probability in [0, 1), got {v!r}.")
+
+  @property
+  def num_acts(self) -> int:
+    """Activation slots per (node, prev) in the shared weights."""
+    return 1 if self.share_across_activations else len(ptb_space.ACTIVATION_NAMES)
+
+  @classmethod
+  def from_config(cls, config) -> "ChildConfig":
+    c, s = config.child, config.space
+    op_select = c.op_select
+    if op_select == "auto":
+      # Measured on XLA:CPU (notes/jax-shared-weights.md): switch 1.01-1.08x the
+      # static cell, mask 1.08-1.15x. No GPU/TPU measurement yet: switch there too.
+      op_select = "switch"
+    return cls(
+        vocab_size=int(config.data.vocab_size), hidden_size=int(c.hidden_size),
+        num_nodes=int(s.num_nodes), aggregate=s.aggregate, init_range=float(c.init_range),
+        drop_e=float(c.drop_e), drop_i=float(c.drop_i), drop_x=float(c.drop_x),
+        drop_l=float(c.drop_l), drop_o=float(c.drop_o), alpha=float(c.alpha),
+        beta=float(c.beta), weight_decay=float(c.weight_decay),
+        weight_decay_mode=c.weight_decay_mode,
+        share_across_activations=bool(c.share_across_activations),
+        op_select=op_select, scan_unroll=int(c.get("scan_unroll", 1)))
+
+
+# --------------------------------------------------------------------- params
+def _uniform(key, shape, r):
+  return jax.random.uniform(key, shape, jnp.float32, -r, r)
+
+
+def init_shared(key: jax.Array, cc: ChildConfig) -> dict:
+  """Shared weights: ``w0[act]`` [A,2H,2H]; node i: ``w_nodes[i-1][prev*A + act]`` [i*A,H,2H]."""
+  H, A, r = cc.hidden_size, cc.num_acts, cc.init_range
+  keys = jax.random.split(key, cc.num_nodes + 1)
+  return {
+      "emb": _uniform(keys[0], (cc.vocab_size, H), r),
+      "w0": _uniform(keys[1], (A, 2 * H, 2 * H), r),
+      "w_nodes": tuple(_uniform(keys[i + 1], (i * A, H, 2 * H), r)
+                       for i in range(1, cc.num_nodes)),
+  }
+
+
+def init_fixed(key: jax.Array, cc: ChildConfig) -> dict:
+  """Parameters of one fixed cell (a view)."""
+  H, r = cc.hidden_size, cc.init_range
+  k0, k1, k2 = jax.random.split(key, 3)
+  return {
+      "emb": _uniform(k0, (cc.vocab_size, H), r),
+      "w0": _uniform(k1, (2 * H, 2 * H), r),
+      "w_nodes": _uniform(k2, (cc.num_nodes - 1, H, 2 * H), r),
+  }
+
+
+def _slot_indices(arc, cc: ChildConfig):
+  """Row of w0 and of each w_nodes[i-1] that the arc uses (traced-safe)."""
+  arc = jnp.asarray(arc, jnp.int32)
+  if cc.share_across_activations:
+    return jnp.int32(0), arc[1::2]
+  return arc[0], arc[1::2] * cc.num_acts + arc[2::2]
+
+
+def gather(shared: dict, arc, cc: ChildConfig) -> dict:
+  """The view (fixed-cell parameters) of ``arc`` inside the shared weights."""
+  i0, rows = _slot_indices(arc, cc)
+  w_nodes = jnp.stack([jax.lax.dynamic_index_in_dim(w, rows[i], keepdims=False)
+                       for i, w in enumerate(shared["w_nodes"])])
+  return {"emb": shared["emb"],
+          "w0": jax.lax.dynamic_index_in_dim(shared["w0"], i0, keepdims=False),
+          "w_nodes": w_nodes}
+
+
+def scatter(shared: dict, arc, view: dict, cc: ChildConfig) -> dict:
+  """Writes a (possibly updated) view back into the shared weights."""
+  i0, rows = _slot_indices(arc, cc)
+  upd = lambda w, v, i: jax.lax.dynamic_update_index_in_dim(w, v, i, 0)  # noqa: E731
+  return {"emb": view["emb"],
+          "w0": upd(shared["w0"], view["w0"], i0),
+          "w_nodes": tuple(upd(w, view["w_nodes"][i], rows[i])
+                           for i, w in enumerate(shared["w_nodes"]))}
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+# -------------------------------------------------------------------- dropout
+def _keep_mask(key, shape, drop):
+  keep = 1.0 - drop
+  return jax.random.bernoulli(key, keep, shape).astype(jnp.float32) / keep
+
+
+def make_masks(key: jax.Array | None, batch: int, cc: ChildConfig) -> dict | None:
+  """Dropout masks for one BPTT window, locked across its time steps."""
+  if key is None:
+    return None
+  ke, ki, kx, kl, ko = jax.random.split(key, 5)
+  H = cc.hidden_size
+  m = {}
+  if cc.drop_e > 0:
+    m["e"] = _keep_mask(ke, (cc.vocab_size,), cc.drop_e)
+  if cc.drop_i > 0:
+    m["i"] = _keep_mask(ki, (batch, H), cc.drop_i)
+  if cc.drop_x > 0:
+    m["x"] = _keep_mask(kx, (batch, H), cc.drop_x)
+  if cc.drop_l > 0:
+    m["l"] = _keep_mask(kl, (batch, H), cc.drop_l)
+  if cc.drop_o > 0:
+    m["o"] = _keep_mask(ko, (batch, H), cc.drop_o)
+  return m
+
+
+# ---------------------------------------------------------------------- cell
+def _activate(a, x, cc: ChildConfig, static: bool):
+  if static:
+    return ptb_space.ACTIVATIONS[int(a)](x)
+  if cc.op_select == "mask":
+    # Compute all four and pick one; jnp.where keeps NaN-free gradients.
+    out = x
+    for k, f in enumerate(ptb_space.ACTIVATIONS):
+      out = jnp.where(a == k, f(x), out) if k != 2 else out
+    return out
+  return jax.lax.switch(a, ptb_space.ACTIVATIONS, x)
+
+
+def _highway(s_BxH, pre_Bx2H, a, cc, static):
+  c, g = jnp.split(pre_Bx2H, 2, axis=-1)
+  return s_BxH + jax.nn.sigmoid(g) * (_activate(a, c, cc, static) - s_BxH)
+
+
+def run_cell(view: dict, arc, x_BxT: jax.Array, h0_BxH: jax.Array, masks: dict | None,
+             cc: ChildConfig, static: bool):
+  """Runs the cell over a window. Returns (outputs [T,B,H] before output dropout, h_T)."""
+  if static:
+    arc = np.asarray(arc)
+  H, N = cc.hidden_size, cc.num_nodes
+  m = masks or {}
+  emb = view["emb"]
+  x_BxTxH = jnp.take(emb, x_BxT, axis=0)
+  if "e" in m:
+    x_BxTxH = x_BxTxH * jnp.take(m["e"], x_BxT, axis=0)[..., None]
+  if "i" in m:
+    x_BxTxH = x_BxTxH * m["i"][:, None, :]
+  if "x" in m:
+    x_BxTxH = x_BxTxH * m["x"][:, None, :]
+  w0 = view["w0"]
+  # The x half of node 0's matmul does not depend on the state: one big matmul.
+  xw_TxBx2H = jnp.einsum("bth,hk->tbk", x_BxTxH, w0[:H])
+  w0_h = w0[H:]
+  w_nodes = view["w_nodes"]
+  out_w = ptb_space.output_weights(arc, N, cc.aggregate, static)
+  ml = m.get("l")
+
+  def step(h_BxH, xw_Bx2H):
+    hm = h_BxH * ml if ml is not None else h_BxH
+    nodes = [_highway(h_BxH, xw_Bx2H + hm @ w0_h, arc[0], cc, static)]
+    for i in range(1, N):
+      p = arc[2 * i - 1]
+      if static:
+        s = nodes[int(p)]
+      else:
+        s = jax.lax.dynamic_index_in_dim(jnp.stack(nodes), p, keepdims=False)
+      sm = s * ml if ml is not None else s
+      nodes.append(_highway(s, sm @ w_nodes[i - 1], arc[2 * i], cc, static))
+    if static:
+      out = sum(float(out_w[k]) * nodes[k] for k in range(N) if out_w[k] > 0)
+    else:
+      out = jnp.einsum("n,nbh->bh", out_w, jnp.stack(nodes))
+    return out, out
+
+  h_last, outs_TxBxH = jax.lax.scan(step, h0_BxH, xw_TxBx2H, unroll=cc.scan_unroll)
+  return outs_TxBxH, h_last
+
+
+def logits_from_outputs(view, outs_TxBxH, masks):
+  if masks and "o" in masks:
+    outs_TxBxH = outs_TxBxH * masks["o"][None]
+  return jnp.einsum("tbh,vh->btv", outs_TxBxH, view["emb"])  # tied embedding
+
+
+def weight_penalty(view: dict, cc: ChildConfig) -> jax.Array:
+  """Weight decay added to the loss.
+
+  ``l2``: ``wd * sum(w^2)`` over the view (for the fixed child: all trainables,
+  the corrected final recipe; for search: the slices the arc used).
+  ``w4_selected``: the corrected search code's quirk, ``wd * sum(w^4) / 2`` over
+  node 0's matrix and the selected matrices of nodes 2.. (node 1 and the
+  embedding excluded).
+  """
+  if cc.weight_decay <= 0 or cc.weight_decay_mode == "none":
+    return jnp.float32(0.0)
+  if cc.weight_decay_mode == "l2":
+    return cc.weight_decay * sum(jnp.sum(jnp.square(w)) for w in jax.tree_util.tree_leaves(view))
+  sel = [view["w0"], view["w_nodes"][1:]]
+  return cc.weight_decay * 0.5 * sum(jnp.sum(jnp.square(jnp.square(w))) for w in sel)
+
+
+def loss(view: dict, arc, x_BxT, y_BxT, h0_BxH, key, cc: ChildConfig, static: bool,
+         weights_BxT=None):
+  """Training loss of one window. Returns (loss, aux) with aux = {ce, h, penalty}."""
+  masks = make_masks(key, x_BxT.shape[0], cc)
+  outs, h_last = run_cell(view, arc, x_BxT, h0_BxH, masks, cc, static)
+  logits = logits_from_outputs(view, outs, masks)
+  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, y_BxT)
+  if weights_BxT is None:
+    ce = ce_BxT.mean()
+  else:
+    ce = (ce_BxT * weights_BxT).sum() / jnp.maximum(weights_BxT.sum(), 1.0)
+  total = ce
+  if cc.alpha > 0:
+    total = total + cc.alpha * jnp.mean(jnp.square(outs))
+  if cc.beta > 0:
+    total = total + cc.beta * jnp.mean(jnp.square(outs[1:] - outs[:-1]))
+  pen = weight_penalty(view, cc)
+  total = total + pen
+  return total, {"ce": ce, "h": jax.lax.stop_gradient(h_last), "penalty": pen}
+
+
+def eval_ce_sum(view: dict, arc, x_BxT, y_BxT, h0_BxH, cc: ChildConfig, static: bool):
+  """Summed cross-entropy of one window without dropout. Returns (sum_ce, h_T)."""
+  outs, h_last = run_cell(view, arc, x_BxT, h0_BxH, None, cc, static)
+  logits = logits_from_outputs(view, outs, None)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, y_BxT)
+  return ce.sum(), h_last

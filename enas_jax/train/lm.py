@@ -1,0 +1,257 @@
+"""Language-model task of the PTB space: data on the device, jitted child steps,
+the controller's reward, validation and arc scoring.
+
+Everything here is a pure function of explicit state (DESIGN.md invariant 2);
+:class:`LMTask` only holds static settings and the on-device data arrays, and
+hands out jitted functions that a notebook can call as the CLI does.
+
+Child state: ``{"params", "opt_state", "h", "step"}``. ``h`` is the recurrent
+state carried from window to window (reset at the start of every epoch);
+``step`` counts child updates and fixes the data position
+(``step % num_batches``) and the randomness (``fold_in(key, step)``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from enas_jax import parallel
+from enas_jax.data import ptb as ptb_data
+from enas_jax.spaces import ptb_child as pc
+
+ArcSampler = Callable[[dict, jax.Array], jax.Array]  # (controller params, key) -> arc
+
+
+def child_optimizer(lr: float, grad_clip: float) -> optax.GradientTransformation:
+  """SGD with global-norm clipping; the learning rate is a hyperparameter in the
+  state so that a step can scale it (``lr * len / bptt`` for variable windows)."""
+  sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
+  if grad_clip and grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(grad_clip), sgd)
+  return optax.chain(optax.identity(), sgd)
+
+
+class LMTask:
+  """Static settings + device data for training and evaluating PTB children.
+
+  Args:
+    config: the run's ConfigDict (sections ``data``, ``space``, ``child``).
+    corpus: a ``Corpus`` (train/valid/test token ids).
+    mesh: the device mesh; batches are sharded over its ``data`` axis.
+    shared: True for the weight-shared search child, False for a fixed child.
+  """
+
+  def __init__(self, config, corpus, mesh, *, shared: bool, train_split: str = "train"):
+    self.config = config
+    self.mesh = mesh
+    self.shared = shared
+    self.cc = pc.ChildConfig.from_config(config)
+    if corpus.vocab_size > self.cc.vocab_size:
+      raise ValueError(
+          f"data.vocab_size = {self.cc.vocab_size} but the corpus has "
+          f"{corpus.vocab_size} word types; set --config.data.vocab_size={corpus.vocab_size}.")
+    d = config.data
+    self.batch_size = int(d.batch_size)
+    self.eval_batch_size = int(d.eval_batch_size)
+    self.bptt = int(d.bptt)
+    parallel.check_divisible(self.batch_size, mesh, "data.batch_size")
+    parallel.check_divisible(self.eval_batch_size, mesh, "data.eval_batch_size")
+    train = ptb_data.batchify(getattr(corpus, train_split), self.batch_size)
+    valid = ptb_data.batchify(corpus.valid, self.eval_batch_size)
+    self.num_batches = ptb_data.num_windows(train.shape[1], self.bptt)
+    self.num_valid_windows = ptb_data.num_windows(valid.shape[1], self.bptt)
+    self.train = parallel.shard_batch(train, mesh)
+    self.valid = parallel.shard_batch(valid, mesh)
+    self.corpus = corpus
+    c = config.child
+    self.lr = float(c.lr)
+    self.tx = child_optimizer(self.lr, float(c.grad_clip))
+    self.tokens_per_step = self.batch_size * self.bptt
+
+  # ------------------------------------------------------------------ state
+  def init_child(self, key: jax.Array) -> dict:
+    params = (pc.init_shared if self.shared else pc.init_fixed)(key, self.cc)
+    opt_view = pc.init_fixed(jax.random.key(0), self.cc) if self.shared else params
+    if self.shared:
+      # Plain SGD keeps no per-weight state, so the optimizer state built on a
+      # view serves every arc's view; a stateful optimizer would not.
+      opt_view = jax.tree_util.tree_map(jnp.zeros_like, opt_view)
+    state = {
+        "params": params,
+        "opt_state": self.tx.init(opt_view),
+        "h": jnp.zeros((self.batch_size, self.cc.hidden_size), jnp.float32),
+        "step": jnp.int32(0),
+    }
+    state = parallel.replicate(state, self.mesh)
+    state["h"] = jax.device_put(state["h"], parallel.batch_sharding(self.mesh))
+    return state
+
+  def _window(self, data, col, length):
+    x = jax.lax.dynamic_slice_in_dim(data, col, length, axis=1)
+    y = jax.lax.dynamic_slice_in_dim(data, col + 1, length, axis=1)
+    return x, y
+
+  # ------------------------------------------------------------ child steps
+  def train_step_fn(self, arc_static=None):
+    """The pure child update ``(state, arc, key) -> (state, metrics)`` on the
+    window at ``state["step"]``.
+
+    With ``arc_static`` (a numpy arc) the arc is baked in (fixed child, or a
+    fixed arc on the shared weights for benchmarks); otherwise ``arc`` is a
+    traced int32 array and one compilation serves every arc.
+    """
+    cc, T, nb = self.cc, self.bptt, self.num_batches
+    static = arc_static is not None
+    shared = self.shared
+
+    def step_fn(state, arc, key):
+      if static:
+        arc = arc_static
+      step = state["step"]
+      pos = step % nb
+      h0 = jnp.where(pos == 0, 0.0, state["h"])
+      x, y = self._window(self.train, pos * T, T)
+      params = state["params"]
+      view = pc.gather(params, arc, cc) if shared else params
+      (loss, aux), grads = jax.value_and_grad(pc.loss, has_aux=True)(
+          view, arc, x, y, h0, key, cc, static)
+      gnorm = optax.global_norm(grads)
+      updates, opt_state = self.tx.update(grads, state["opt_state"], view)
+      new_view = optax.apply_updates(view, updates)
+      params = pc.scatter(params, arc, new_view, cc) if shared else new_view
+      new_state = {"params": params, "opt_state": opt_state, "h": aux["h"], "step": step + 1}
+      metrics = {"loss": loss, "ce": aux["ce"], "grad_norm": gnorm,
+                 "finite": jnp.isfinite(loss) & jnp.isfinite(gnorm)}
+      return new_state, metrics
+
+    return step_fn
+
+  def make_train_chunk(self, sample_arc: ArcSampler | None = None, arc_static=None):
+    """Jitted ``(state, ctrl_params, key, num_steps) -> (state, sums)``.
+
+    Runs ``num_steps`` (a traced scalar: any count, one compilation) child
+    updates in one dispatch; each step draws a fresh arc from
+    ``sample_arc(ctrl_params, fold_in(key, step))`` unless ``arc_static`` is
+    given. ``sums`` holds metric sums, the number of steps and the first step
+    whose loss or gradient was not finite (``-1`` if none).
+    """
+    step_fn = self.train_step_fn(arc_static)
+
+    def chunk(state, ctrl_params, key, num_steps):
+      def body(_, carry):
+        st, acc = carry
+        k = jax.random.fold_in(key, st["step"])
+        k_arc, k_drop = jax.random.split(k)
+        arc = None if arc_static is not None else sample_arc(ctrl_params, k_arc)
+        step = st["step"]
+        st, m = step_fn(st, arc, k_drop)
+        bad = jnp.where((acc["first_bad"] < 0) & ~m["finite"], step, acc["first_bad"])
+        acc = {"loss": acc["loss"] + m["loss"], "ce": acc["ce"] + m["ce"],
+               "grad_norm": acc["grad_norm"] + m["grad_norm"], "n": acc["n"] + 1,
+               "first_bad": bad}
+        return st, acc
+
+      zero = jnp.float32(0.0)
+      acc0 = {"loss": zero, "ce": zero, "grad_norm": zero, "n": jnp.int32(0),
+              "first_bad": jnp.int32(-1)}
+      return jax.lax.fori_loop(0, num_steps, body, (state, acc0))
+
+    return jax.jit(chunk, donate_argnums=(0,))
+
+  # ------------------------------------------------------------- evaluation
+  def window_ce_fn(self, static_arc=None):
+    """``(params, arc, col, h0) -> (sum_ce, h)`` on the validation window at column ``col``."""
+    cc, T, shared = self.cc, self.bptt, self.shared
+
+    def fn(params, arc, col, h0):
+      if static_arc is not None:
+        arc = static_arc
+      x, y = self._window(self.valid, col, T)
+      view = pc.gather(params, arc, cc) if shared else params
+      return pc.eval_ce_sum(view, arc, x, y, h0, cc, static_arc is not None)
+
+    return fn
+
+  def reward_fn(self, reward_c: float):
+    """The controller's reward: ``c / valid_ppl`` of one arc on one random
+    validation window (zero initial state, no dropout), as in the original."""
+    ce_fn = self.window_ce_fn()
+    max_col = self.valid.shape[1] - self.bptt - 1
+    n_tok = self.eval_batch_size * self.bptt
+
+    def reward(arc, key, ctx):
+      col = jax.random.randint(key, (), 0, max_col + 1)
+      h0 = jnp.zeros((self.eval_batch_size, self.cc.hidden_size), jnp.float32)
+      sum_ce, _ = ce_fn(ctx["params"], arc, col, h0)
+      return reward_c / jnp.exp(sum_ce / n_tok)
+
+    return reward
+
+  def make_search_valid(self, sample_arc: ArcSampler, num_windows: int = 0):
+    """Jitted ``(params, ctrl_params, key) -> ppl``: validation as the corrected
+    search code does it, a freshly sampled arc and a zero state per window."""
+    ce_fn = self.window_ce_fn()
+    E = self.num_valid_windows if num_windows <= 0 else min(num_windows, self.num_valid_windows)
+    n_tok = self.eval_batch_size * self.bptt
+
+    def valid(params, ctrl_params, key):
+      def one(w):
+        arc = sample_arc(ctrl_params, jax.random.fold_in(key, w))
+        h0 = jnp.zeros((self.eval_batch_size, self.cc.hidden_size), jnp.float32)
+        return ce_fn(params, arc, w * self.bptt, h0)[0]
+      sums = jax.lax.map(one, jnp.arange(E))
+      return jnp.exp(sums.sum() / (E * n_tok))
+
+    return jax.jit(valid)
+
+  def carried_ce(self, params, arc, num_windows: int, static_arc=None):
+    """Mean CE over the first ``num_windows`` validation windows, state carried."""
+    ce_fn = self.window_ce_fn(static_arc)
+
+    def body(h, w):
+      s, h = ce_fn(params, arc, w * self.bptt, h)
+      return h, s
+
+    h0 = jnp.zeros((self.eval_batch_size, self.cc.hidden_size), jnp.float32)
+    _, sums = jax.lax.scan(body, h0, jnp.arange(num_windows))
+    return sums.sum() / (num_windows * self.eval_batch_size * self.bptt)
+
+  def make_score_arcs(self, num_windows: int = 0):
+    """Jitted ``(params, arcs[K, A]) -> ppl[K]``: each arc's validation
+    perplexity with the state carried across windows (derive)."""
+    E = self.num_valid_windows if num_windows <= 0 else min(num_windows, self.num_valid_windows)
+
+    def score(params, arcs):
+      return jnp.exp(jax.lax.map(lambda a: self.carried_ce(params, a, E), arcs))
+
+    return jax.jit(score)
+
+  def make_fixed_valid(self, arc_static, num_windows: int = 0):
+    """Jitted ``params -> ppl`` for a fixed arc: validation with carried state."""
+    E = self.num_valid_windows if num_windows <= 0 else min(num_windows, self.num_valid_windows)
+    return jax.jit(lambda params: jnp.exp(self.carried_ce(params, None, E, arc_static)))
+
+  def make_test_eval(self, arc_static, batch_size: int, bptt: int):
+    """Jitted ``params -> ppl`` on the test split with the state carried across
+    windows (batch 1 and bptt 1 are the corrected recipe's test setting).
+    The whole pass is one ``lax.scan`` on the device."""
+    test = ptb_data.batchify(self.corpus.test, batch_size)
+    E = ptb_data.num_windows(test.shape[1], bptt)
+    test = parallel.shard_batch(test, self.mesh)
+    cc = self.cc
+
+    def run(params):
+      def body(h, w):
+        x, y = self._window(test, w * bptt, bptt)
+        s, h = pc.eval_ce_sum(params, arc_static, x, y, h, cc, True)
+        return h, s
+      h0 = jnp.zeros((batch_size, cc.hidden_size), jnp.float32)
+      _, sums = jax.lax.scan(body, h0, jnp.arange(E))
+      return jnp.exp(sums.sum() / (E * batch_size * bptt))
+
+    return jax.jit(run)

@@ -1,0 +1,211 @@
+"""The search loop and derive.
+
+Per epoch: a child phase (one freshly sampled arc per minibatch, several steps
+per dispatch), a controller phase (``train_steps`` REINFORCE updates, each
+averaging ``num_aggregate`` arcs), validation, metrics and a checkpoint. Then
+derive: sample arcs from the trained controller, score each on validation
+data, write ``best_arc.txt`` and ``arcs.jsonl``.
+
+The loop talks to the space through its protocol (``decisions``, codec,
+``sample_uniform``) and to the task (here :class:`~enas_jax.train.lm.LMTask`)
+through its jitted functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from enas_jax import checkpoint as ckpt_lib
+from enas_jax import controller as ctrl
+from enas_jax import metrics as metrics_lib
+from enas_jax import parallel
+from enas_jax import reinforce
+from enas_jax.train import common
+
+log = common.log
+
+
+class SearchSetup:
+  """Everything a search needs, built once: the notebook entry point.
+
+  Attributes: ``space``, ``task``, ``ctrl_cfg``, ``decisions``, ``sample_arc``
+  (``(ctrl_params, key) -> arc``, controller or uniform), ``child_chunk``
+  (jitted child steps), ``controller_phase`` (jitted controller updates),
+  ``search_valid`` (jitted validation), ``keys``.
+  """
+
+  def __init__(self, config, space, task):
+    self.config, self.space, self.task = config, space, task
+    self.decisions = space.decisions
+    self.ctrl_cfg = ctrl.ControllerConfig.from_config(config.controller)
+    cc = config.controller
+    self.optimizer = reinforce.make_optimizer(float(cc.lr), b1=float(cc.adam_b1),
+                                              eps=float(cc.adam_eps))
+    sampler = config.search.sampler
+    if sampler == "controller":
+      self.sample_arc = lambda p, k: ctrl.sample(p, k, self.decisions, self.ctrl_cfg)["arc"]
+    elif sampler == "uniform":
+      self.sample_arc = lambda p, k: space.sample_uniform(k)
+    else:
+      raise ValueError(f"search.sampler must be 'controller' or 'uniform', got {sampler!r}.")
+    self.child_chunk = task.make_train_chunk(self.sample_arc)
+    phase = reinforce.make_train_phase(
+        self.decisions, self.ctrl_cfg, self.optimizer, task.reward_fn(float(cc.reward_c)),
+        num_aggregate=int(cc.num_aggregate), entropy_weight=float(cc.entropy_weight),
+        baseline_decay=float(cc.baseline_decay), num_steps=int(cc.train_steps))
+    self.controller_phase = jax.jit(phase, donate_argnums=(0,))
+    self.search_valid = task.make_search_valid(self.sample_arc, int(config.search.valid_windows))
+    root = jax.random.key(int(config.seed))
+    self.keys = {n: jax.random.fold_in(root, i) for i, n in
+                 enumerate(("child_init", "ctrl_init", "child", "ctrl", "valid", "derive", "show"))}
+
+  def init_state(self) -> dict:
+    """The full search state (invariant 6): child, controller, epoch, records."""
+    ctrl_state = reinforce.init_state(self.keys["ctrl_init"], self.decisions, self.ctrl_cfg,
+                                      self.optimizer)
+    return {
+        "child": self.task.init_child(self.keys["child_init"]),
+        "ctrl": parallel.replicate(ctrl_state, self.task.mesh),
+        "epochs_done": jnp.int32(0),
+        "best_valid_ppl": jnp.float32(np.inf),
+    }
+
+
+def _raise_nonfinite(step: int, epoch: int, ckpt: ckpt_lib.Checkpointer | None, what: str):
+  last = ckpt.latest_step() if ckpt is not None else None
+  keep = (f"the newest checkpoint (step {last}) holds the last good state and was not overwritten"
+          if last is not None else "no checkpoint had been written yet")
+  raise common.NonFiniteError(
+      f"{what} became NaN or Inf at child step {step} (epoch {epoch}); the run stopped and "
+      f"{keep}. Lower child.lr or child.grad_clip, or check the data, then rerun the same "
+      f"command to resume from that checkpoint.")
+
+
+def run_child_epoch_part(setup, state, end_step: int, writer, progress, ckpt, config,
+                         prefix: str = "child", chunk=None, ctrl_params=None):
+  """Runs child steps up to ``end_step`` (an epoch end) in dispatches of
+  ``steps_per_dispatch``, logging every ``log_every`` and checkpointing every
+  ``checkpoint_every`` steps. Shared by search and final training."""
+  task = setup.task
+  chunk = chunk or setup.child_chunk
+  key = setup.keys["child"]
+  spd = int(config.search.steps_per_dispatch if prefix == "child" else
+            config.final.steps_per_dispatch)
+  log_every = max(1, int(config.log_every))
+  ckpt_every = int(config.checkpoint_every)
+  step = int(state["child"]["step"])
+  sums, n_acc = {"loss": 0.0, "ce": 0.0, "grad_norm": 0.0}, 0
+  if ctrl_params is None:
+    ctrl_params = state["ctrl"]["params"] if "ctrl" in state else {}
+  while step < end_step:
+    n = min(spd, end_step - step, log_every - step % log_every)
+    child, acc = chunk(state["child"], ctrl_params, key, jnp.int32(n))
+    acc = jax.device_get(acc)
+    epoch = step // task.num_batches
+    if int(acc["first_bad"]) >= 0:
+      _raise_nonfinite(int(acc["first_bad"]), epoch, ckpt, "the child loss or gradient")
+    state["child"] = child
+    step += n
+    for k in sums:
+      sums[k] += float(acc[k])
+    n_acc += int(acc["n"])
+    if step % log_every == 0 or step == end_step:
+      m = {f"{prefix}/loss": sums["loss"] / n_acc, f"{prefix}/ce": sums["ce"] / n_acc,
+           f"{prefix}/ppl": math.exp(min(sums["ce"] / n_acc, 50.0)),
+           f"{prefix}/grad_norm": sums["grad_norm"] / n_acc, f"{prefix}/epoch": step / task.num_batches}
+      writer.write(step, m)
+      if common.is_main_process():
+        print(progress.line(step, {f"{prefix}/loss": m[f"{prefix}/loss"],
+                                   f"{prefix}/ppl": m[f"{prefix}/ppl"]}), flush=True)
+      sums, n_acc = {k: 0.0 for k in sums}, 0
+    if ckpt is not None and ckpt_every > 0 and step % ckpt_every == 0 and step < end_step:
+      ckpt.save(step, state, {"stage": prefix, "step": step})
+  return state
+
+
+def run_search(setup: SearchSetup, workdir: str, writer) -> dict:
+  """Runs (or resumes) the search in ``workdir``; returns the final state."""
+  config, task = setup.config, setup.task
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               max_to_keep=int(config.keep_checkpoints))
+  state = setup.init_state()
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(state)
+    log.info("resumed search from step %s (epoch %s)", int(state["child"]["step"]),
+             int(state["epochs_done"]))
+  num_epochs = int(config.search.num_epochs)
+  nb = task.num_batches
+  progress = metrics_lib.Progress(num_epochs * nb, start_step=int(state["child"]["step"]),
+                                  items_per_step=task.tokens_per_step, item_name="tokens")
+  use_ctrl = config.search.sampler == "controller"
+  while int(state["epochs_done"]) < num_epochs:
+    epoch = int(state["epochs_done"])
+    state = run_child_epoch_part(setup, state, (epoch + 1) * nb, writer, progress, ckpt, config)
+    step = int(state["child"]["step"])
+    m = {}
+    if use_ctrl and epoch + 1 >= int(config.search.controller_start_epoch):
+      t0 = time.time()
+      ctx = {"params": state["child"]["params"]}
+      state["ctrl"], cm = setup.controller_phase(state["ctrl"], ctx,
+                                                 jax.random.fold_in(setup.keys["ctrl"], epoch))
+      cm = common.to_float_dict(cm)
+      if not all(math.isfinite(v) for v in cm.values()):
+        _raise_nonfinite(step, epoch, ckpt, "a controller metric")
+      m.update(cm)
+      m["controller/seconds"] = time.time() - t0
+    ppl = float(setup.search_valid(state["child"]["params"], state["ctrl"]["params"],
+                                   jax.random.fold_in(setup.keys["valid"], epoch)))
+    state["epochs_done"] = jnp.int32(epoch + 1)
+    state["best_valid_ppl"] = jnp.minimum(state["best_valid_ppl"], ppl)
+    m.update({"valid/ppl": ppl, "epoch": epoch + 1})
+    writer.write(step, m)
+    if use_ctrl and common.is_main_process():
+      arc = setup.sample_arc(state["ctrl"]["params"], jax.random.fold_in(setup.keys["show"], epoch))
+      writer.write_text(step, "controller/sample_arc", setup.space.format(np.asarray(arc)))
+    if common.is_main_process():
+      extra = "" if "controller/reward" not in m else (
+          f" | controller reward {m['controller/reward']:.3f} entropy {m['controller/entropy']:.3f}")
+      print(f"epoch {epoch + 1}/{num_epochs} | valid ppl {ppl:.2f}{extra}", flush=True)
+    ckpt.save(step, state, {"stage": "search", "epoch": epoch + 1})
+  ckpt.close()
+  return state
+
+
+def derive(setup: SearchSetup, state: dict, workdir: str, writer) -> tuple[str, float]:
+  """Samples ``derive.num_samples`` arcs, scores each on validation data (state
+  carried across windows, no dropout), writes ``arcs.jsonl`` (all candidates,
+  best first) and ``best_arc.txt``. Returns (best arc string, its ppl)."""
+  config, space, task = setup.config, setup.space, setup.task
+  n = int(config.derive.num_samples)
+  batch = max(1, int(config.derive.batch))
+  key = setup.keys["derive"]
+  sample_many = jax.jit(jax.vmap(setup.sample_arc, in_axes=(None, 0)))
+  arcs = np.asarray(sample_many(state["ctrl"]["params"], jax.random.split(key, n)))
+  score = task.make_score_arcs(int(config.derive.valid_windows))
+  ppls = []
+  for i in range(0, n, batch):
+    chunk = arcs[i:i + batch]
+    if chunk.shape[0] < batch:  # pad: keep one compiled shape
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - chunk.shape[0], 0)])
+    ppls.extend(np.asarray(score(state["child"]["params"], jnp.asarray(chunk))).tolist()[:n - i])
+  ppls = np.asarray(ppls[:n])
+  order = np.argsort(ppls, kind="stable")
+  rows = [{"rank": r + 1, "arc": space.format(arcs[j]), "valid_ppl": float(ppls[j]),
+           "sample": int(j)} for r, j in enumerate(order)]
+  best = rows[0]
+  common.write_text(os.path.join(workdir, "arcs.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+  common.write_text(os.path.join(workdir, "best_arc.txt"), best["arc"] + "\n")
+  writer.write(int(state["child"]["step"]), {"derive/best_valid_ppl": best["valid_ppl"],
+                                             "derive/median_valid_ppl": float(np.median(ppls))})
+  writer.write_text(int(state["child"]["step"]), "derive/best_arc", best["arc"])
+  if common.is_main_process():
+    print(f"derive: best of {n} arcs has valid ppl {best['valid_ppl']:.2f} "
+          f"(median {np.median(ppls):.2f}): {best['arc']}", flush=True)
+  return best["arc"], best["valid_ppl"]
