@@ -170,6 +170,10 @@ def _base() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.tensorboard = True
   c.distributed = "auto"  # jax.distributed.initialize(): "auto" (from the environment), True, False
+  c.debug = ml_collections.ConfigDict()
+  # Fault injection: make the child loss NaN at this step (-1: off). Used by the
+  # tests of the "stop on NaN, keep the last good checkpoint" behaviour.
+  c.debug.inject_nan_at_step = -1
   return c
 
 

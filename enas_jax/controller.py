@@ -200,20 +200,25 @@ def init(rng: jax.Array, decisions: Decisions, cfg: ControllerConfig) -> dict:
     ``w_attn_1`` and ``w_attn_2`` ``[S, S]``, ``v_attn`` ``[S, 1]``.
   """
   s, r = int(cfg.lstm_size), float(cfg.init_range)
-  shapes = {
-      "w_lstm": (int(cfg.lstm_layers), 2 * s, 4 * s),
-      "g_emb": (1, s),
-      "w_emb": (int(decisions.num_ops), s),
-      "w_soft": (s, int(decisions.num_ops)),
-      "w_attn_1": (s, s),
-      "w_attn_2": (s, s),
-      "v_attn": (s, 1),
-  }
+  shapes = (
+      ("g_emb", (1, s)),
+      ("v_attn", (s, 1)),
+      ("w_attn_1", (s, s)),
+      ("w_attn_2", (s, s)),
+      ("w_emb", (int(decisions.num_ops), s)),
+      ("w_lstm", (int(cfg.lstm_layers), 2 * s, 4 * s)),
+      ("w_soft", (s, int(decisions.num_ops))),
+  )
+  return _uniform_params(rng, shapes, r)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _uniform_params(rng, shapes, r):
+  # Jitted with the (hashable) shape table static: one compilation per model
+  # size instead of one eager dispatch and compile per tensor.
   keys = jax.random.split(rng, len(shapes))
-  return {
-      name: jax.random.uniform(k, shape, jnp.float32, -r, r)
-      for k, (name, shape) in zip(keys, sorted(shapes.items()))
-  }
+  return {name: jax.random.uniform(k, shape, jnp.float32, -r, r)
+          for k, (name, shape) in zip(keys, shapes)}
 
 
 def _lstm_stack(w_lstm, x, c, h):

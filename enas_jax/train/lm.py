@@ -74,6 +74,15 @@ class LMTask:
     self.tokens_per_step = self.batch_size * self.bptt
 
   # ------------------------------------------------------------------ state
+  @property
+  def _rep(self):
+    return parallel.replicated(self.mesh)
+
+  def state_shardings(self) -> dict:
+    """Shardings of the child state (a pytree prefix): all replicated but ``h``."""
+    return {"params": self._rep, "opt_state": self._rep,
+            "h": parallel.batch_sharding(self.mesh), "step": self._rep}
+
   def init_child(self, key: jax.Array) -> dict:
     params = (pc.init_shared if self.shared else pc.init_fixed)(key, self.cc)
     opt_view = pc.init_fixed(jax.random.key(0), self.cc) if self.shared else params
@@ -108,6 +117,7 @@ class LMTask:
     cc, T, nb = self.cc, self.bptt, self.num_batches
     static = arc_static is not None
     shared = self.shared
+    nan_step = int(self.config.get("debug", {}).get("inject_nan_at_step", -1))
 
     def step_fn(state, arc, key):
       if static:
@@ -120,6 +130,8 @@ class LMTask:
       view = pc.gather(params, arc, cc) if shared else params
       (loss, aux), grads = jax.value_and_grad(pc.loss, has_aux=True)(
           view, arc, x, y, h0, key, cc, static)
+      if nan_step >= 0:  # fault injection for tests (config.debug)
+        loss = jnp.where(step == nan_step, jnp.nan, loss)
       gnorm = optax.global_norm(grads)
       updates, opt_state = self.tx.update(grads, state["opt_state"], view)
       new_view = optax.apply_updates(view, updates)
@@ -161,7 +173,14 @@ class LMTask:
               "first_bad": jnp.int32(-1)}
       return jax.lax.fori_loop(0, num_steps, body, (state, acc0))
 
-    return jax.jit(chunk, donate_argnums=(0,))
+    # Pin the returned state's layout (params replicated, h batch-sharded):
+    # otherwise sharding propagation from the batch-sharded data hands back the
+    # embedding sharded along `data`, off its replicated layout, and the next
+    # call, fed that state, compiles again.
+    rep = parallel.replicated(self.mesh)
+    state_out = {"params": rep, "opt_state": rep, "h": parallel.batch_sharding(self.mesh),
+                 "step": rep}
+    return jax.jit(chunk, donate_argnums=(0,), out_shardings=(state_out, rep))
 
   # ------------------------------------------------------------- evaluation
   def window_ce_fn(self, static_arc=None):

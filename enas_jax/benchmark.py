@@ -1,0 +1,166 @@
+"""Throughput, compilations and memory of the child step, as JSON lines.
+
+    python -m enas_jax.benchmark --config=configs/ptb.py[:variant] [--steps N] [--config.x=y ...]
+
+On a search config it prints a ``shared`` row (the search step: a fresh arc
+from the controller every step, one compiled function), a ``fixed`` row (the
+same network with one arc baked in as Python constants: only the used weights,
+no switch, no gather), and a last line with ``shared_over_fixed``: time per step
+of the shared step *on that same arc* over the fixed step's. On a final config
+it prints one ``final`` row (the final-training network).
+
+Each row runs in a fresh subprocess so that ``peak_rss_mb`` (the process's peak
+resident memory) belongs to that row alone. Data are synthetic with the
+configured shapes (vocabulary, batch, BPTT): only speed is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 50, "Timed steps per row (>= 50 for the compile-count check).")
+_ROW = flags.DEFINE_string("row", "", "Internal: run one row in this process "
+                           "(shared, shared_fixed_arc, fixed, final).")
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _tree_bytes(tree) -> int:
+  import jax
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _synthetic_corpus(config, steps: int):
+  import numpy as np
+  from enas_jax.data.ptb import Corpus
+  rng = np.random.default_rng(0)
+  d = config.data
+  V = int(d.vocab_size)
+  n_train = int(d.batch_size) * (int(d.bptt) * min(steps + 2, 64) + 2)
+  n_eval = int(d.eval_batch_size) * (int(d.bptt) * 4 + 2)
+  mk = lambda n: rng.integers(0, V, n).astype(np.int32)  # noqa: E731
+  return Corpus(train=mk(n_train), valid=mk(n_eval), test=mk(n_eval),
+                vocab=[f"w{i}" for i in range(V)], name="benchmark")
+
+
+def run_row(config, row: str, steps: int) -> dict:
+  """Measures one row in this process and returns its JSON dict."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from enas_jax import controller as ctrl
+  from enas_jax import parallel
+  from enas_jax.spaces import ptb as ptb_space
+  from enas_jax.spaces import ptb_child
+  from enas_jax.train.lm import LMTask
+  from enas_jax.train.run import build_space
+
+  mesh = parallel.make_mesh()
+  space = build_space(config)
+  corpus = _synthetic_corpus(config, steps)
+  shared = row in ("shared", "shared_fixed_arc")
+  task = LMTask(config, corpus, mesh, shared=shared)
+  # The arc timed by the fixed row (and by shared_fixed_arc): the paper's cell
+  # when the space has 12 nodes, else a fixed uniform sample.
+  if space.num_nodes == 12:
+    arc = space.parse(ptb_space.PAPER_ARC)
+  else:
+    arc = np.asarray(space.sample_uniform(jax.random.key(1)))
+  if config.mode == "final" and row == "final":
+    arc = space.parse(config.arc) if config.arc else arc
+  ctrl_cfg = ctrl.ControllerConfig.from_config(config.controller)
+  ctrl_params = {}
+  if row == "shared":
+    ctrl_params = parallel.replicate(ctrl.init(jax.random.key(2), space.decisions, ctrl_cfg), mesh)
+    chunk = task.make_train_chunk(lambda p, k: ctrl.sample(p, k, space.decisions, ctrl_cfg)["arc"])
+  elif row == "shared_fixed_arc":
+    arc_j = jnp.asarray(arc, jnp.int32)
+    chunk = task.make_train_chunk(lambda p, k: arc_j + 0 * jax.random.randint(k, (), 0, 1))
+  else:
+    chunk = task.make_train_chunk(arc_static=arc)
+  state = task.init_child(jax.random.key(0))
+  num_params = ptb_child.count_params(state["params"])
+  spd = int(config.search.steps_per_dispatch if config.mode == "search"
+            else config.final.steps_per_dispatch)
+  key = jax.random.key(3)
+  t0 = time.perf_counter()
+  state, acc = chunk(state, ctrl_params, key, jnp.int32(1))  # compiles
+  jax.block_until_ready(acc)
+  compile_s = time.perf_counter() - t0
+  done = 0
+  t0 = time.perf_counter()
+  while done < steps:
+    n = min(spd, steps - done)
+    state, acc = chunk(state, ctrl_params, key, jnp.int32(n))
+    done += n
+  jax.block_until_ready(state)
+  dt = time.perf_counter() - t0
+  if int(acc["first_bad"]) >= 0:
+    raise RuntimeError(f"non-finite loss during the benchmark at step {int(acc['first_bad'])}")
+  # Bytes the step must hold: parameters, the gradient it computes (the used
+  # slices for the shared step; all weights for a fixed one) and optimizer state.
+  view = ptb_child.gather(state["params"], arc, task.cc) if shared else state["params"]
+  state_bytes = _tree_bytes(state["params"]) + _tree_bytes(view) + _tree_bytes(state["opt_state"])
+  B, T = task.batch_size, task.bptt
+  return {
+      "space": space.name, "mode": row, "backend": jax.default_backend(),
+      "devices": len(jax.devices()), "batch_size": B, "bptt": T,
+      "hidden_size": task.cc.hidden_size, "num_nodes": space.num_nodes,
+      "vocab_size": task.cc.vocab_size, "op_select": task.cc.op_select,
+      "share_across_activations": task.cc.share_across_activations,
+      "num_params": num_params, "compile_count": int(chunk._cache_size()),
+      "compile_s": round(compile_s, 3), "steps": steps,
+      "steps_per_s": round(steps / dt, 4), "tokens_per_s": round(steps * B * T / dt, 1),
+      "ms_per_step": round(1000 * dt / steps, 2),
+      "arc": space.format(arc) if row != "shared" else "sampled per step",
+      "state_mb": round(state_bytes / 2**20, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
+  }
+
+
+def _run_subprocess(row: str) -> dict:
+  args = [sys.executable, "-m", "enas_jax.benchmark", f"--row={row}"] + [
+      a for a in sys.argv[1:] if not a.startswith("--row")]
+  out = subprocess.run(args, capture_output=True, text=True)
+  lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+  if out.returncode != 0 or not lines:
+    raise RuntimeError(f"benchmark row {row} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+  return json.loads(lines[-1])
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/ptb.py:search")
+  if _ROW.value:
+    print(json.dumps(run_row(config, _ROW.value, _STEPS.value)), flush=True)
+    return
+  if config.mode == "search":
+    shared = _run_subprocess("shared")
+    print(json.dumps(shared), flush=True)
+    fixed = _run_subprocess("fixed")
+    print(json.dumps(fixed), flush=True)
+    same_arc = _run_subprocess("shared_fixed_arc")
+    print(json.dumps(same_arc), flush=True)
+    print(json.dumps({
+        "shared_over_fixed": round(same_arc["ms_per_step"] / fixed["ms_per_step"], 3),
+        "shared_sampled_over_fixed": round(shared["ms_per_step"] / fixed["ms_per_step"], 3),
+        "arc": fixed["arc"], "op_select": shared["op_select"]}), flush=True)
+  else:
+    print(json.dumps(_run_subprocess("final")), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
