@@ -38,7 +38,7 @@ VARIANTS = ("search", "final", "smoke")
 def _base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "ptb"  # used for the default workdir runs/<name>_<variant>
-  c.variant = "search"
+  c.variant = "search"  # set by get_config(variant); names the default workdir
   c.seed = 0  # all randomness flows from jax.random.key(seed)
   # "search": search then derive; "final": train config.arc from scratch.
   c.mode = "search"
@@ -60,14 +60,14 @@ def _base() -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 128
   c.data.bptt = 35  # all three sources use 35 (fixed length in this step)
   # synthetic source only:
-  c.data.num_train_tokens = 0
-  c.data.num_valid_tokens = 0
-  c.data.num_test_tokens = 0
+  c.data.num_train_tokens = 0  # synthetic: tokens in the train split
+  c.data.num_valid_tokens = 0  # synthetic: tokens in the valid split
+  c.data.num_test_tokens = 0  # synthetic: tokens in the test split
   c.data.seed = 0  # generator seed of the synthetic corpus
 
   # ----------------------------------------------------------------- space
   c.space = ml_collections.ConfigDict()
-  c.space.name = "ptb"
+  c.space.name = "ptb"  # enas_jax.spaces.get(name)
   # Nodes in the cell including node 0. Seed 12 (arc of 23 tokens; the paper's
   # cell). The corrected code searches 9 nodes after node 0 (10 in all).
   c.space.num_nodes = 12
@@ -116,7 +116,7 @@ def _base() -> ml_collections.ConfigDict:
   # ------------------------------------------------------------ controller
   c.controller = ml_collections.ConfigDict()
   c.controller.lstm_size = 64  # corrected 64; seed 100
-  c.controller.lstm_layers = 1
+  c.controller.lstm_layers = 1  # stacked LSTM layers (all original scripts: 1)
   c.controller.init_range = 0.01  # U(-r, r). Corrected 0.01; seed 0.1
   c.controller.temperature = 5.0  # corrected 5; seed 5 (ptb_final.sh comments: 2)
   c.controller.tanh_constant = 2.25  # corrected 2.25; seed 2.5; paper 2.5
@@ -128,8 +128,8 @@ def _base() -> ml_collections.ConfigDict:
   c.controller.lr = 5e-5  # Adam. Corrected 5e-5; seed 1e-3; paper 3.5e-4
   # Adam as in the seed (beta1 = 0, eps = 1e-3). The corrected code used TF's
   # defaults (0.9, 1e-8).
-  c.controller.adam_b1 = 0.0
-  c.controller.adam_eps = 1e-3
+  c.controller.adam_b1 = 0.0  # seed 0.0; corrected 0.9
+  c.controller.adam_eps = 1e-3  # seed 1e-3; corrected 1e-8
   c.controller.num_aggregate = 10  # arcs whose REINFORCE gradients are averaged per update (both 10)
   c.controller.train_steps = 25  # updates per controller phase. Corrected 25; seed 100; paper 2000 arcs
   c.controller.reward_c = 80.0  # reward = c / valid_ppl (both codes)
@@ -159,16 +159,16 @@ def _base() -> ml_collections.ConfigDict:
   # ----------------------------------------------------------------- final
   c.final = ml_collections.ConfigDict()
   c.final.num_epochs = 3000  # corrected GPU 3000 nominal epochs; seed 2000
-  c.final.steps_per_dispatch = 50
+  c.final.steps_per_dispatch = 50  # training steps per jitted call
   c.final.valid_windows = 0  # 0 = all validation windows, state carried
   c.final.test_batch_size = 1  # corrected: test at batch 1, bptt 1, state carried
-  c.final.test_bptt = 1
+  c.final.test_bptt = 1  # window length of the test pass (state carried across windows)
 
   # --------------------------------------------------------------- logging
   c.log_every = 50  # child steps between metric lines (rounded to dispatches)
   c.checkpoint_every = 0  # child steps between mid-epoch checkpoints (0: epoch ends only)
-  c.keep_checkpoints = 3
-  c.tensorboard = True
+  c.keep_checkpoints = 3  # newest checkpoints kept in <workdir>/checkpoints
+  c.tensorboard = True  # also write TensorBoard event files to <workdir>/tensorboard
   c.distributed = "auto"  # jax.distributed.initialize(): "auto" (from the environment), True, False
   c.debug = ml_collections.ConfigDict()
   # Fault injection: make the child loss NaN at this step (-1: off). Used by the
@@ -230,7 +230,7 @@ def _smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.final.num_epochs = 2
   c.final.valid_windows = 0
   c.final.test_batch_size = 1
-  c.final.test_bptt = 1
+  c.final.test_bptt = 1  # window length of the test pass (state carried across windows)
   c.log_every = 25
   return c
 

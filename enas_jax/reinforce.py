@@ -213,7 +213,7 @@ def make_train_step(decisions: Decisions,
         "controller/baseline": baseline,
         "controller/loss": loss,
         "controller/advantage": jnp.mean(advantages),
-        "controller/grad_norm": optax.global_norm(grads),
+        "controller/grad_norm": optax.tree.norm(grads),
     }
     if extra_loss_fn is not None:
       metrics["controller/extra_loss"] = extra

@@ -132,7 +132,7 @@ class LMTask:
           view, arc, x, y, h0, key, cc, static)
       if nan_step >= 0:  # fault injection for tests (config.debug)
         loss = jnp.where(step == nan_step, jnp.nan, loss)
-      gnorm = optax.global_norm(grads)
+      gnorm = optax.tree.norm(grads)
       updates, opt_state = self.tx.update(grads, state["opt_state"], view)
       new_view = optax.apply_updates(view, updates)
       params = pc.scatter(params, arc, new_view, cc) if shared else new_view

@@ -1,0 +1,114 @@
+"""End to end: search -> derive -> final, resume, refusals, NaN stop, CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_ptb_config
+from enas_jax import checkpoint as ckpt_lib
+from enas_jax import metrics as metrics_lib
+from enas_jax.train import common
+from enas_jax.train import run as run_lib
+
+
+def _read(path):
+  with open(path) as f:
+    return f.read()
+
+
+def test_search_derive_final_then_resume_matches_uninterrupted(tmp_path):
+  # Uninterrupted: 2 search epochs, derive, final.
+  full = str(tmp_path / "full")
+  out_full = run_lib.run(tiny_ptb_config(), full)
+  for name in ("best_arc.txt", "arcs.jsonl", "metrics.jsonl", "config.json",
+               "final/final_result.json"):
+    assert os.path.exists(os.path.join(full, name)), name
+  assert ckpt_lib.Checkpointer(os.path.join(full, "checkpoints")).latest_step() is not None
+  rows = [json.loads(l) for l in _read(os.path.join(full, "arcs.jsonl")).splitlines()]
+  assert len(rows) == 3 and rows[0]["arc"] == _read(os.path.join(full, "best_arc.txt")).strip()
+  assert [r["valid_ppl"] for r in rows] == sorted(r["valid_ppl"] for r in rows)
+  m = metrics_lib.read_metrics(full)
+  names = set().union(*m)
+  for k in ("child/loss", "child/ppl", "controller/reward", "controller/entropy", "valid/ppl"):
+    assert k in names, k
+  assert np.isfinite(out_full["final"]["test_ppl"])
+
+  # Interrupted: stop after epoch 1 (no final), then rerun the same command for 2.
+  part = str(tmp_path / "part")
+  run_lib.run(tiny_ptb_config(**{"search.num_epochs": 1, "search.then_final": False}), part)
+  out_part = run_lib.run(tiny_ptb_config(), part)
+  assert _read(os.path.join(part, "best_arc.txt")) == _read(os.path.join(full, "best_arc.txt"))
+  assert _read(os.path.join(part, "arcs.jsonl")) == _read(os.path.join(full, "arcs.jsonl"))
+  np.testing.assert_allclose(out_part["final"]["test_ppl"], out_full["final"]["test_ppl"],
+                             rtol=1e-5)
+  valid = lambda d: [r["valid/ppl"] for r in metrics_lib.read_metrics(d) if "epoch" in r]  # noqa
+  np.testing.assert_allclose(valid(part)[-1], valid(full)[-1], rtol=1e-5)
+
+
+def test_random_search_baseline_runs(tmp_path):
+  out = run_lib.run(tiny_ptb_config(**{"search.sampler": "uniform", "search.num_epochs": 1,
+                                       "search.then_final": False}), str(tmp_path))
+  assert "best_arc" in out
+  names = set().union(*metrics_lib.read_metrics(str(tmp_path)))
+  assert "controller/reward" not in names  # no controller phase in random search
+
+
+def test_workdir_with_other_config_is_refused(tmp_path):
+  cfg = tiny_ptb_config(**{"search.num_epochs": 1, "search.then_final": False})
+  run_lib.run(cfg, str(tmp_path))
+  other = tiny_ptb_config(**{"search.num_epochs": 1, "search.then_final": False,
+                             "child.hidden_size": 12})
+  with pytest.raises(ValueError, match="child.hidden_size"):
+    run_lib.run(other, str(tmp_path))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  cfg = tiny_ptb_config(**{"search.then_final": False, "checkpoint_every": 20,
+                           "log_every": 10, "search.steps_per_dispatch": 10,
+                           "debug.inject_nan_at_step": 55})
+  with pytest.raises(common.NonFiniteError, match="child step 55") as e:
+    run_lib.run(cfg, str(tmp_path))
+  ck = ckpt_lib.Checkpointer(os.path.join(str(tmp_path), "checkpoints"))
+  last = ck.latest_step()
+  assert last is not None and last <= 55
+  assert f"step {last}" in str(e.value)
+
+
+def test_final_rejects_malformed_arc_with_position(tmp_path):
+  cfg = tiny_ptb_config("final", arc="0 0 0 3 1 2 1")  # node 2 reads node 3
+  with pytest.raises(ValueError, match=r"token 3 .*is 3; allowed 0..1"):
+    run_lib.run(cfg, str(tmp_path))
+
+
+def test_final_from_arc_file(tmp_path):
+  p = tmp_path / "arc.txt"
+  p.write_text("0 0 1 1 2 0 3\n")
+  out = run_lib.run(tiny_ptb_config("final", arc_file=str(p)), str(tmp_path / "w"))
+  assert out["arc"] == "0 0 1 1 2 0 3" and np.isfinite(out["test_ppl"])
+  missing = tiny_ptb_config("final", arc_file=str(tmp_path / "nope.txt"))
+  with pytest.raises(FileNotFoundError, match="nope.txt"):
+    run_lib.run(missing, str(tmp_path / "w2"))
+
+
+def test_missing_ptb_files_named(tmp_path):
+  cfg = tiny_ptb_config(**{"data.source": "ptb", "data.data_dir": str(tmp_path / "nodata")})
+  with pytest.raises(FileNotFoundError, match="ptb.train.txt"):
+    run_lib.run(cfg, str(tmp_path / "w"))
+
+
+def _cli(*args, cwd=ROOT):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "enas_jax.main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_unknown_config_key_and_bad_variant(tmp_path):
+  r = _cli("--config=configs/ptb.py:smoke", "--config.child.hidden_sise=3",
+           f"--workdir={tmp_path}")
+  assert r.returncode != 0 and "hidden_sise" in (r.stderr + r.stdout)
+  r = _cli("--config=configs/ptb.py:nosuch", f"--workdir={tmp_path}")
+  assert r.returncode != 0 and "nosuch" in (r.stderr + r.stdout)

@@ -1,0 +1,238 @@
+"""Tests of the REINFORCE pieces and the controller train step (enas_jax/reinforce.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from enas_jax import controller as C
+from enas_jax import reinforce as R
+from enas_jax.spaces.base import ANCHOR, OP, POINTER, Decisions
+
+
+def ptb_like(num_nodes=5, num_ops=4):
+  """node 0 = [ANCHOR, OP]; node i >= 1 = [POINTER(i choices), OP]."""
+  kind, node, nc, tok, wa = [ANCHOR, OP], [0, 0], [0, num_ops], [-1, 0], [True, False]
+  for i in range(1, num_nodes):
+    kind += [POINTER, OP]
+    node += [i, i]
+    nc += [i, num_ops]
+    tok += [2 * i - 1, 2 * i]
+    wa += [True, False]
+  return Decisions(
+      kind=np.array(kind), node=np.array(node), num_choices=np.array(nc),
+      token=np.array(tok), write_anchor=np.array(wa), num_ops=num_ops,
+      num_nodes=num_nodes, arc_length=2 * num_nodes - 1)
+
+
+PTB = ptb_like()
+CFG = C.ControllerConfig(lstm_size=16, temperature=5.0, tanh_constant=2.5, init_range=0.1)
+# A valid target: ops at even tokens, pointers (< node index) at odd tokens. Token 5
+# points 3 nodes back, which the locality prior makes unlikely at the start.
+TARGET = jnp.array([3, 0, 2, 1, 0, 0, 1, 2, 3], jnp.int32)
+
+
+def match_reward(arc, rng, ctx):
+  """Fraction of tokens equal to the target arc held in the reward context."""
+  del rng
+  return jnp.mean((arc == ctx["target"]).astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------
+# Small pure functions.
+
+
+@pytest.mark.parametrize("decay,b0", [(0.99, 0.0), (0.9, 0.3), (0.5, -1.0), (0.0, 2.0)])
+def test_sequential_baseline_matches_python_loop(decay, b0):
+  rewards = np.random.RandomState(0).uniform(-1, 2, size=7).astype(np.float32)
+  b = b0
+  want = []
+  for r in rewards:
+    b = b - (1.0 - decay) * (b - r)  # update first ...
+    want.append(r - b)  # ... then use
+  new_b, adv = R.sequential_baseline(jnp.float32(b0), jnp.asarray(rewards), decay)
+  np.testing.assert_allclose(float(new_b), b, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(adv), np.array(want), rtol=1e-5, atol=1e-6)
+  assert adv.shape == (7,)
+
+
+def test_policy_loss_value_and_gradients():
+  lp = jnp.array([-1.0, -2.0, -0.5])
+  adv = jnp.array([0.5, -1.0, 2.0])
+  loss = R.policy_loss(lp, adv)
+  np.testing.assert_allclose(float(loss), np.mean([0.5, -2.0, 1.0]), rtol=1e-6)
+  g_lp, g_adv = jax.grad(R.policy_loss, argnums=(0, 1))(lp, adv)
+  np.testing.assert_allclose(np.asarray(g_lp), -np.asarray(adv) / 3, rtol=1e-6)
+  assert np.all(np.asarray(g_adv) == 0)  # advantages are stop-gradient
+
+
+def test_make_optimizer_is_adam_with_beta1_zero():
+  opt = R.make_optimizer(0.1)
+  params = {"w": jnp.array([1.0, -2.0, 0.5])}
+  g = {"w": jnp.array([0.3, -0.02, 5.0])}
+  # β1 = 0 and bias correction: m̂ = g, v̂ = g² at step 1, so the step is g/(|g| + ε).
+  upd, _ = opt.update(g, opt.init(params), params)
+  np.testing.assert_allclose(np.asarray(upd["w"]),
+                             -0.1 * np.asarray(g["w"]) / (np.abs(np.asarray(g["w"])) + 1e-3),
+                             rtol=1e-5)
+  ref = optax.adam(0.1, b1=0.0, b2=0.999, eps=1e-3)
+  s, s_ref = opt.init(params), ref.init(params)
+  for scale in (1.0, -0.5, 2.0):
+    gs = jax.tree.map(lambda x: x * scale, g)
+    u1, s = opt.update(gs, s, params)
+    u2, s_ref = ref.update(gs, s_ref, params)
+    np.testing.assert_allclose(np.asarray(u1["w"]), np.asarray(u2["w"]), rtol=1e-6)
+
+
+def test_make_optimizer_tf_epsilon_matches_tf_formula():
+  lr, b1, b2, eps = 0.01, 0.0, 0.999, 1e-3
+  opt = R.make_optimizer(lr, b1, b2, eps, tf_epsilon=True)
+  params = {"w": jnp.zeros(3)}
+  state = opt.init(params)
+  grads = [np.array([0.3, -0.02, 5.0]), np.array([-1.0, 0.5, 0.01])]
+  m = v = np.zeros(3)
+  for t, g in enumerate(grads, start=1):
+    upd, state = opt.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    want = -lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + eps)
+    np.testing.assert_allclose(np.asarray(upd["w"]), want, rtol=1e-5)
+  # It differs from optax's ε placement (the point of the flag).
+  u_optax, _ = R.make_optimizer(lr).update({"w": jnp.array([0.02])},
+                                           R.make_optimizer(lr).init({"w": jnp.zeros(1)}))
+  u_tf, _ = opt.update({"w": jnp.array([0.02, 0.0, 0.0])}, opt.init(params))
+  assert abs(float(u_optax["w"][0]) - float(u_tf["w"][0])) > 1e-3
+
+
+def test_init_state_structure():
+  opt = R.make_optimizer(1e-3)
+  state = R.init_state(jax.random.key(0), PTB, CFG, opt)
+  assert set(state) == {"params", "opt_state", "baseline", "step"}
+  assert state["baseline"].dtype == jnp.float32 and float(state["baseline"]) == 0.0
+  assert state["step"].dtype == jnp.int32 and int(state["step"]) == 0
+  ref = C.init(jax.random.key(0), PTB, CFG)
+  for k in ref:
+    np.testing.assert_array_equal(np.asarray(state["params"][k]), np.asarray(ref[k]))
+
+
+# ----------------------------------------------------------------------------
+# Train step and phase.
+
+
+def test_train_step_metrics_baseline_and_extra_loss():
+  opt = R.make_optimizer(1e-2)
+  state = R.init_state(jax.random.key(0), PTB, CFG, opt)
+  state["baseline"] = jnp.float32(0.2)
+  k, decay, w_ent = 4, 0.8, 0.1
+  const_reward = lambda arc, rng, ctx: ctx["r"] + 0.0 * jnp.sum(arc)
+  seen_shapes = []
+
+  def extra(params, arcs):
+    seen_shapes.append(arcs.shape)
+    return 2.5 + 0.0 * jnp.sum(params["g_emb"])
+
+  kwargs = dict(num_aggregate=k, entropy_weight=w_ent, baseline_decay=decay)
+  step = jax.jit(R.make_train_step(PTB, CFG, opt, const_reward, **kwargs))
+  step_x = jax.jit(R.make_train_step(PTB, CFG, opt, const_reward, extra_loss_fn=extra, **kwargs))
+  ctx = {"r": jnp.float32(0.7)}
+  rng = jax.random.key(3)
+  new, m = step(state, ctx, rng)
+  new_x, m_x = step_x(state, ctx, rng)
+
+  assert set(R.METRIC_KEYS) <= set(m)
+  assert set(m_x) == set(m) | {"controller/extra_loss"}
+  for v in m.values():
+    assert v.shape == () and np.isfinite(float(v))
+  assert int(new["step"]) == 1
+  np.testing.assert_allclose(float(m["controller/reward"]), 0.7, rtol=1e-6)
+  np.testing.assert_allclose(
+      float(m["controller/total_reward"]),
+      0.7 + w_ent * float(m["controller/entropy"]), rtol=1e-5)
+  # The entropy metric is the sampled-token entropy of the K arcs (cfg default).
+  assert 0 < float(m["controller/entropy"]) < 20
+  assert float(m["controller/log_prob"]) < 0
+  # Baseline: K sequential EMA updates from 0.2 on the per-arc total rewards.
+  # With total rewards t_k: b_K = decay^K b_0 + (1 - decay) Σ decay^(K-1-k) t_k.
+  # All t_k are within w_ent * max entropy of 0.7 + w_ent * mean entropy.
+  expected_const = decay ** k * 0.2 + (1 - decay ** k) * float(m["controller/total_reward"])
+  np.testing.assert_allclose(float(new["baseline"]), expected_const, atol=0.05)
+  np.testing.assert_allclose(float(m["controller/baseline"]), float(new["baseline"]))
+  # Same arcs and rewards with and without the extra term; loss differs by 2.5.
+  assert seen_shapes and seen_shapes[0] == (k, PTB.arc_length)
+  np.testing.assert_allclose(float(m_x["controller/loss"]) - float(m["controller/loss"]), 2.5,
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(m_x["controller/extra_loss"]), 2.5)
+  for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(new_x["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+  # The parameters moved, and only through the optimiser.
+  moved = [float(jnp.abs(a - b).max()) for a, b in
+           zip(jax.tree.leaves(new["params"]), jax.tree.leaves(state["params"]))]
+  assert max(moved) > 0
+
+
+def test_reward_fn_runs_one_arc_at_a_time_with_switch():
+  """lax.map keeps a reward's lax.switch a real conditional (vmap would not)."""
+  opt = R.make_optimizer(1e-2)
+  state = R.init_state(jax.random.key(0), PTB, CFG, opt)
+
+  def switch_reward(arc, rng, ctx):
+    branches = [lambda x, i=i: x * (i + 1.0) for i in range(PTB.num_ops)]
+    return jax.lax.switch(arc[0], branches, ctx["x"]) + jax.random.uniform(rng) * 0.0
+
+  step = R.make_train_step(PTB, CFG, opt, switch_reward, num_aggregate=3, entropy_weight=0.0,
+                           baseline_decay=0.9)
+  ctx = {"x": jnp.float32(0.25)}
+  jaxpr = str(jax.make_jaxpr(step)(state, ctx, jax.random.key(0)))
+  assert "cond[" in jaxpr
+  _, m = jax.jit(step)(state, ctx, jax.random.key(0))
+  # Each reward is 0.25 · (op + 1) for the arc's first op.
+  assert 0.25 <= float(m["controller/reward"]) <= 1.0
+
+
+def test_train_phase_equals_repeated_steps():
+  opt = R.make_optimizer(5e-2)
+  state = R.init_state(jax.random.key(1), PTB, CFG, opt)
+  kwargs = dict(num_aggregate=2, entropy_weight=0.01, baseline_decay=0.9)
+  ctx = {"target": TARGET}
+  rng = jax.random.key(9)
+  phase = jax.jit(R.make_train_phase(PTB, CFG, opt, match_reward, num_steps=3, **kwargs))
+  s_phase, m_phase = phase(state, ctx, rng)
+
+  step = jax.jit(R.make_train_step(PTB, CFG, opt, match_reward, **kwargs))
+  s = state
+  hist = []
+  for i in range(3):
+    s, m = step(s, ctx, jax.random.fold_in(rng, i))
+    hist.append(m)
+  assert int(s_phase["step"]) == 3
+  for a, b in zip(jax.tree.leaves(s_phase), jax.tree.leaves(s)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  for key in R.METRIC_KEYS:
+    vals = [float(h[key]) for h in hist]
+    want = vals[-1] if key == "controller/baseline" else np.mean(vals)
+    np.testing.assert_allclose(float(m_phase[key]), want, rtol=1e-5, atol=1e-6, err_msg=key)
+  np.testing.assert_allclose(float(m_phase["controller/reward_last"]),
+                             float(hist[-1]["controller/reward"]), rtol=1e-6)
+
+
+def test_reinforce_learns_a_target_arc():
+  opt = R.make_optimizer(0.05)
+  state = R.init_state(jax.random.key(0), PTB, CFG, opt)
+  phase = jax.jit(R.make_train_phase(
+      PTB, CFG, opt, match_reward, num_aggregate=5, entropy_weight=0.0, baseline_decay=0.9,
+      num_steps=100))
+  score = jax.jit(lambda p: C.log_prob(p, TARGET, PTB, CFG)["log_prob"])
+  ctx = {"target": TARGET}
+  lp0 = float(score(state["params"]))
+  rewards = []
+  for i in range(3):
+    state, m = phase(state, ctx, jax.random.key(100 + i))
+    rewards.append((float(m["controller/reward"]), float(m["controller/reward_last"])))
+  lp1 = float(score(state["params"]))
+  assert int(state["step"]) == 300
+  first_mean, last = rewards[0][0], rewards[-1][1]
+  # A random arc matches about 40% of the target's tokens.
+  assert last > first_mean + 0.25, rewards
+  assert last > 0.8, rewards
+  assert lp1 > lp0 + 5.0, (lp0, lp1)
