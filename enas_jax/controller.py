@@ -317,9 +317,11 @@ def _run(params: dict,
       choice = jax.random.categorical(jax.random.fold_in(rng, t), logits).astype(jnp.int32)
     else:
       choice = forced_arc[tok]
-    # Gathers below clamp the index, so an invalid choice cannot read outside a
-    # buffer; its log-probability (about NEG_LOGIT) shows that it was invalid.
-    lp_choice = log_p[jnp.clip(choice, 0, width - 1)]
+    # Gathers clamp indices, so an invalid (forced) choice cannot read outside a
+    # buffer; it is scored NEG_LOGIT explicitly, since a clamped index could land
+    # on a valid choice.
+    in_range = jnp.logical_and(choice >= 0, choice < num_choices)
+    lp_choice = jnp.where(in_range, log_p[jnp.clip(choice, 0, width - 1)], NEG_LOGIT)
     p_all = jnp.exp(log_p)
     # where(), not a product with a mask: masked entries must contribute exactly
     # 0 to the entropy, and the ANCHOR step (all masked) must contribute nothing.
@@ -397,8 +399,9 @@ def log_prob(params: dict, arc: jax.Array, decisions: Decisions, cfg: Controller
 
   Returns the same dict as :func:`sample` (``arc`` echoes the input).
   ``log_prob`` is differentiable w.r.t. ``params``; the entropies are
-  stop-gradient. The arc is not validated on the device: an invalid token gets a
-  log-probability of about :data:`NEG_LOGIT`.
+  stop-gradient. The arc is not validated on the device (validate it on the
+  host first): each out-of-range token adds :data:`NEG_LOGIT` to
+  ``log_prob``.
   """
   return _run(params, decisions, cfg, forced_arc=arc)[0]
 

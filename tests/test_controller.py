@@ -284,7 +284,9 @@ def test_log_prob_equals_sampling_log_prob(decisions):
 def test_matches_numpy_reference(decisions, cfg, scale):
   params = scaled_params(decisions, cfg, seed=4, scale=scale)
   arcs = random_valid_arcs(decisions, 6, seed=0)
-  outs = jax.vmap(lambda a: jitted(C.log_prob, decisions, cfg)(params, a))(jnp.asarray(arcs))
+  # Full float32 matmuls: GPUs may default to TF32, too coarse for 2e-5.
+  with jax.default_matmul_precision("highest"):
+    outs = jax.vmap(lambda a: jitted(C.log_prob, decisions, cfg)(params, a))(jnp.asarray(arcs))
   for n, arc in enumerate(arcs):
     out = jax.tree.map(lambda v: v[n], outs)
     lp, ent_s, ent_f, _ = numpy_reference(params, arc, decisions, cfg)
@@ -315,7 +317,8 @@ def test_first_op_probability_by_hand():
   probs = np.exp(logits) / np.exp(logits).sum()
   assert probs.max() - probs.min() > 0.05, probs  # not a trivially uniform case
   arc = jnp.zeros(PTB.arc_length, jnp.int32)
-  got_p = np.asarray(jax.nn.softmax(jitted(C.step_logits, PTB, cfg)(params, arc)[1]))
+  with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
+    got_p = np.asarray(jax.nn.softmax(jitted(C.step_logits, PTB, cfg)(params, arc)[1]))
   np.testing.assert_allclose(got_p[:4], probs, rtol=1e-5)
   assert np.all(got_p[4:] == 0.0)  # padding up to max_choices = num_nodes = 6
   # A program of just the first three steps: node 1's pointer has one choice
@@ -324,7 +327,8 @@ def test_first_op_probability_by_hand():
       PTB, kind=PTB.kind[:3], node=PTB.node[:3], num_choices=PTB.num_choices[:3],
       token=PTB.token[:3], write_anchor=PTB.write_anchor[:3], arc_length=2)
   ops = jnp.stack([jnp.array([op, 0], jnp.int32) for op in range(4)])
-  lps = jax.vmap(lambda a: jitted(C.log_prob, first, cfg)(params, a)["log_prob"])(ops)
+  with jax.default_matmul_precision("highest"):
+    lps = jax.vmap(lambda a: jitted(C.log_prob, first, cfg)(params, a)["log_prob"])(ops)
   np.testing.assert_allclose(np.asarray(lps), np.log(probs), rtol=1e-5)
 
 
@@ -357,8 +361,10 @@ def test_masked_choices_have_zero_probability():
     assert np.all(probs[t, n:] == 0.0), (t, probs[t])
     np.testing.assert_allclose(probs[t, :n].sum(), 1.0, rtol=1e-6)
   # An out-of-range token is reported with a hugely negative log-probability.
-  bad = arc.at[1].set(4)  # the OP at step 3 only allows 0, 1
-  assert float(jitted(C.log_prob, MASKED, cfg)(params, bad)["log_prob"]) < -1e8
+  score = jitted(C.log_prob, MASKED, cfg)
+  for pos, value in [(1, 4), (1, 2), (5, 7), (4, 3), (0, -1)]:  # OP 2-of-5, ..., ptr
+    bad = arc.at[pos].set(value)
+    assert float(score(params, bad)["log_prob"]) < -1e8, (pos, value)
   # Gradients stay finite even with masked choices and saturated logits.
   grads = jax.jit(jax.grad(lambda p: C.log_prob(p, arc, MASKED, cfg)["log_prob"]))(params)
   for g in jax.tree.leaves(grads):
