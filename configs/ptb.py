@@ -112,6 +112,10 @@ def _base() -> ml_collections.ConfigDict:
   # (compute all four, select), or "auto" (switch; fastest measured on CPU).
   c.child.op_select = "auto"
   c.child.scan_unroll = 1  # lax.scan unroll factor of the time loop
+  # Rematerialisation of the time step in the backward pass: "none" (keep all
+  # activations), "dots" (keep only matmul outputs, recompute the elementwise
+  # rest), "full" (keep only the recurrent state). Trades compute for memory.
+  c.child.remat = "none"
 
   # ------------------------------------------------------------ controller
   c.controller = ml_collections.ConfigDict()

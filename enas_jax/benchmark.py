@@ -95,6 +95,7 @@ def run_row(config, row: str, steps: int) -> dict:
   spd = int(config.search.steps_per_dispatch if config.mode == "search"
             else config.final.steps_per_dispatch)
   key = jax.random.key(3)
+  rss_before = _peak_rss_mb()
   t0 = time.perf_counter()
   state, acc = chunk(state, ctrl_params, key, jnp.int32(1))  # compiles
   jax.block_until_ready(acc)
@@ -126,6 +127,7 @@ def run_row(config, row: str, steps: int) -> dict:
       "ms_per_step": round(1000 * dt / steps, 2),
       "arc": space.format(arc) if row != "shared" else "sampled per step",
       "state_mb": round(state_bytes / 2**20, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
+      "rss_before_compile_mb": round(rss_before, 1), "remat": task.cc.remat,
   }
 
 

@@ -47,11 +47,14 @@ class ChildConfig:
   share_across_activations: bool = False  # the PyTorch port's layout
   op_select: str = "switch"
   scan_unroll: int = 1
+  remat: str = "none"  # "none" | "dots" (save only matmul outputs per step) | "full"
 
   def __post_init__(self):
     if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
       raise ValueError(f"child.weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, "
                        f"got {self.weight_decay_mode!r}.")
+    if self.remat not in ("none", "dots", "full"):
+      raise ValueError(f"child.remat must be 'none', 'dots' or 'full', got {self.remat!r}.")
     if self.op_select not in OP_SELECT_MODES + ("auto",):
       raise ValueError(f"child.op_select must be one of {OP_SELECT_MODES + ('auto',)}, "
                        f"got {self.op_select!r}.")
@@ -81,7 +84,8 @@ class ChildConfig:
         beta=float(c.beta), weight_decay=float(c.weight_decay),
         weight_decay_mode=c.weight_decay_mode,
         share_across_activations=bool(c.share_across_activations),
-        op_select=op_select, scan_unroll=int(c.get("scan_unroll", 1)))
+        op_select=op_select, scan_unroll=int(c.get("scan_unroll", 1)),
+        remat=c.get("remat", "none"))
 
 
 # --------------------------------------------------------------------- params
@@ -235,6 +239,10 @@ def run_cell(view: dict, arc, x_BxT: jax.Array, h0_BxH: jax.Array, masks: dict |
       out = sum(jnp.where(out_w[k] > 0, out_w[k] * nodes[k], 0.0) for k in range(N))
     return out, out
 
+  if cc.remat == "full":
+    step = jax.checkpoint(step)
+  elif cc.remat == "dots":
+    step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
   h_last, outs_TxBxH = jax.lax.scan(step, h0_BxH, xw_TxBx2H, unroll=cc.scan_unroll)
   return outs_TxBxH, h_last
 
