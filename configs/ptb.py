@@ -75,6 +75,12 @@ def _base() -> ml_collections.ConfigDict:
   # sigmoid). The seed's controller had num_funcs=2 (only tanh/ReLU ever
   # sampled); corrected code 4. We use 4.
   c.space.num_activations = 4
+  # Activations node 0 may take during search (first k). Corrected code: 1 (node 0
+  # is always tanh, "an important change" in its source); seed: 2, stabilised by
+  # search-time batch norm, which we do not implement. With 4 and no batch norm
+  # the shared child diverged on PTB within 200 steps (ReLU/identity at node 0
+  # let the recurrent state grow without bound). Any arc still parses and trains.
+  c.space.node0_activations = 1
   # Cell output: "loose_ends" (seed; mean of nodes no later node reads) or
   # "all" (corrected GPU recipe: mean of nodes 1..N-1). Not part of the arc string.
   c.space.aggregate = "loose_ends"

@@ -72,13 +72,19 @@ class PTBSpace:
       original controller could only sample 2; all 4 by default. Arcs with any
       of the 4 always parse and train.
     aggregate: ``"loose_ends"`` (seed) or ``"all"`` (corrected GPU recipe).
+    node0_activations: how many activations the controller and the uniform
+      sampler may pick for node 0 (first ``k``). ``None`` means
+      ``num_activations``. The corrected code fixes node 0 to tanh (1): an
+      unbounded node-0 activation lets the recurrent state grow across time
+      steps, and without the seed's search-time batch norm the shared child
+      diverges (seen on PTB with identity/ReLU at node 0).
   """
 
   name = "ptb"
   num_ops = len(ACTIVATION_NAMES)
 
   def __init__(self, num_nodes: int = 12, num_activations: int = 4,
-               aggregate: str = "loose_ends"):
+               aggregate: str = "loose_ends", node0_activations: int | None = None):
     if not isinstance(num_nodes, (int, np.integer)) or num_nodes < 2:
       raise ValueError(f"ptb: num_nodes must be an integer >= 2, got {num_nodes!r}.")
     if num_activations not in (1, 2, 3, 4):
@@ -89,13 +95,18 @@ class PTBSpace:
       raise ValueError(f"ptb: aggregate must be one of {AGGREGATES}, got {aggregate!r}.")
     self.num_nodes = int(num_nodes)
     self.num_activations = int(num_activations)
+    n0 = self.num_activations if node0_activations is None else node0_activations
+    if n0 not in (1, 2, 3, 4):
+      raise ValueError(f"ptb: node0_activations must be 1..4, got {node0_activations!r}.")
+    self.node0_activations = int(n0)
     self.aggregate = aggregate
     self.arc_length = 2 * self.num_nodes - 1
     self.decisions = self._build_decisions()
 
   def __repr__(self) -> str:
     return (f"PTBSpace(num_nodes={self.num_nodes}, num_activations="
-            f"{self.num_activations}, aggregate={self.aggregate!r})")
+            f"{self.num_activations}, aggregate={self.aggregate!r}, "
+            f"node0_activations={self.node0_activations})")
 
   # ---------------------------------------------------------------- decisions
   def _build_decisions(self) -> base.Decisions:
@@ -108,7 +119,7 @@ class PTBSpace:
       kind.append(k); node.append(n); nchoice.append(c); token.append(t); anchor.append(a)
 
     add(base.ANCHOR, 0, 0, -1, True)
-    add(base.OP, 0, self.num_activations, 0, False)
+    add(base.OP, 0, self.node0_activations, 0, False)
     for i in range(1, self.num_nodes):
       add(base.POINTER, i, i, 2 * i - 1, True)
       add(base.OP, i, self.num_activations, 2 * i, False)
@@ -168,8 +179,9 @@ class PTBSpace:
 
   def sample_uniform(self, key: jax.Array) -> jax.Array:
     """A uniformly random valid arc (jittable; int32 array)."""
-    k_act, k_prev = jax.random.split(key)
+    k_act, k_prev, k_0 = jax.random.split(key, 3)
     acts = jax.random.randint(k_act, (self.num_nodes,), 0, self.num_activations)
+    acts = acts.at[0].set(jax.random.randint(k_0, (), 0, self.node0_activations))
     i = jnp.arange(1, self.num_nodes)
     prevs = jnp.floor(jax.random.uniform(k_prev, (self.num_nodes - 1,)) * i).astype(jnp.int32)
     prevs = jnp.minimum(prevs, i - 1)

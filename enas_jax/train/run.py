@@ -20,7 +20,7 @@ log = common.log
 def build_space(config):
   s = config.space
   return spaces.get(s.name, num_nodes=int(s.num_nodes), num_activations=int(s.num_activations),
-                    aggregate=s.aggregate)
+                    aggregate=s.aggregate, node0_activations=int(s.node0_activations))
 
 
 def resolve_arc(config, space):
