@@ -122,6 +122,12 @@ def _base() -> ml_collections.ConfigDict:
   # activations), "dots" (keep only matmul outputs, recompute the elementwise
   # rest), "full" (keep only the recurrent state). Trades compute for memory.
   c.child.remat = "none"
+  # The seed's search-time batch norm on every node's pre-activation and on the
+  # cell output (batch statistics, moving averages for evaluation and rewards).
+  # Seed search: on; seed final: off; corrected code: off everywhere. We use off.
+  c.child.batch_norm = False
+  c.child.bn_decay = 0.999  # moving-average decay (seed 0.999)
+  c.child.bn_eps = 1.0  # epsilon (seed 1.0)
 
   # ------------------------------------------------------------ controller
   c.controller = ml_collections.ConfigDict()

@@ -191,6 +191,13 @@ class Progress:
     self._first = None  # (step, time) of the first line() call
     self._prev = None  # (step, time) of the previous line() call
 
+  def mark(self, step: int) -> None:
+    """Restarts the steps/s window at ``step`` without printing (call after work
+    that is not training, e.g. an epoch end's controller phase and validation,
+    so the next line's rate measures training only; the ETA keeps counting it)."""
+    if self._first is not None:
+      self._prev = (int(step), self._clock())
+
   def line(self, step: int, extra: Mapping[str, Any] | None = None) -> str:
     """Returns e.g. ``step 1,200/41,400 (2.9%) | 3.41 steps/s | 7,638 tokens/s |
     ETA 3:21:04 | child/loss 5.123``; ``extra`` values are formatted compactly."""

@@ -48,6 +48,12 @@ class ChildConfig:
   op_select: str = "switch"
   scan_unroll: int = 1
   remat: str = "none"  # "none" | "dots" (save only matmul outputs per step) | "full"
+  # The seed's search-time batch norm (off in the corrected code): on every node's
+  # 2H pre-activation and on the cell output, statistics over the batch, no
+  # scale/offset, moving averages with this decay and epsilon.
+  batch_norm: bool = False
+  bn_decay: float = 0.999
+  bn_eps: float = 1.0
 
   def __post_init__(self):
     if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
@@ -85,7 +91,8 @@ class ChildConfig:
         weight_decay_mode=c.weight_decay_mode,
         share_across_activations=bool(c.share_across_activations),
         op_select=op_select, scan_unroll=int(c.get("scan_unroll", 1)),
-        remat=c.get("remat", "none"))
+        remat=c.get("remat", "none"), batch_norm=bool(c.get("batch_norm", False)),
+        bn_decay=float(c.get("bn_decay", 0.999)), bn_eps=float(c.get("bn_eps", 1.0)))
 
 
 # --------------------------------------------------------------------- params
@@ -192,9 +199,63 @@ def _highway(s_BxH, pre_Bx2H, a, cc, static):
   return s_BxH + jax.nn.sigmoid(g) * (_activate(a, c, cc, static) - s_BxH)
 
 
+def init_batch_stats(cc: ChildConfig) -> dict:
+  """Moving statistics of the optional batch norm (``{}`` when it is off).
+
+  One set per node position (shared by all arcs, as in the seed) and one for
+  the cell output.
+  """
+  if not cc.batch_norm:
+    return {}
+  H, N = cc.hidden_size, cc.num_nodes
+  return {"mean": jnp.zeros((N, 2 * H), jnp.float32), "var": jnp.ones((N, 2 * H), jnp.float32),
+          "out_mean": jnp.zeros((H,), jnp.float32), "out_var": jnp.ones((H,), jnp.float32)}
+
+
+def _bn(x_BxC, stats, eps):
+  """Normalises with given (mean, var), or with batch moments when stats is None.
+
+  Returns (y, (mean, var)) with the moments used."""
+  if stats is None:
+    mean = x_BxC.mean(axis=0)
+    var = jnp.mean(jnp.square(x_BxC - mean), axis=0)
+  else:
+    mean, var = stats
+  return (x_BxC - mean) * jax.lax.rsqrt(var + eps), (mean, var)
+
+
+def _ema_over_time(old, moments_TxC, decay):
+  """The moving average after T sequential updates ``m <- d*m + (1-d)*x_t``."""
+  T = moments_TxC.shape[0]
+  w = (1.0 - decay) * decay ** jnp.arange(T - 1, -1, -1, dtype=jnp.float32)
+  return decay ** T * old + jnp.tensordot(w, moments_TxC, axes=1)
+
+
 def run_cell(view: dict, arc, x_BxT: jax.Array, h0_BxH: jax.Array, masks: dict | None,
-             cc: ChildConfig, static: bool):
-  """Runs the cell over a window. Returns (outputs [T,B,H] before output dropout, h_T)."""
+             cc: ChildConfig, static: bool, bn_stats: dict | None = None):
+  """Runs the cell over a window. Returns (outputs [T,B,H] before output dropout, h_T).
+
+  With ``cc.batch_norm``, ``bn_stats=None`` normalises with batch moments
+  (training); moving statistics from :func:`init_batch_stats` normalise for
+  evaluation. :func:`run_cell_bn` also returns the updated moving statistics.
+  """
+  return _run_cell(view, arc, x_BxT, h0_BxH, masks, cc, static, bn_stats)[:2]
+
+
+def run_cell_bn(view, arc, x_BxT, h0_BxH, masks, cc, static, bn_stats):
+  """Training-mode cell with batch norm: (outputs, h_T, updated moving stats)."""
+  outs, h_last, moments = _run_cell(view, arc, x_BxT, h0_BxH, masks, cc, static, None)
+  if not cc.batch_norm:
+    return outs, h_last, bn_stats
+  d = cc.bn_decay
+  new = {"mean": _ema_over_time(bn_stats["mean"], moments[0], d),
+         "var": _ema_over_time(bn_stats["var"], moments[1], d),
+         "out_mean": _ema_over_time(bn_stats["out_mean"], moments[2], d),
+         "out_var": _ema_over_time(bn_stats["out_var"], moments[3], d)}
+  return outs, h_last, jax.lax.stop_gradient(new)
+
+
+def _run_cell(view, arc, x_BxT, h0_BxH, masks, cc, static, bn_stats):
   if static:
     arc = np.asarray(arc)
   H, N = cc.hidden_size, cc.num_nodes
@@ -215,9 +276,22 @@ def run_cell(view: dict, arc, x_BxT: jax.Array, h0_BxH: jax.Array, masks: dict |
   out_w = ptb_space.output_weights(arc, N, cc.aggregate, static)
   ml = m.get("l")
 
+  use_bn = cc.batch_norm
+  moments = []
+
+  def norm(k, pre):
+    """Batch norm of node k's pre-activation (identity when off)."""
+    if not use_bn:
+      return pre
+    st = None if bn_stats is None else (bn_stats["mean"][k], bn_stats["var"][k])
+    y, mv = _bn(pre, st, cc.bn_eps)
+    moments.append(mv)
+    return y
+
   def step(h_BxH, xw_Bx2H):
+    moments.clear()
     hm = h_BxH * ml if ml is not None else h_BxH
-    nodes = [_highway(h_BxH, xw_Bx2H + hm @ w0_h, arc[0], cc, static)]
+    nodes = [_highway(h_BxH, norm(0, xw_Bx2H + hm @ w0_h), arc[0], cc, static)]
     for i in range(1, N):
       p = arc[2 * i - 1]
       if static:
@@ -230,21 +304,27 @@ def run_cell(view: dict, arc, x_BxT: jax.Array, h0_BxH: jax.Array, masks: dict |
         for j in range(1, i):
           s = jnp.where(p == j, nodes[j], s)
       sm = s * ml if ml is not None else s
-      nodes.append(_highway(s, sm @ w_nodes[i - 1], arc[2 * i], cc, static))
+      nodes.append(_highway(s, norm(i, sm @ w_nodes[i - 1]), arc[2 * i], cc, static))
     if static:
       out = sum(float(out_w[k]) * nodes[k] for k in range(N) if out_w[k] > 0)
     else:
       # Weighted sum without stacking (fuses into one loop); jnp.where keeps a
       # non-finite node that is not an output from turning the output into NaN.
       out = sum(jnp.where(out_w[k] > 0, out_w[k] * nodes[k], 0.0) for k in range(N))
-    return out, out
+    if not use_bn:
+      return out, (out, ())
+    st = None if bn_stats is None else (bn_stats["out_mean"], bn_stats["out_var"])
+    out, (om, ov) = _bn(out, st, cc.bn_eps)
+    mom = (jnp.stack([m for m, _ in moments]), jnp.stack([v for _, v in moments]), om, ov)
+    return out, (out, mom)
 
   if cc.remat == "full":
     step = jax.checkpoint(step)
   elif cc.remat == "dots":
     step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  h_last, outs_TxBxH = jax.lax.scan(step, h0_BxH, xw_TxBx2H, unroll=cc.scan_unroll)
-  return outs_TxBxH, h_last
+  h_last, (outs_TxBxH, moments_T) = jax.lax.scan(step, h0_BxH, xw_TxBx2H,
+                                                 unroll=cc.scan_unroll)
+  return outs_TxBxH, h_last, moments_T
 
 
 def token_ce(view, outs_TxBxH, y_BxT, masks=None):
@@ -281,10 +361,15 @@ def weight_penalty(view: dict, cc: ChildConfig) -> jax.Array:
 
 
 def loss(view: dict, arc, x_BxT, y_BxT, h0_BxH, key, cc: ChildConfig, static: bool,
-         weights_BxT=None):
-  """Training loss of one window. Returns (loss, aux) with aux = {ce, h, penalty}."""
+         weights_BxT=None, bn_stats: dict | None = None):
+  """Training loss of one window.
+
+  Returns (loss, aux) with aux = {ce, h, penalty, bn_stats} (``bn_stats``: the
+  updated moving statistics of the optional batch norm, ``{}`` when off).
+  """
   masks = make_masks(key, x_BxT.shape[0], cc)
-  outs, h_last = run_cell(view, arc, x_BxT, h0_BxH, masks, cc, static)
+  outs, h_last, new_stats = run_cell_bn(view, arc, x_BxT, h0_BxH, masks, cc, static,
+                                        bn_stats if bn_stats is not None else {})
   ce_TxB = token_ce(view, outs, y_BxT, masks)
   if weights_BxT is None:
     ce = ce_TxB.mean()
@@ -298,10 +383,18 @@ def loss(view: dict, arc, x_BxT, y_BxT, h0_BxH, key, cc: ChildConfig, static: bo
     total = total + cc.beta * jnp.mean(jnp.square(outs[1:] - outs[:-1]))
   pen = weight_penalty(view, cc)
   total = total + pen
-  return total, {"ce": ce, "h": jax.lax.stop_gradient(h_last), "penalty": pen}
+  return total, {"ce": ce, "h": jax.lax.stop_gradient(h_last), "penalty": pen,
+                 "bn_stats": new_stats}
 
 
-def eval_ce_sum(view: dict, arc, x_BxT, y_BxT, h0_BxH, cc: ChildConfig, static: bool):
-  """Summed cross-entropy of one window without dropout. Returns (sum_ce, h_T)."""
-  outs, h_last = run_cell(view, arc, x_BxT, h0_BxH, None, cc, static)
+def eval_ce_sum(view: dict, arc, x_BxT, y_BxT, h0_BxH, cc: ChildConfig, static: bool,
+                bn_stats: dict | None = None):
+  """Summed cross-entropy of one window without dropout. Returns (sum_ce, h_T).
+
+  With batch norm on, ``bn_stats`` (the moving statistics) are required.
+  """
+  if cc.batch_norm and not bn_stats:
+    raise ValueError("eval_ce_sum: child.batch_norm is on; pass the moving statistics (bn_stats).")
+  outs, h_last = run_cell(view, arc, x_BxT, h0_BxH, None, cc, static,
+                          bn_stats if cc.batch_norm else None)
   return token_ce(view, outs, y_BxT).sum(), h_last

@@ -62,7 +62,7 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
     state = run_child_epoch_part(setup, state, (epoch + 1) * nb, writer, progress, ckpt,
                                  config, prefix="train", ctrl_params={})
     step = int(state["child"]["step"])
-    ppl = float(setup.valid(state["child"]["params"]))
+    ppl = float(setup.valid(state["child"]["params"], state["child"]["batch_stats"]))
     state["epochs_done"] = jnp.int32(epoch + 1)
     state["best_valid_ppl"] = jnp.minimum(state["best_valid_ppl"], ppl)
     writer.write(step, {"valid/ppl": ppl, "epoch": epoch + 1})
@@ -71,8 +71,8 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
     ckpt.save(step, state, {"stage": "final", "epoch": epoch + 1})
   ckpt.close()
   step = int(state["child"]["step"])
-  valid_ppl = float(setup.valid(state["child"]["params"]))
-  test_ppl = float(setup.test(state["child"]["params"]))
+  valid_ppl = float(setup.valid(state["child"]["params"], state["child"]["batch_stats"]))
+  test_ppl = float(setup.test(state["child"]["params"], state["child"]["batch_stats"]))
   result = {"arc": setup.space.format(setup.arc), "num_params": num_params, "step": step,
             "valid_ppl": valid_ppl, "test_ppl": test_ppl,
             "test_batch_size": int(config.final.test_batch_size),

@@ -81,7 +81,8 @@ class LMTask:
   def state_shardings(self) -> dict:
     """Shardings of the child state (a pytree prefix): all replicated but ``h``."""
     return {"params": self._rep, "opt_state": self._rep,
-            "h": parallel.batch_sharding(self.mesh), "step": self._rep}
+            "h": parallel.batch_sharding(self.mesh), "step": self._rep,
+            "batch_stats": self._rep}
 
   def init_child(self, key: jax.Array) -> dict:
     params = (pc.init_shared if self.shared else pc.init_fixed)(key, self.cc)
@@ -95,6 +96,7 @@ class LMTask:
         "opt_state": self.tx.init(opt_view),
         "h": jnp.zeros((self.batch_size, self.cc.hidden_size), jnp.float32),
         "step": jnp.int32(0),
+        "batch_stats": pc.init_batch_stats(self.cc),  # {} unless child.batch_norm
     }
     state = parallel.replicate(state, self.mesh)
     state["h"] = jax.device_put(state["h"], parallel.batch_sharding(self.mesh))
@@ -129,14 +131,15 @@ class LMTask:
       params = state["params"]
       view = pc.gather(params, arc, cc) if shared else params
       (loss, aux), grads = jax.value_and_grad(pc.loss, has_aux=True)(
-          view, arc, x, y, h0, key, cc, static)
+          view, arc, x, y, h0, key, cc, static, bn_stats=state["batch_stats"])
       if nan_step >= 0:  # fault injection for tests (config.debug)
         loss = jnp.where(step == nan_step, jnp.nan, loss)
       gnorm = optax.tree.norm(grads)
       updates, opt_state = self.tx.update(grads, state["opt_state"], view)
       new_view = optax.apply_updates(view, updates)
       params = pc.scatter(params, arc, new_view, cc) if shared else new_view
-      new_state = {"params": params, "opt_state": opt_state, "h": aux["h"], "step": step + 1}
+      new_state = {"params": params, "opt_state": opt_state, "h": aux["h"], "step": step + 1,
+                   "batch_stats": aux["bn_stats"]}
       metrics = {"loss": loss, "ce": aux["ce"], "grad_norm": gnorm,
                  "finite": jnp.isfinite(loss) & jnp.isfinite(gnorm)}
       return new_state, metrics
@@ -177,22 +180,20 @@ class LMTask:
     # otherwise sharding propagation from the batch-sharded data hands back the
     # embedding sharded along `data`, off its replicated layout, and the next
     # call, fed that state, compiles again.
-    rep = parallel.replicated(self.mesh)
-    state_out = {"params": rep, "opt_state": rep, "h": parallel.batch_sharding(self.mesh),
-                 "step": rep}
-    return jax.jit(chunk, donate_argnums=(0,), out_shardings=(state_out, rep))
+    return jax.jit(chunk, donate_argnums=(0,), out_shardings=(self.state_shardings(), self._rep))
 
   # ------------------------------------------------------------- evaluation
   def window_ce_fn(self, static_arc=None):
-    """``(params, arc, col, h0) -> (sum_ce, h)`` on the validation window at column ``col``."""
+    """``(params, arc, col, h0, stats) -> (sum_ce, h)`` on the validation window
+    at column ``col`` (``stats``: batch-norm moving statistics, ``{}`` if off)."""
     cc, T, shared = self.cc, self.bptt, self.shared
 
-    def fn(params, arc, col, h0):
+    def fn(params, arc, col, h0, stats=None):
       if static_arc is not None:
         arc = static_arc
       x, y = self._window(self.valid, col, T)
       view = pc.gather(params, arc, cc) if shared else params
-      return pc.eval_ce_sum(view, arc, x, y, h0, cc, static_arc is not None)
+      return pc.eval_ce_sum(view, arc, x, y, h0, cc, static_arc is not None, bn_stats=stats)
 
     return fn
 
@@ -206,7 +207,7 @@ class LMTask:
     def reward(arc, key, ctx):
       col = jax.random.randint(key, (), 0, max_col + 1)
       h0 = jnp.zeros((self.eval_batch_size, self.cc.hidden_size), jnp.float32)
-      sum_ce, _ = ce_fn(ctx["params"], arc, col, h0)
+      sum_ce, _ = ce_fn(ctx["params"], arc, col, h0, ctx.get("batch_stats"))
       return reward_c / jnp.exp(sum_ce / n_tok)
 
     return reward
@@ -218,22 +219,22 @@ class LMTask:
     E = self.num_valid_windows if num_windows <= 0 else min(num_windows, self.num_valid_windows)
     n_tok = self.eval_batch_size * self.bptt
 
-    def valid(params, ctrl_params, key):
+    def valid(params, ctrl_params, key, stats=None):
       def one(w):
         arc = sample_arc(ctrl_params, jax.random.fold_in(key, w))
         h0 = jnp.zeros((self.eval_batch_size, self.cc.hidden_size), jnp.float32)
-        return ce_fn(params, arc, w * self.bptt, h0)[0]
+        return ce_fn(params, arc, w * self.bptt, h0, stats)[0]
       sums = jax.lax.map(one, jnp.arange(E))
       return jnp.exp(sums.sum() / (E * n_tok))
 
     return jax.jit(valid)
 
-  def carried_ce(self, params, arc, num_windows: int, static_arc=None):
+  def carried_ce(self, params, arc, num_windows: int, static_arc=None, stats=None):
     """Mean CE over the first ``num_windows`` validation windows, state carried."""
     ce_fn = self.window_ce_fn(static_arc)
 
     def body(h, w):
-      s, h = ce_fn(params, arc, w * self.bptt, h)
+      s, h = ce_fn(params, arc, w * self.bptt, h, stats)
       return h, s
 
     h0 = jnp.zeros((self.eval_batch_size, self.cc.hidden_size), jnp.float32)
@@ -245,15 +246,16 @@ class LMTask:
     perplexity with the state carried across windows (derive)."""
     E = self.num_valid_windows if num_windows <= 0 else min(num_windows, self.num_valid_windows)
 
-    def score(params, arcs):
-      return jnp.exp(jax.lax.map(lambda a: self.carried_ce(params, a, E), arcs))
+    def score(params, arcs, stats=None):
+      return jnp.exp(jax.lax.map(lambda a: self.carried_ce(params, a, E, stats=stats), arcs))
 
     return jax.jit(score)
 
   def make_fixed_valid(self, arc_static, num_windows: int = 0):
     """Jitted ``params -> ppl`` for a fixed arc: validation with carried state."""
     E = self.num_valid_windows if num_windows <= 0 else min(num_windows, self.num_valid_windows)
-    return jax.jit(lambda params: jnp.exp(self.carried_ce(params, None, E, arc_static)))
+    return jax.jit(lambda params, stats=None: jnp.exp(
+        self.carried_ce(params, None, E, arc_static, stats)))
 
   def make_test_eval(self, arc_static, batch_size: int, bptt: int):
     """Jitted ``params -> ppl`` on the test split with the state carried across
@@ -264,10 +266,10 @@ class LMTask:
     test = parallel.shard_batch(test, self.mesh)
     cc = self.cc
 
-    def run(params):
+    def run(params, stats=None):
       def body(h, w):
         x, y = self._window(test, w * bptt, bptt)
-        s, h = pc.eval_ce_sum(params, arc_static, x, y, h, cc, True)
+        s, h = pc.eval_ce_sum(params, arc_static, x, y, h, cc, True, bn_stats=stats)
         return h, s
       h0 = jnp.zeros((batch_size, cc.hidden_size), jnp.float32)
       _, sums = jax.lax.scan(body, h0, jnp.arange(E))

@@ -101,6 +101,7 @@ def run_child_epoch_part(setup, state, end_step: int, writer, progress, ckpt, co
   log_every = max(1, int(config.log_every))
   ckpt_every = int(config.checkpoint_every)
   step = int(state["child"]["step"])
+  progress.mark(step)
   sums, n_acc = {"loss": 0.0, "ce": 0.0, "grad_norm": 0.0}, 0
   if ctrl_params is None:
     ctrl_params = state["ctrl"]["params"] if "ctrl" in state else {}
@@ -152,7 +153,7 @@ def run_search(setup: SearchSetup, workdir: str, writer) -> dict:
     m = {}
     if use_ctrl and epoch + 1 >= int(config.search.controller_start_epoch):
       t0 = time.time()
-      ctx = {"params": state["child"]["params"]}
+      ctx = {"params": state["child"]["params"], "batch_stats": state["child"]["batch_stats"]}
       state["ctrl"], cm = setup.controller_phase(state["ctrl"], ctx,
                                                  jax.random.fold_in(setup.keys["ctrl"], epoch))
       cm = common.to_float_dict(cm)
@@ -161,7 +162,8 @@ def run_search(setup: SearchSetup, workdir: str, writer) -> dict:
       m.update(cm)
       m["controller/seconds"] = time.time() - t0
     ppl = float(setup.search_valid(state["child"]["params"], state["ctrl"]["params"],
-                                   jax.random.fold_in(setup.keys["valid"], epoch)))
+                                   jax.random.fold_in(setup.keys["valid"], epoch),
+                                   state["child"]["batch_stats"]))
     state["epochs_done"] = jnp.int32(epoch + 1)
     state["best_valid_ppl"] = jnp.minimum(state["best_valid_ppl"], ppl)
     m.update({"valid/ppl": ppl, "epoch": epoch + 1})
@@ -194,7 +196,8 @@ def derive(setup: SearchSetup, state: dict, workdir: str, writer) -> tuple[str, 
     chunk = arcs[i:i + batch]
     if chunk.shape[0] < batch:  # pad: keep one compiled shape
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - chunk.shape[0], 0)])
-    ppls.extend(np.asarray(score(state["child"]["params"], jnp.asarray(chunk))).tolist()[:n - i])
+    ppls.extend(np.asarray(score(state["child"]["params"], jnp.asarray(chunk),
+                                 state["child"]["batch_stats"])).tolist()[:n - i])
   ppls = np.asarray(ppls[:n])
   order = np.argsort(ppls, kind="stable")
   rows = [{"rank": r + 1, "arc": space.format(arcs[j]), "valid_ppl": float(ppls[j]),
