@@ -17,7 +17,6 @@ configured shapes (vocabulary, batch, BPTT): only speed is measured.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys

@@ -24,7 +24,7 @@ activation (always tanh) and numbers activations 0 tanh, 1 ReLU, 2 sigmoid,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,6 @@ V vocabulary, N nodes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp

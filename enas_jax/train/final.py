@@ -9,11 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enas_jax import checkpoint as ckpt_lib
 from enas_jax import metrics as metrics_lib
 from enas_jax.spaces import ptb_child
 from enas_jax.train import common
-from enas_jax.train.search import run_child_epoch_part
+from enas_jax.train.search import open_run_state, run_child_epoch_part
 
 log = common.log
 
@@ -39,13 +38,8 @@ class FinalSetup:
 def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
   """Trains (or resumes, or with ``eval_only`` only evaluates) the fixed arc."""
   config, task = setup.config, setup.task
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               max_to_keep=int(config.keep_checkpoints))
-  state = setup.init_state()
-  if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state)
-    log.info("resumed final training from step %s", int(state["child"]["step"]))
-  elif config.eval_only:
+  ckpt, state, resumed = open_run_state(setup, workdir, "final training")
+  if not resumed and config.eval_only:
     raise FileNotFoundError(
         f"eval_only: no checkpoint under {os.path.join(workdir, 'checkpoints')}; "
         f"train first (same command without --config.eval_only) or pass the run's --workdir.")

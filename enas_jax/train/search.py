@@ -131,16 +131,24 @@ def run_child_epoch_part(setup, state, end_step: int, writer, progress, ckpt, co
   return state
 
 
+def open_run_state(setup, workdir: str, stage: str):
+  """The stage's checkpointer and its state: the newest checkpoint if one exists
+  (resume), else a fresh ``setup.init_state()``. Returns (ckpt, state, resumed)."""
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               max_to_keep=int(setup.config.keep_checkpoints))
+  state = setup.init_state()
+  resumed = ckpt.latest_step() is not None
+  if resumed:
+    state, _ = ckpt.restore(state)
+    log.info("resumed %s from step %s (epoch %s)", stage, int(state["child"]["step"]),
+             int(state["epochs_done"]))
+  return ckpt, state, resumed
+
+
 def run_search(setup: SearchSetup, workdir: str, writer) -> dict:
   """Runs (or resumes) the search in ``workdir``; returns the final state."""
   config, task = setup.config, setup.task
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               max_to_keep=int(config.keep_checkpoints))
-  state = setup.init_state()
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
-    log.info("resumed search from step %s (epoch %s)", int(state["child"]["step"]),
-             int(state["epochs_done"]))
+  ckpt, state, _ = open_run_state(setup, workdir, "search")
   num_epochs = int(config.search.num_epochs)
   nb = task.num_batches
   progress = metrics_lib.Progress(num_epochs * nb, start_step=int(state["child"]["step"]),
