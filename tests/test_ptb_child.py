@@ -212,7 +212,8 @@ def test_shared_matches_fixed(k):
   arc_j = jnp.asarray(arc_np)
   old = _np(state["params"])
   view = pc.gather(state["params"], arc_j, cc)
-  fstate = {"params": view, "opt_state": tf.tx.init(view), "h": h_init, "step": jnp.int32(1)}
+  fstate = {"params": view, "opt_state": tf.tx.init(view), "h": h_init, "step": jnp.int32(1),
+            "batch_stats": {}}
   ce_s, h_s, new_s, m_s = _np(run_shared(state, arc_j))
   ce_f, h_f, new_f, m_f = _np(run_fixed(fstate))
 

@@ -130,7 +130,7 @@ class LMTask:
       params = state["params"]
       view = pc.gather(params, arc, cc) if shared else params
       (loss, aux), grads = jax.value_and_grad(pc.loss, has_aux=True)(
-          view, arc, x, y, h0, key, cc, static, bn_stats=state["batch_stats"])
+          view, arc, x, y, h0, key, cc, static, bn_stats=state.get("batch_stats", {}))
       if nan_step >= 0:  # fault injection for tests (config.debug)
         loss = jnp.where(step == nan_step, jnp.nan, loss)
       gnorm = optax.tree.norm(grads)
