@@ -360,26 +360,47 @@ def weight_penalty(view: dict, cc: ChildConfig) -> jax.Array:
 
 
 def loss(view: dict, arc, x_BxT, y_BxT, h0_BxH, key, cc: ChildConfig, static: bool,
-         weights_BxT=None, bn_stats: dict | None = None):
+         weights_BxT=None, bn_stats: dict | None = None, length=None):
   """Training loss of one window.
 
   Returns (loss, aux) with aux = {ce, h, penalty, bn_stats} (``bn_stats``: the
   updated moving statistics of the optional batch norm, ``{}`` when off).
+  ``length`` (traced scalar): the window is padded, only its first ``length``
+  steps are real (cross-entropy, AR and TAR are means over real steps).
   """
   masks = make_masks(key, x_BxT.shape[0], cc)
   outs, h_last, new_stats = run_cell_bn(view, arc, x_BxT, h0_BxH, masks, cc, static,
                                         bn_stats if bn_stats is not None else {})
+  T = x_BxT.shape[1]
+  if length is not None:
+    # A window padded to its bucket: only the first `length` steps count, and
+    # the state carried on is the one after the last real token.
+    valid_T = jnp.arange(T) < length
+    h_last = jax.lax.dynamic_index_in_dim(outs, length - 1, keepdims=False)
+    w_TxB = jnp.broadcast_to(valid_T[:, None], (T, x_BxT.shape[0])).astype(jnp.float32)
+    if weights_BxT is not None:
+      w_TxB = w_TxB * weights_BxT.T
+  else:
+    valid_T = None
+    w_TxB = None if weights_BxT is None else weights_BxT.T
   ce_TxB = token_ce(view, outs, y_BxT, masks)
-  if weights_BxT is None:
+  if w_TxB is None:
     ce = ce_TxB.mean()
   else:
-    w_TxB = weights_BxT.T
     ce = (ce_TxB * w_TxB).sum() / jnp.maximum(w_TxB.sum(), 1.0)
   total = ce
-  if cc.alpha > 0:
-    total = total + cc.alpha * jnp.mean(jnp.square(outs))
-  if cc.beta > 0:
-    total = total + cc.beta * jnp.mean(jnp.square(outs[1:] - outs[:-1]))
+
+  def masked_mean(sq_TxBxH, v_T):
+    if v_T is None:
+      return jnp.mean(sq_TxBxH)
+    v = v_T.astype(jnp.float32)[:, None, None]
+    return (sq_TxBxH * v).sum() / jnp.maximum(v.sum() * sq_TxBxH[0].size, 1.0)
+
+  if cc.alpha > 0:  # AR on the outputs before output dropout
+    total = total + cc.alpha * masked_mean(jnp.square(outs), valid_T)
+  if cc.beta > 0:  # TAR over consecutive real steps
+    v = None if valid_T is None else valid_T[1:]
+    total = total + cc.beta * masked_mean(jnp.square(outs[1:] - outs[:-1]), v)
   pen = weight_penalty(view, cc)
   total = total + pen
   return total, {"ce": ce, "h": jax.lax.stop_gradient(h_last), "penalty": pen,

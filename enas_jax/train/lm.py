@@ -63,6 +63,19 @@ class LMTask:
     train = ptb_data.batchify(getattr(corpus, train_split), self.batch_size)
     valid = ptb_data.batchify(corpus.valid, self.eval_batch_size)
     self.num_batches = ptb_data.num_windows(train.shape[1], self.bptt)
+    self.row_len = int(train.shape[1])
+    # Variable-length BPTT (the corrected code's AWD-LSTM trick): each window's
+    # length is random; it is padded to the smallest of a few fixed bucket
+    # lengths (one compiled branch per bucket, never one compilation per length).
+    self.random_bptt = bool(d.get("random_bptt", False))
+    self.buckets = tuple(sorted(int(b) for b in d.get("bptt_buckets", ()) or ()))
+    if self.random_bptt:
+      if not self.buckets or self.buckets[-1] < 2:
+        raise ValueError("data.random_bptt needs data.bptt_buckets, e.g. (20, 30, 35, 40, 45).")
+      # Pad each row so that a window of the largest bucket never runs off the
+      # end (dynamic_slice would clamp the start and shift the window).
+      train = np.pad(train, ((0, 0), (0, self.buckets[-1] + 1)))
+    self.average = bool(config.get("final", {}).get("average", False)) and not shared
     self.num_valid_windows = ptb_data.num_windows(valid.shape[1], self.bptt)
     self.train = parallel.shard_batch(train, mesh)
     self.valid = parallel.shard_batch(valid, mesh)
@@ -81,7 +94,8 @@ class LMTask:
     """Shardings of the child state (a pytree prefix): all replicated but ``h``."""
     return {"params": self._rep, "opt_state": self._rep,
             "h": parallel.batch_sharding(self.mesh), "step": self._rep,
-            "batch_stats": self._rep}
+            "batch_stats": self._rep, "pos": self._rep,
+            **({"avg": self._rep} if self.average else {})}
 
   def init_child(self, key: jax.Array) -> dict:
     params = (pc.init_shared if self.shared else pc.init_fixed)(key, self.cc)
@@ -96,7 +110,13 @@ class LMTask:
         "h": jnp.zeros((self.batch_size, self.cc.hidden_size), jnp.float32),
         "step": jnp.int32(0),
         "batch_stats": pc.init_batch_stats(self.cc),  # {} unless child.batch_norm
+        "pos": jnp.int32(0),  # column of the next window (variable-length BPTT)
     }
+    if self.average:
+      # Iterate averaging (the corrected final recipe): a uniform running mean
+      # of the weights from the step it is switched on; used for evaluation.
+      state["avg"] = {"params": jax.tree_util.tree_map(jnp.zeros_like, params),
+                      "n": jnp.int32(0), "active": jnp.bool_(False)}
     state = parallel.replicate(state, self.mesh)
     state["h"] = jax.device_put(state["h"], parallel.batch_sharding(self.mesh))
     return state
@@ -120,30 +140,79 @@ class LMTask:
     shared = self.shared
     nan_step = int(self.config.get("debug", {}).get("inject_nan_at_step", -1))
 
-    def step_fn(state, arc, key):
-      if static:
-        arc = arc_static
-      step = state["step"]
-      pos = step % nb
-      h0 = jnp.where(pos == 0, 0.0, state["h"])
-      x, y = self._window(self.train, pos * T, T)
+    def update(state, arc, key, x, y, h0, length, lr_scale):
       params = state["params"]
       view = pc.gather(params, arc, cc) if shared else params
       (loss, aux), grads = jax.value_and_grad(pc.loss, has_aux=True)(
-          view, arc, x, y, h0, key, cc, static, bn_stats=state.get("batch_stats", {}))
+          view, arc, x, y, h0, key, cc, static, bn_stats=state.get("batch_stats", {}),
+          length=length)
       if nan_step >= 0:  # fault injection for tests (config.debug)
-        loss = jnp.where(step == nan_step, jnp.nan, loss)
+        loss = jnp.where(state["step"] == nan_step, jnp.nan, loss)
       gnorm = optax.tree.norm(grads)
       updates, opt_state = self.tx.update(grads, state["opt_state"], view)
+      if lr_scale is not None:  # lr * len / bptt: the loss is a per-token mean
+        updates = jax.tree_util.tree_map(lambda u: u * lr_scale, updates)
       new_view = optax.apply_updates(view, updates)
       params = pc.scatter(params, arc, new_view, cc) if shared else new_view
-      new_state = {"params": params, "opt_state": opt_state, "h": aux["h"], "step": step + 1,
-                   "batch_stats": aux["bn_stats"]}
+      new_state = dict(state, params=params, opt_state=opt_state, h=aux["h"],
+                       step=state["step"] + 1, batch_stats=aux["bn_stats"])
+      if "avg" in state:
+        a = state["avg"]
+        n = a["n"] + a["active"].astype(jnp.int32)
+        inv = jnp.where(a["active"], 1.0 / jnp.maximum(n, 1).astype(jnp.float32), 0.0)
+        new_state["avg"] = dict(a, n=n, params=jax.tree_util.tree_map(
+            lambda m, w: m + inv * (w - m), a["params"], params))
       metrics = {"loss": loss, "ce": aux["ce"], "grad_norm": gnorm,
                  "finite": jnp.isfinite(loss) & jnp.isfinite(gnorm)}
       return new_state, metrics
 
+    def step_fn(state, arc, key):
+      if static:
+        arc = arc_static
+      if not self.random_bptt:
+        pos = state["step"] % nb
+        h0 = jnp.where(pos == 0, 0.0, state["h"])
+        x, y = self._window(self.train, pos * T, T)
+        new_state, m = update(state, arc, key, x, y, h0, None, None)
+        m["epoch_end"] = pos == nb - 1
+        m["tokens"] = jnp.int32(T)
+        return new_state, m
+      k_len, key = jax.random.split(key)
+      length, epoch_end = self.sample_length(k_len, state["pos"])
+      h0 = jnp.where(state["pos"] == 0, 0.0, state["h"])
+
+      def branch(tb):
+        def run(operands):
+          st, a, k, ln = operands
+          x, y = self._window(self.train, st["pos"], tb)
+          return update(st, a, k, x, y, h0, ln, ln.astype(jnp.float32) / T)
+        return run
+
+      bucket = jnp.sum(jnp.asarray(self.buckets) < length)
+      new_state, m = jax.lax.switch(bucket, [branch(tb) for tb in self.buckets],
+                                    (state, arc, key, length))
+      new_state["pos"] = jnp.where(epoch_end, 0, state["pos"] + length)
+      m["epoch_end"] = epoch_end
+      m["tokens"] = length
+      return new_state, m
+
     return step_fn
+
+  def sample_length(self, key, pos):
+    """The corrected code's random window length at cursor ``pos``.
+
+    Base 35 (``data.bptt``) with probability 0.95, else half of it; length =
+    integer part of a normal draw (sd 5) truncated at 2 sd; at most the largest
+    bucket and the tokens left in the row. Returns (length, epoch_end): the
+    epoch ends when fewer than 3 tokens would be left after this window.
+    """
+    k_base, k_len = jax.random.split(key)
+    base = jnp.where(jax.random.uniform(k_base) < 0.95, self.bptt, self.bptt / 2.0)
+    draw = base + 5.0 * jax.random.truncated_normal(k_len, -2.0, 2.0)
+    left = self.row_len - 1 - pos
+    length = jnp.clip(jnp.floor(draw).astype(jnp.int32), 1, self.buckets[-1])
+    length = jnp.minimum(length, left)
+    return length, (left - length) < 3
 
   def make_train_chunk(self, sample_arc: ArcSampler | None = None, arc_static=None):
     """Jitted ``(state, ctrl_params, key, num_steps) -> (state, sums)``.
@@ -157,7 +226,15 @@ class LMTask:
     step_fn = self.train_step_fn(arc_static)
 
     def chunk(state, ctrl_params, key, num_steps):
-      def body(_, carry):
+      # Runs num_steps steps. With variable-length windows the number of steps
+      # in an epoch (one pass over the data) is not known in advance, so the
+      # chunk also stops at the epoch's end and the host runs the epoch-end work.
+      def cond(carry):
+        _, acc = carry
+        more = acc["n"] < num_steps
+        return more & ~acc["epoch_end"] if self.random_bptt else more
+
+      def body(carry):
         st, acc = carry
         k = jax.random.fold_in(key, st["step"])
         k_arc, k_drop = jax.random.split(k)
@@ -167,13 +244,14 @@ class LMTask:
         bad = jnp.where((acc["first_bad"] < 0) & ~m["finite"], step, acc["first_bad"])
         acc = {"loss": acc["loss"] + m["loss"], "ce": acc["ce"] + m["ce"],
                "grad_norm": acc["grad_norm"] + m["grad_norm"], "n": acc["n"] + 1,
-               "first_bad": bad}
+               "first_bad": bad, "epoch_end": m["epoch_end"],
+               "tokens": acc["tokens"] + m["tokens"]}
         return st, acc
 
       zero = jnp.float32(0.0)
       acc0 = {"loss": zero, "ce": zero, "grad_norm": zero, "n": jnp.int32(0),
-              "first_bad": jnp.int32(-1)}
-      return jax.lax.fori_loop(0, num_steps, body, (state, acc0))
+              "first_bad": jnp.int32(-1), "epoch_end": jnp.bool_(False), "tokens": jnp.int32(0)}
+      return jax.lax.while_loop(cond, body, (state, acc0))
 
     # Pin the returned state's layout (params replicated, h batch-sharded):
     # otherwise sharding propagation from the batch-sharded data hands back the
