@@ -64,10 +64,16 @@ def run_row(config, row: str, steps: int) -> dict:
   from enas_jax.spaces import ptb as ptb_space
   from enas_jax.spaces import ptb_child
   from enas_jax.train.lm import LMTask
-  from enas_jax.train.run import build_space
+  from enas_jax.train.run import build_space, resolve_arc
 
   mesh = parallel.make_mesh()
   space = build_space(config)
+  final_arc = None
+  if config.mode == "final" and row == "final":
+    space, final_arc = resolve_arc(config, space)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.space.num_nodes, config.space.aggregate = space.num_nodes, space.aggregate
   corpus = _synthetic_corpus(config, steps)
   shared = row in ("shared", "shared_fixed_arc")
   task = LMTask(config, corpus, mesh, shared=shared)
@@ -77,8 +83,8 @@ def run_row(config, row: str, steps: int) -> dict:
     arc = space.parse(ptb_space.PAPER_ARC)
   else:
     arc = np.asarray(space.sample_uniform(jax.random.key(1)))
-  if config.mode == "final" and row == "final":
-    arc = space.parse(config.arc) if config.arc else arc
+  if final_arc is not None:
+    arc = final_arc
   ctrl_cfg = ctrl.ControllerConfig.from_config(config.controller)
   ctrl_params = {}
   if row == "shared":
@@ -114,6 +120,8 @@ def run_row(config, row: str, steps: int) -> dict:
   view = ptb_child.gather(state["params"], arc, task.cc) if shared else state["params"]
   state_bytes = _tree_bytes(state["params"]) + _tree_bytes(view) + _tree_bytes(state["opt_state"])
   B, T = task.batch_size, task.bptt
+  # With variable-length windows the tokens per step are the mean real length.
+  tokens = float(acc["tokens"]) / max(int(acc["n"]), 1) * B if task.random_bptt else B * T
   return {
       "space": space.name, "mode": row, "backend": jax.default_backend(),
       "devices": len(jax.devices()), "batch_size": B, "bptt": T,
@@ -122,7 +130,8 @@ def run_row(config, row: str, steps: int) -> dict:
       "share_across_activations": task.cc.share_across_activations,
       "num_params": num_params, "compile_count": int(chunk._cache_size()),
       "compile_s": round(compile_s, 3), "steps": steps,
-      "steps_per_s": round(steps / dt, 4), "tokens_per_s": round(steps * B * T / dt, 1),
+      "steps_per_s": round(steps / dt, 4), "tokens_per_s": round(steps * tokens / dt, 1),
+      "random_bptt": task.random_bptt,
       "ms_per_step": round(1000 * dt / steps, 2),
       "arc": space.format(arc) if row != "shared" else "sampled per step",
       "state_mb": round(state_bytes / 2**20, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),

@@ -31,6 +31,7 @@ def tiny_ptb_config(variant: str = "smoke", **overrides):
   c.data.batch_size = 4
   c.data.eval_batch_size = 4
   c.data.bptt = 6
+  c.data.bptt_buckets = (4, 8, 16)
   c.space.num_nodes = 4
   c.child.hidden_size = 8
   c.controller.lstm_size = 8

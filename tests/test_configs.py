@@ -18,7 +18,9 @@ def test_variant_builds(variant):
   ctrl.ControllerConfig.from_config(c.controller)
   assert cc.vocab_size == c.data.vocab_size
   if c.mode == "final":
-    space.parse(c.arc)  # the default final arc is valid for the space
+    from enas_jax.train.run import resolve_arc
+    fspace, arc = resolve_arc(c, space)  # the default final arc resolves and is valid
+    assert (fspace.num_nodes, fspace.aggregate) == (c.space.num_nodes, c.space.aggregate)
   with pytest.raises(AttributeError):
     c.child.hidden_sise = 3  # locked: a typo is an error, not a new field
   # The controller program samples exactly the arc layout.

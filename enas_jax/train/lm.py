@@ -17,6 +17,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from enas_jax import parallel
@@ -182,15 +183,15 @@ class LMTask:
       h0 = jnp.where(state["pos"] == 0, 0.0, state["h"])
 
       def branch(tb):
-        def run(operands):
-          st, a, k, ln = operands
+        def run(operands):  # the arc is closed over: a static arc stays static
+          st, k, ln = operands
           x, y = self._window(self.train, st["pos"], tb)
-          return update(st, a, k, x, y, h0, ln, ln.astype(jnp.float32) / T)
+          return update(st, arc, k, x, y, h0, ln, ln.astype(jnp.float32) / T)
         return run
 
       bucket = jnp.sum(jnp.asarray(self.buckets) < length)
       new_state, m = jax.lax.switch(bucket, [branch(tb) for tb in self.buckets],
-                                    (state, arc, key, length))
+                                    (state, key, length))
       new_state["pos"] = jnp.where(epoch_end, 0, state["pos"] + length)
       m["epoch_end"] = epoch_end
       m["tokens"] = length

@@ -8,6 +8,7 @@ from enas_jax import data as data_lib
 from enas_jax import metrics as metrics_lib
 from enas_jax import parallel
 from enas_jax import spaces
+from enas_jax.spaces import ptb
 from enas_jax.train import common
 from enas_jax.train.final import FinalSetup, run_final
 from enas_jax.train.lm import LMTask
@@ -22,8 +23,25 @@ def build_space(config):
                     aggregate=s.aggregate, node0_activations=int(s.node0_activations))
 
 
+# Named arcs: (seed-format string, num_nodes, aggregate).
+NAMED_ARCS = {
+    "paper": (ptb.PAPER_ARC, 12, "loose_ends"),
+    "corrected": (str(ptb.from_corrected(ptb.CORRECTED_SHIPPED_ARC)), 9, "all"),
+}
+
+
 def resolve_arc(config, space):
-  """The arc to train in final mode: ``arc_file`` if set, else ``arc``."""
+  """The arc to train in final mode: ``arc_file`` if set, else ``arc``.
+
+  ``arc`` may name an arc (``paper``, ``corrected``); then its space settings
+  (``num_nodes``, ``aggregate``) replace the config's. Returns (space, arc).
+  """
+  if not config.arc_file and config.arc in NAMED_ARCS:
+    text, n, agg = NAMED_ARCS[config.arc]
+    s = config.space
+    space = spaces.get(s.name, num_nodes=n, num_activations=int(s.num_activations),
+                       aggregate=agg, node0_activations=int(s.node0_activations))
+    return space, space.parse(text)
   if config.arc_file:
     path = os.path.expanduser(config.arc_file)
     if not os.path.exists(path):
@@ -36,9 +54,10 @@ def resolve_arc(config, space):
   else:
     text, where = config.arc, "config.arc"
   if not text:
-    raise ValueError("final mode needs an arc: --config.arc=\"0 0 0 1 ...\" or --config.arc_file=PATH.")
+    raise ValueError("final mode needs an arc: --config.arc=\"0 0 0 1 ...\" (or a name: "
+                     f"{', '.join(NAMED_ARCS)}) or --config.arc_file=PATH.")
   try:
-    return space.parse(text)
+    return space, space.parse(text)
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None
 
@@ -60,7 +79,11 @@ def run(config, workdir: str) -> dict:
       best, ppl = derive(setup, state, workdir, writer)
       out.update(best_arc=best, best_valid_ppl=ppl)
     elif config.mode == "final":
-      arc = resolve_arc(config, space)
+      space, arc = resolve_arc(config, space)
+      if (space.num_nodes, space.aggregate) != (config.space.num_nodes, config.space.aggregate):
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+          config.space.num_nodes, config.space.aggregate = space.num_nodes, space.aggregate
       task = LMTask(config, corpus, mesh, shared=False)
       out.update(run_final(FinalSetup(config, space, task, arc), workdir, writer))
     else:

@@ -90,9 +90,10 @@ def _raise_nonfinite(step: int, epoch: int, ckpt: ckpt_lib.Checkpointer | None, 
 
 def run_child_epoch_part(setup, state, end_step: int, writer, progress, ckpt, config,
                          prefix: str = "child", chunk=None, ctrl_params=None):
-  """Runs child steps up to ``end_step`` (an epoch end) in dispatches of
-  ``steps_per_dispatch``, logging every ``log_every`` and checkpointing every
-  ``checkpoint_every`` steps. Shared by search and final training."""
+  """Runs child steps up to ``end_step`` (an epoch end, or the step budget) in
+  dispatches of ``steps_per_dispatch``, logging every ``log_every`` and
+  checkpointing every ``checkpoint_every`` steps; with variable-length windows
+  it also returns when a pass over the data ends. Shared by search and final."""
   task = setup.task
   chunk = chunk or setup.child_chunk
   key = setup.keys["child"]
@@ -105,23 +106,28 @@ def run_child_epoch_part(setup, state, end_step: int, writer, progress, ckpt, co
   sums, n_acc = {"loss": 0.0, "ce": 0.0, "grad_norm": 0.0}, 0
   if ctrl_params is None:
     ctrl_params = state["ctrl"]["params"] if "ctrl" in state else {}
-  while step < end_step:
+  epoch_end = False
+  while step < end_step and not epoch_end:
     n = min(spd, end_step - step, log_every - step % log_every)
     child, acc = chunk(state["child"], ctrl_params, key, jnp.int32(n))
     acc = jax.device_get(acc)
-    epoch = step // task.num_batches
+    epoch = int(state["epochs_done"])
     if int(acc["first_bad"]) >= 0:
       _raise_nonfinite(int(acc["first_bad"]), epoch, ckpt, "the child loss or gradient")
     state["child"] = child
-    step += n
+    step += int(acc["n"])
+    # With variable-length windows a chunk stops early at the end of a pass.
+    epoch_end = task.random_bptt and bool(acc["epoch_end"])
     for k in sums:
       sums[k] += float(acc[k])
     n_acc += int(acc["n"])
-    if step % log_every == 0 or step == end_step:
+    if step % log_every == 0 or step == end_step or epoch_end:
       m = {f"{prefix}/loss": sums["loss"] / n_acc, f"{prefix}/ce": sums["ce"] / n_acc,
            f"{prefix}/ppl": math.exp(min(sums["ce"] / n_acc, 50.0)),
            f"{prefix}/grad_norm": sums["grad_norm"] / n_acc, f"{prefix}/epoch": step / task.num_batches}
       writer.write(step, m)
+      if task.random_bptt:
+        m[f"{prefix}/tokens_per_step"] = float(acc["tokens"]) / max(int(acc["n"]), 1) * task.batch_size
       if common.is_main_process():
         print(progress.line(step, {f"{prefix}/loss": m[f"{prefix}/loss"],
                                    f"{prefix}/ppl": m[f"{prefix}/ppl"]}), flush=True)
