@@ -112,3 +112,28 @@ def test_cli_unknown_config_key_and_bad_variant(tmp_path):
   assert r.returncode != 0 and "hidden_sise" in (r.stderr + r.stdout)
   r = _cli("--config=configs/ptb.py:nosuch", f"--workdir={tmp_path}")
   assert r.returncode != 0 and "nosuch" in (r.stderr + r.stdout)
+
+
+def test_final_eval_only_reproduces_the_trained_result(tmp_path):
+  cfg = tiny_ptb_config("final", arc="0 0 1 1 2 0 3")
+  trained = run_lib.run(cfg, str(tmp_path))
+  again = run_lib.run(tiny_ptb_config("final", arc="0 0 1 1 2 0 3", eval_only=True),
+                      str(tmp_path))
+  np.testing.assert_allclose(again["test_ppl"], trained["test_ppl"], rtol=1e-6)
+  np.testing.assert_allclose(again["valid_ppl"], trained["valid_ppl"], rtol=1e-6)
+  with pytest.raises(FileNotFoundError, match="eval_only"):
+    run_lib.run(tiny_ptb_config("final", arc="0 0 1 1 2 0 3", eval_only=True),
+                str(tmp_path / "empty"))
+
+
+def test_named_arcs_set_the_space():
+  from enas_jax.train.run import NAMED_ARCS, build_space, resolve_arc
+  from configs import ptb as ptb_config
+  c = ptb_config.get_config("final")
+  for name, (text, n, agg) in NAMED_ARCS.items():
+    c2 = c.copy_and_resolve_references()
+    with c2.unlocked():
+      c2.arc = name
+    space, arc = resolve_arc(c2, build_space(c2))
+    assert (space.num_nodes, space.aggregate) == (n, agg)
+    assert space.format(arc) == text
