@@ -8,25 +8,11 @@ import pytest
 
 from enas_jax import controller as C
 from enas_jax import reinforce as R
-from enas_jax.spaces.base import ANCHOR, OP, POINTER, Decisions
+from enas_jax import spaces
 
 
-def ptb_like(num_nodes=5, num_ops=4):
-  """node 0 = [ANCHOR, OP]; node i >= 1 = [POINTER(i choices), OP]."""
-  kind, node, nc, tok, wa = [ANCHOR, OP], [0, 0], [0, num_ops], [-1, 0], [True, False]
-  for i in range(1, num_nodes):
-    kind += [POINTER, OP]
-    node += [i, i]
-    nc += [i, num_ops]
-    tok += [2 * i - 1, 2 * i]
-    wa += [True, False]
-  return Decisions(
-      kind=np.array(kind), node=np.array(node), num_choices=np.array(nc),
-      token=np.array(tok), write_anchor=np.array(wa), num_ops=num_ops,
-      num_nodes=num_nodes, arc_length=2 * num_nodes - 1)
-
-
-PTB = ptb_like()
+# The PTB space's own program (node 0 = [ANCHOR, OP]; node i = [POINTER, OP]).
+PTB = spaces.get("ptb", num_nodes=5).decisions
 CFG = C.ControllerConfig(lstm_size=16, temperature=5.0, tanh_constant=2.5, init_range=0.1)
 # A valid target: ops at even tokens, pointers (< node index) at odd tokens.
 TARGET = jnp.array([3, 0, 2, 1, 0, 0, 1, 2, 3], jnp.int32)
