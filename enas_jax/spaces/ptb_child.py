@@ -95,30 +95,37 @@ class ChildConfig:
 
 
 # --------------------------------------------------------------------- params
-def _uniform(key, shape, r):
-  return jax.random.uniform(key, shape, jnp.float32, -r, r)
+def _uniform(key, shape, r, sharding=None):
+  """U(-r, r). With ``sharding``, one small jitted call per tensor writes it
+  straight into that layout: the RNG temporaries of one tensor at a time, no
+  copy of the (up to 2 GB) shared weights."""
+  if sharding is None:
+    return jax.random.uniform(key, shape, jnp.float32, -r, r)
+  fn = jax.jit(lambda k: jax.random.uniform(k, shape, jnp.float32, -r, r),
+               out_shardings=sharding)
+  return fn(key)
 
 
-def init_shared(key: jax.Array, cc: ChildConfig) -> dict:
+def init_shared(key: jax.Array, cc: ChildConfig, sharding=None) -> dict:
   """Shared weights: ``w0[act]`` [A,2H,2H]; node i: ``w_nodes[i-1][prev*A + act]`` [i*A,H,2H]."""
   H, A, r = cc.hidden_size, cc.num_acts, cc.init_range
   keys = jax.random.split(key, cc.num_nodes + 1)
   return {
-      "emb": _uniform(keys[0], (cc.vocab_size, H), r),
-      "w0": _uniform(keys[1], (A, 2 * H, 2 * H), r),
-      "w_nodes": tuple(_uniform(keys[i + 1], (i * A, H, 2 * H), r)
+      "emb": _uniform(keys[0], (cc.vocab_size, H), r, sharding),
+      "w0": _uniform(keys[1], (A, 2 * H, 2 * H), r, sharding),
+      "w_nodes": tuple(_uniform(keys[i + 1], (i * A, H, 2 * H), r, sharding)
                        for i in range(1, cc.num_nodes)),
   }
 
 
-def init_fixed(key: jax.Array, cc: ChildConfig) -> dict:
+def init_fixed(key: jax.Array, cc: ChildConfig, sharding=None) -> dict:
   """Parameters of one fixed cell (a view)."""
   H, r = cc.hidden_size, cc.init_range
   k0, k1, k2 = jax.random.split(key, 3)
   return {
-      "emb": _uniform(k0, (cc.vocab_size, H), r),
-      "w0": _uniform(k1, (2 * H, 2 * H), r),
-      "w_nodes": _uniform(k2, (cc.num_nodes - 1, H, 2 * H), r),
+      "emb": _uniform(k0, (cc.vocab_size, H), r, sharding),
+      "w0": _uniform(k1, (2 * H, 2 * H), r, sharding),
+      "w_nodes": _uniform(k2, (cc.num_nodes - 1, H, 2 * H), r, sharding),
   }
 
 

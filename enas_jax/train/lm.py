@@ -99,27 +99,37 @@ class LMTask:
             **({"avg": self._rep} if self.average else {})}
 
   def init_child(self, key: jax.Array) -> dict:
-    params = (pc.init_shared if self.shared else pc.init_fixed)(key, self.cc)
-    opt_view = pc.init_fixed(jax.random.key(0), self.cc) if self.shared else params
-    if self.shared:
-      # Plain SGD keeps no per-weight state, so the optimizer state built on a
-      # view serves every arc's view; a stateful optimizer would not.
-      opt_view = jax.tree_util.tree_map(jnp.zeros_like, opt_view)
-    state = {
-        "params": params,
-        "opt_state": self.tx.init(opt_view),
-        "h": jnp.zeros((self.batch_size, self.cc.hidden_size), jnp.float32),
-        "step": jnp.int32(0),
-        "batch_stats": pc.init_batch_stats(self.cc),  # {} unless child.batch_norm
-        "pos": jnp.int32(0),  # column of the next window (variable-length BPTT)
-    }
-    if self.average:
-      # Iterate averaging (the corrected final recipe): a uniform running mean
-      # of the weights from the step it is switched on; used for evaluation.
-      state["avg"] = {"params": jax.tree_util.tree_map(jnp.zeros_like, params),
-                      "n": jnp.int32(0), "active": jnp.bool_(False)}
-    state = parallel.replicate(state, self.mesh)
-    state["h"] = jax.device_put(state["h"], parallel.batch_sharding(self.mesh))
+    """A fresh child state in its final shardings. The weights are generated
+    tensor by tensor directly into their replicated layout (no host copy and no
+    second device copy of the up to 2 GB of shared weights)."""
+    init = pc.init_shared if self.shared else pc.init_fixed
+    params = init(key, self.cc, sharding=self._rep)
+
+    def rest(params):
+      if self.shared:
+        # Plain SGD keeps no per-weight state, so the optimizer state built on a
+        # view serves every arc's view; a stateful optimizer would not.
+        view = jax.eval_shape(lambda k: pc.init_fixed(k, self.cc), jax.random.key(0))
+        opt_view = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), view)
+      else:
+        opt_view = params
+      state = {
+          "opt_state": self.tx.init(opt_view),
+          "h": jnp.zeros((self.batch_size, self.cc.hidden_size), jnp.float32),
+          "step": jnp.int32(0),
+          "batch_stats": pc.init_batch_stats(self.cc),  # {} unless child.batch_norm
+          "pos": jnp.int32(0),  # column of the next window (variable-length BPTT)
+      }
+      if self.average:
+        # Iterate averaging (the corrected final recipe): a uniform running mean
+        # of the weights from the step it is switched on; used for evaluation.
+        state["avg"] = {"params": jax.tree_util.tree_map(jnp.zeros_like, params),
+                        "n": jnp.int32(0), "active": jnp.bool_(False)}
+      return state
+
+    shardings = {k: v for k, v in self.state_shardings().items() if k != "params"}
+    state = jax.jit(rest, out_shardings=shardings)(params)
+    state["params"] = params
     return state
 
   def _window(self, data, col, length):
