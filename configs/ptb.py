@@ -252,26 +252,28 @@ def _smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.batch_size = 16
   c.data.eval_batch_size = 16
   c.data.bptt = 20
-  c.child.hidden_size = 32
+  c.child.hidden_size = 64
   c.child.init_range = 0.1
+  # Light regularisation: a short run on a small corpus should show learning.
   c.child.drop_e = 0.0
   c.child.drop_i = 0.0
-  c.child.drop_x = 0.25
-  c.child.drop_l = 0.1
-  c.child.drop_o = 0.25
-  c.child.lr = 10.0
+  c.child.drop_x = 0.1
+  c.child.drop_l = 0.0
+  c.child.drop_o = 0.1
+  c.child.beta = 0.0
+  c.child.lr = 20.0
   c.child.grad_clip = 0.25
   c.controller.lr = 1e-3  # faster controller learning for a short run
   c.controller.train_steps = 5
-  c.search.num_epochs = 3
+  c.search.num_epochs = 8
   c.search.steps_per_dispatch = 25
   c.search.then_final = True
   c.derive.num_samples = 10
   c.derive.valid_windows = 8
-  c.final.num_epochs = 2
+  c.final.num_epochs = 8
   c.final.valid_windows = 0
   c.final.test_batch_size = 1
-  c.final.test_bptt = 1  # window length of the test pass (state carried across windows)
+  c.final.test_bptt = 1
   c.log_every = 25
   return c
 
