@@ -461,3 +461,8 @@ def test_decisions_consistent_with_arc_layout(n, nact):
       assert set(range(int(d.node[k]))) <= written
     if d.write_anchor[k]:
       written.add(int(d.node[k]))
+
+
+def test_from_corrected_rejects_non_integer_tokens():
+  with pytest.raises(ValueError, match=r"token 1 is 2.5"):
+    ptb.from_corrected([0, 2.5, 1, 0])

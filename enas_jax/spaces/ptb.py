@@ -198,9 +198,11 @@ def from_corrected(text_or_tokens: Any, aggregate: str = "all") -> ConvertedArc:
   carries ``aggregate`` (``"all"`` for the corrected GPU recipe, ``"loose_ends"``
   for its TPU recipe).
   """
-  tokens = (base.parse_tokens(text_or_tokens, "ptb(corrected)")
-            if isinstance(text_or_tokens, str) else
-            [int(v) for v in np.asarray(text_or_tokens).tolist()])
+  if isinstance(text_or_tokens, str):
+    tokens = base.parse_tokens(text_or_tokens, "ptb(corrected)")
+  else:
+    a = np.asarray(text_or_tokens)
+    tokens = base.check_arc_tokens(a, a.size, "ptb(corrected)").tolist() if a.size else []
   if len(tokens) == 0 or len(tokens) % 2:
     raise ValueError(
         f"ptb(corrected): an arc in the corrected code's format has an even, "

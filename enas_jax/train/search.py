@@ -42,6 +42,10 @@ class SearchSetup:
   """
 
   def __init__(self, config, space, task):
+    if task.random_bptt:
+      raise ValueError(
+          "data.random_bptt is for final training; the search loop counts epochs in "
+          "fixed windows. Run the search with --config.data.random_bptt=False.")
     self.config, self.space, self.task = config, space, task
     self.decisions = space.decisions
     self.ctrl_cfg = ctrl.ControllerConfig.from_config(config.controller)
