@@ -198,7 +198,8 @@ class Progress:
     if self._first is not None:
       self._prev = (int(step), self._clock())
 
-  def line(self, step: int, extra: Mapping[str, Any] | None = None) -> str:
+  def line(self, step: int, extra: Mapping[str, Any] | None = None,
+           items: float | None = None) -> str:
     """Returns e.g. ``step 1,200/41,400 (2.9%) | 3.41 steps/s | 7,638 tokens/s |
     ETA 3:21:04 | child/loss 5.123``; ``extra`` values are formatted compactly."""
     now, step = self._clock(), int(step)
@@ -211,7 +212,9 @@ class Progress:
       if now > p_t:
         rate = (step - p_step) / (now - p_t)
         parts.append(f'{_fmt_rate(rate)} steps/s')
-        if self.items_per_step:
+        if items is not None:  # the caller counted the items since the last line
+          parts.append(f'{items / (now - p_t):,.0f} {self.item_name}/s')
+        elif self.items_per_step:
           parts.append(f'{rate * self.items_per_step:,.0f} {self.item_name}/s')
       remaining = max(self.total_steps - step, 0)
       avg = (step - f_step) / (now - f_t) if now > f_t else 0.0

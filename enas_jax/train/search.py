@@ -108,6 +108,7 @@ def run_child_epoch_part(setup, state, end_step: int, writer, progress, ckpt, co
   step = int(state["child"]["step"])
   progress.mark(step)
   sums, n_acc = {"loss": 0.0, "ce": 0.0, "grad_norm": 0.0}, 0
+  tokens = 0  # real tokens since the last progress line (windows vary in length)
   if ctrl_params is None:
     ctrl_params = state["ctrl"]["params"] if "ctrl" in state else {}
   epoch_end = False
@@ -125,17 +126,19 @@ def run_child_epoch_part(setup, state, end_step: int, writer, progress, ckpt, co
     for k in sums:
       sums[k] += float(acc[k])
     n_acc += int(acc["n"])
+    tokens += int(acc["tokens"]) * task.batch_size
     if step % log_every == 0 or step == end_step or epoch_end:
       m = {f"{prefix}/loss": sums["loss"] / n_acc, f"{prefix}/ce": sums["ce"] / n_acc,
            f"{prefix}/ppl": math.exp(min(sums["ce"] / n_acc, 50.0)),
            f"{prefix}/grad_norm": sums["grad_norm"] / n_acc, f"{prefix}/epoch": step / task.num_batches}
       writer.write(step, m)
       if task.random_bptt:
-        m[f"{prefix}/tokens_per_step"] = float(acc["tokens"]) / max(int(acc["n"]), 1) * task.batch_size
+        m[f"{prefix}/tokens_per_step"] = tokens / max(n_acc, 1)
       if common.is_main_process():
         print(progress.line(step, {f"{prefix}/loss": m[f"{prefix}/loss"],
-                                   f"{prefix}/ppl": m[f"{prefix}/ppl"]}), flush=True)
-      sums, n_acc = {k: 0.0 for k in sums}, 0
+                                   f"{prefix}/ppl": m[f"{prefix}/ppl"]}, items=tokens),
+              flush=True)
+      sums, n_acc, tokens = {k: 0.0 for k in sums}, 0, 0
     if ckpt is not None and ckpt_every > 0 and step % ckpt_every == 0 and step < end_step:
       ckpt.save(step, state, {"stage": prefix, "step": step})
   return state
