@@ -1,16 +1,20 @@
-"""Datasets: Penn Treebank and a synthetic language-model corpus."""
+"""Datasets: Penn Treebank, a synthetic language-model corpus, CIFAR-10 and synthetic images."""
 
 from __future__ import annotations
 
 import os
 
+from enas_jax.data.cifar10 import (ImageData, augment, default_cifar10_dir, load_cifar10,
+                                   normalize, synthetic_cifar)
 from enas_jax.data.ptb import PTB_FILES, Corpus, batchify, load_ptb, num_windows, tokenize
 from enas_jax.data.synthetic import synthetic_corpus
 
-SOURCES = ("ptb", "synthetic")  # "cifar10" to come.
+SOURCES = ("ptb", "synthetic", "cifar10")  # "synthetic" serves both tasks (corpus or images).
 
-__all__ = ["PTB_FILES", "SOURCES", "Corpus", "batchify", "default_ptb_dir", "load_corpus",
-           "load_ptb", "num_windows", "synthetic_corpus", "tokenize"]
+__all__ = ["PTB_FILES", "SOURCES", "Corpus", "ImageData", "augment", "batchify",
+           "default_cifar10_dir", "default_ptb_dir", "load_cifar10", "load_corpus", "load_images",
+           "load_ptb", "normalize", "num_windows", "synthetic_cifar", "synthetic_corpus",
+           "tokenize"]
 
 
 def default_ptb_dir() -> str:
@@ -41,4 +45,28 @@ def load_corpus(data_cfg) -> Corpus:
         vocab_size=data_cfg.vocab_size, num_train=data_cfg.num_train_tokens,
         num_valid=data_cfg.num_valid_tokens, num_test=data_cfg.num_test_tokens,
         seed=data_cfg.seed)
+  if source == "cifar10":
+    raise ValueError("data source 'cifar10' holds images, not a corpus: use load_images().")
   raise ValueError(f"unknown data source {source!r}; valid sources: {', '.join(SOURCES)}.")
+
+
+def load_images(data_cfg) -> ImageData:
+  """Builds the image data set that ``data_cfg.source`` names.
+
+  ``"cifar10"`` calls :func:`load_cifar10` with ``data_cfg.data_dir``
+  (:func:`default_cifar10_dir` if empty), ``num_valid`` (default 5000),
+  ``download`` (default False) and ``cifar10_source`` (default ``"auto"``);
+  ``"synthetic"`` calls :func:`synthetic_cifar` with ``num_train``,
+  ``num_test``, ``seed`` and ``num_valid``. Missing optional fields take the
+  defaults shown.
+  """
+  source = data_cfg.source
+  get = lambda name, default: getattr(data_cfg, name, default)
+  if source == "cifar10":
+    return load_cifar10(data_cfg.data_dir or default_cifar10_dir(),
+                        source=get("cifar10_source", "auto"), num_valid=get("num_valid", 5000),
+                        download=get("download", False))
+  if source == "synthetic":
+    return synthetic_cifar(num_train=get("num_train", 512), num_test=get("num_test", 128),
+                           seed=get("seed", 0), num_valid=get("num_valid", 0))
+  raise ValueError(f"unknown image data source {source!r}; valid: cifar10, synthetic.")
