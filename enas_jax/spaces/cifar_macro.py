@@ -1,0 +1,121 @@
+"""The CIFAR-10 macro search space: its arc codec (issue 4, first part).
+
+Arc format (the seed's ``--child_fixed_arc`` for whole-channel macro search):
+for each layer ``l = 0 .. L-1`` an op id followed by ``l`` skip bits, all
+concatenated: ``L + L(L-1)/2`` tokens (78 for the search script's 12 layers,
+300 for the paper's 24-layer network). Ops: 0 conv 3x3, 1 separable conv 3x3,
+2 conv 5x5, 3 separable conv 5x5, 4 average pool, 5 max pool. Bit ``i`` of
+layer ``l`` is a skip connection from an earlier layer (reference
+``enas_original.md`` §3.1 and §7.2).
+
+Only the codec and the uniform sampler are here so far; the shared and fixed
+children and the controller's skip-bit decisions come with the rest of the
+macro space, which is why the space is not yet registered in
+``enas_jax.spaces.get``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from enas_jax.spaces import base
+
+OP_NAMES = ("conv3x3", "sep3x3", "conv5x5", "sep5x5", "avgpool", "maxpool")
+
+# The paper's 24-layer network (seed scripts/cifar10_macro_final.sh), one line per layer.
+PAPER_ARC = " ".join("""
+0
+3 0
+0 1 0
+2 0 0 1
+2 0 0 0 0
+3 1 1 0 1 0
+2 0 0 0 0 0 1
+2 0 1 1 0 1 1 1
+1 0 1 1 1 0 1 0 1
+0 0 0 0 0 0 0 0 0 0
+2 0 0 0 0 0 1 0 0 0 0
+0 1 0 0 1 1 0 0 0 0 1 1
+2 0 1 0 0 0 0 0 1 0 1 1 0
+1 0 0 1 0 0 0 1 1 1 0 1 0 1
+0 1 1 0 1 0 1 0 0 0 0 0 1 0 0
+2 0 0 1 0 0 0 0 0 0 0 1 0 1 0 1
+2 0 1 0 0 0 1 0 0 1 1 1 1 0 0 1 0
+2 0 0 0 0 1 0 1 0 1 0 0 1 0 1 0 0 1
+3 0 1 1 0 1 0 0 0 0 0 1 0 1 0 1 0 0 0
+3 0 1 1 0 0 0 0 0 0 0 0 0 1 1 0 0 0 0 1
+0 1 0 0 1 0 1 1 0 0 0 1 0 0 0 0 0 1 1 0 0
+3 0 1 0 1 1 0 0 1 0 1 1 0 1 1 0 1 0 0 1 0 0
+0 1 0 1 0 1 0 0 0 0 0 0 0 0 1 0 1 0 0 1 0 0 0
+0 1 1 0 0 0 1 1 1 0 1 0 0 0 1 0 1 0 0 1 1 0 0 0
+""".split())
+
+
+class MacroCodec:
+  """Codec of macro arcs for ``num_layers`` layers (the search script's 12 by default)."""
+
+  name = "cifar_macro"
+  num_ops = len(OP_NAMES)
+
+  def __init__(self, num_layers: int = 12):
+    if not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+      raise ValueError(f"cifar_macro: num_layers must be an integer >= 1, got {num_layers!r}.")
+    self.num_layers = int(num_layers)
+    self.arc_length = self.num_layers + self.num_layers * (self.num_layers - 1) // 2
+    # Position of each layer's op token; its skip bits follow it.
+    self.op_positions = np.asarray(
+        [l + l * (l - 1) // 2 for l in range(self.num_layers)], np.int32)
+
+  def layer_tokens(self, arc: Any, layer: int) -> tuple[int, np.ndarray]:
+    """(op, skip bits) of one layer of a validated arc."""
+    a = np.asarray(arc)
+    p = int(self.op_positions[layer])
+    return int(a[p]), a[p + 1:p + 1 + layer]
+
+  def validate(self, arc: Any) -> np.ndarray:
+    a = base.check_arc_tokens(arc, self.arc_length, "cifar_macro")
+    for l in range(self.num_layers):
+      p = int(self.op_positions[l])
+      if a[p] >= self.num_ops:
+        raise ValueError(
+            f"cifar_macro: token {p} (layer {l}'s op) is {a[p]}; allowed 0..{self.num_ops - 1} "
+            f"({', '.join(f'{i} {n}' for i, n in enumerate(OP_NAMES))}).")
+      for j in range(l):
+        if a[p + 1 + j] > 1:
+          raise ValueError(
+              f"cifar_macro: token {p + 1 + j} (layer {l}'s skip bit {j}) is {a[p + 1 + j]}; "
+              f"allowed 0..1.")
+    return a
+
+  def parse(self, text: str) -> np.ndarray:
+    tokens = base.parse_tokens(text, "cifar_macro")
+    if len(tokens) != self.arc_length:
+      L = self.num_layers
+      raise ValueError(
+          f"cifar_macro: wrong arc length {len(tokens)}; {L} layers take "
+          f"L + L(L-1)/2 = {self.arc_length} tokens (set num_layers to match the arc).")
+    return self.validate(tokens)
+
+  def format(self, arc: Any) -> str:
+    return base.format_tokens(self.validate(arc))
+
+  def describe(self, arc: Any) -> str:
+    a = self.validate(arc)
+    lines = []
+    for l in range(self.num_layers):
+      op, bits = self.layer_tokens(a, l)
+      skips = [str(j) for j in np.nonzero(bits)[0]]
+      lines.append(f"layer {l}: {OP_NAMES[op]}" + (f", skip bits set: {', '.join(skips)}"
+                                                   if skips else ""))
+    return "\n".join(lines)
+
+  def sample_uniform(self, key: jax.Array, skip_prob: float = 0.5) -> jax.Array:
+    """A random valid arc (jittable): uniform ops, independent skip bits."""
+    k_op, k_bit = jax.random.split(key)
+    bits = jax.random.bernoulli(k_bit, skip_prob, (self.arc_length,)).astype(jnp.int32)
+    ops = jax.random.randint(k_op, (self.num_layers,), 0, self.num_ops)
+    return bits.at[jnp.asarray(self.op_positions)].set(ops).astype(jnp.int32)

@@ -1,0 +1,69 @@
+"""The macro space's arc codec: the paper's 24-layer arc round-trips; bad arcs are refused."""
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from enas_jax.spaces.cifar_macro import OP_NAMES, PAPER_ARC, MacroCodec
+
+
+def test_paper_arc_round_trips_and_decodes():
+  c = MacroCodec(num_layers=24)
+  assert c.arc_length == 300
+  arc = c.parse(PAPER_ARC)
+  assert c.format(arc) == PAPER_ARC
+  ops = [c.layer_tokens(arc, l)[0] for l in range(24)]
+  assert ops == [0, 3, 0, 2, 2, 3, 2, 2, 1, 0, 2, 0, 2, 1, 0, 2, 2, 2, 3, 3, 0, 3, 0, 0]
+  op5, bits5 = c.layer_tokens(arc, 5)
+  assert OP_NAMES[op5] == "sep5x5" and bits5.tolist() == [1, 1, 0, 1, 0]
+  assert "layer 23: conv3x3" in c.describe(arc)
+
+
+def test_default_is_the_search_scripts_12_layers():
+  assert MacroCodec().arc_length == 78
+
+
+@pytest.mark.parametrize("tokens, match", [
+    ([0, 6, 0, 0, 0, 0], r"token 1 \(layer 1's op\) is 6; allowed 0..5"),
+    ([0, 1, 2, 0, 0, 0], r"token 2 \(layer 1's skip bit 0\) is 2; allowed 0..1"),
+    ([0, 1, 0, 0, 1, -1], r"token 5 is -1, negative"),
+    ([0, 1, 0], r"wrong arc length 3"),
+])
+def test_malformed_arcs_are_refused_with_position(tokens, match):
+  c = MacroCodec(num_layers=3)
+  with pytest.raises(ValueError, match=match):
+    c.validate(tokens) if len(tokens) == c.arc_length else c.parse(" ".join(map(str, tokens)))
+
+
+def test_non_integer_and_empty_are_refused():
+  c = MacroCodec(num_layers=3)
+  with pytest.raises(ValueError, match="not a non-negative integer"):
+    c.parse("0 1 0 x 0 0")
+  with pytest.raises(ValueError, match="empty"):
+    c.parse("  ")
+  with pytest.raises(ValueError, match="not an integer"):
+    c.validate(np.array([0, 1, 0.5, 0, 0, 0]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-2, 8), min_size=0, max_size=12))
+def test_fuzz_only_value_errors(tokens):
+  c = MacroCodec(num_layers=4)
+  try:
+    arc = c.parse(" ".join(map(str, tokens)))
+  except ValueError:
+    return
+  assert c.format(arc) == " ".join(map(str, tokens))
+
+
+def test_uniform_samples_are_valid_and_cover_ops():
+  c = MacroCodec(num_layers=6)
+  f = jax.jit(c.sample_uniform)
+  seen = set()
+  for i in range(40):
+    arc = np.asarray(f(jax.random.key(i)))
+    c.validate(arc)
+    seen.update(c.layer_tokens(arc, l)[0] for l in range(6))
+  assert seen == set(range(6))
+  assert f._cache_size() == 1
