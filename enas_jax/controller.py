@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enas_jax.spaces.base import ANCHOR, OP, POINTER, Decisions
+from enas_jax.spaces.base import ANCHOR, BITS, OP, POINTER, Decisions
 
 # Logit given to invalid (padded or out-of-range) choices. Finite on purpose:
 # with -inf, p·log p and the gradients of log_softmax produce NaNs; -1e9 already
@@ -167,9 +167,21 @@ def validate_decisions(decisions: Decisions) -> None:
     where = f"Decisions step {t} (kind {kind}, node {node})"
     if not 0 <= node < d.num_nodes:
       raise ValueError(f"{where}: node outside [0, num_nodes={d.num_nodes}).")
-    if kind == ANCHOR:
+    if kind == ANCHOR or (kind == BITS and nc == 0):
       if tok != -1:
-        raise ValueError(f"{where}: an ANCHOR step must have token -1, got {tok}.")
+        raise ValueError(f"{where}: a step that writes no token must have token -1, got {tok}.")
+      continue
+    if kind == BITS:
+      if not 1 <= nc <= node:
+        raise ValueError(
+            f"{where}: BITS num_choices={nc} must be in [0, node index {node}] "
+            f"(one bit per earlier node).")
+      for k in range(tok, tok + nc):
+        if not 0 <= k < d.arc_length:
+          raise ValueError(f"{where}: token {k} outside [0, arc_length={d.arc_length}).")
+        if k in seen_tokens:
+          raise ValueError(f"{where}: token {k} is written by two steps.")
+        seen_tokens.add(k)
       continue
     if kind == OP:
       if not 1 <= nc <= d.num_ops:
@@ -180,7 +192,7 @@ def validate_decisions(decisions: Decisions) -> None:
             f"{where}: POINTER num_choices={nc} must be in [1, node index {node}] "
             f"(a pointer at node i chooses among nodes j < i).")
     else:
-      raise ValueError(f"{where}: unknown kind {kind} (OP=0, POINTER=1, ANCHOR=2).")
+      raise ValueError(f"{where}: unknown kind {kind} (OP=0, POINTER=1, ANCHOR=2, BITS=3).")
     if not 0 <= tok < d.arc_length:
       raise ValueError(f"{where}: token {tok} outside [0, arc_length={d.arc_length}).")
     if tok in seen_tokens:
@@ -273,6 +285,9 @@ def _run(params: dict,
       raise ValueError(
           f"controller: arc of shape {forced_arc.shape}, expected ({d.arc_length},).")
 
+  # The forced arc, padded like the arc buffer so that a bit run can be sliced
+  # at any token position.
+  forced_buf = (jnp.pad(forced_arc, (0, width)) if not sampling else None)
   w_lstm = params["w_lstm"]
   g_emb = params["g_emb"][0]
   choice_ids = jnp.arange(width, dtype=jnp.int32)
@@ -282,6 +297,7 @@ def _run(params: dict,
     t, kind, node, num_choices, token, write_anchor = xs
     is_op = kind == OP
     is_ptr = kind == POINTER
+    is_bits = kind == BITS
     is_decision = jnp.logical_or(is_op, is_ptr)
 
     # 1. LSTM step; the state is carried through every step, anchors included
@@ -300,7 +316,7 @@ def _run(params: dict,
     op_logits = _pad(top @ params["w_soft"], width)
     query = top @ params["w_attn_2"]
     ptr_logits = _pad((jnp.tanh(anchor_w + query) @ params["v_attn"])[:, 0], width)
-    logits = jnp.where(is_ptr, ptr_logits, op_logits)
+    logits = jnp.where(jnp.logical_or(is_ptr, is_bits), ptr_logits, op_logits)
     if cfg.use_temperature:
       logits = logits / float(cfg.temperature)
     if cfg.use_tanh:
@@ -308,6 +324,26 @@ def _run(params: dict,
     if cfg.locality_prior:
       dist = (node - choice_ids).astype(jnp.float32)
       logits = jnp.where(is_ptr, logits - dist * dist / 6.0, logits)
+    # Skip bits (BITS steps): bit j ~ Bernoulli(sigmoid(2 q'_j)) for j < num_choices,
+    # q' the attention score after temperature and tanh (the original's 2-way
+    # softmax over [-q', q']).
+    bit_valid = jnp.logical_and(choice_ids < num_choices, is_bits)
+    bit_q = logits
+    log_p1, log_p0 = jax.nn.log_sigmoid(2.0 * bit_q), jax.nn.log_sigmoid(-2.0 * bit_q)
+    if sampling:
+      u = jax.random.uniform(jax.random.fold_in(rng, t), (width,))
+      bits = (u < jnp.exp(log_p1)).astype(jnp.int32)
+    else:
+      bits = jax.lax.dynamic_slice(forced_buf, (jnp.maximum(token, 0),), (width,))
+    bits = jnp.where(bit_valid, bits, 0)
+    lp_bits = jnp.where(bits == 1, log_p1, jnp.where(bits == 0, log_p0, NEG_LOGIT))
+    lp_bits = jnp.sum(jnp.where(bit_valid, lp_bits, 0.0))
+    p1 = jnp.exp(log_p1)
+    ent_bits_full = -jnp.sum(jnp.where(bit_valid, p1 * log_p1 + (1 - p1) * log_p0, 0.0))
+    lp_each = jnp.where(bits == 1, log_p1, log_p0)
+    ent_bits_s = -jnp.sum(jnp.where(bit_valid, jnp.exp(lp_each) * lp_each, 0.0))
+    bit_logits = jnp.where(bit_valid, bit_q, NEG_LOGIT)
+
     valid = jnp.logical_and(choice_ids < num_choices, is_decision)
     logits = jnp.where(valid, logits, NEG_LOGIT)
 
@@ -316,7 +352,7 @@ def _run(params: dict,
     if sampling:
       choice = jax.random.categorical(jax.random.fold_in(rng, t), logits).astype(jnp.int32)
     else:
-      choice = forced_arc[tok]
+      choice = forced_buf[tok]
     # Gathers clamp indices, so an invalid (forced) choice cannot read outside a
     # buffer; it is scored NEG_LOGIT explicitly, since a clamped index could land
     # on a valid choice.
@@ -326,18 +362,27 @@ def _run(params: dict,
     # where(), not a product with a mask: masked entries must contribute exactly
     # 0 to the entropy, and the ANCHOR step (all masked) must contribute nothing.
     full = -jnp.sum(jnp.where(valid, p_all * log_p, 0.0))
-    log_prob = log_prob + jnp.where(is_decision, lp_choice, 0.0)
-    ent_s = ent_s + jnp.where(is_decision, -jnp.exp(lp_choice) * lp_choice, 0.0)
-    ent_f = ent_f + jnp.where(is_decision, full, 0.0)
+    log_prob = log_prob + jnp.where(is_decision, lp_choice, 0.0) + lp_bits
+    ent_s = ent_s + jnp.where(is_decision, -jnp.exp(lp_choice) * lp_choice, 0.0) + ent_bits_s
+    ent_f = ent_f + jnp.where(is_decision, full, 0.0) + ent_bits_full
     arc = arc.at[tok].set(jnp.where(is_decision, choice, arc[tok]))
+    # The bit run [tok, tok + width) of the padded arc buffer; untouched where invalid.
+    old = jax.lax.dynamic_slice(arc, (tok,), (width,))
+    arc = jax.lax.dynamic_update_slice(arc, jnp.where(bit_valid, bits, old), (tok,))
 
     # Next input.
     emb = params["w_emb"][jnp.clip(choice, 0, num_ops - 1)]
     j = jnp.clip(choice, 0, num_nodes - 1)
     denom = jnp.where(is_ptr, 0.1 + (node - j).astype(jnp.float32), 1.0)
     ptr_in = anchors[j] / denom
+    # After skip bits: the mean of the chosen earlier anchors, (bits . anchors) /
+    # (1 + #skips); with no bits to choose (the first layer), g_emb.
+    bitsf = bits[:num_nodes].astype(jnp.float32)
+    skip_in = (bitsf @ anchors) / (1.0 + bitsf.sum())
     x = jnp.where(is_op, emb, jnp.where(is_ptr, ptr_in, g_emb))
-    return (c, h, x, anchors, anchor_w, arc, log_prob, ent_s, ent_f), logits
+    x = jnp.where(jnp.logical_and(is_bits, num_choices > 0), skip_in, x)
+    out_logits = jnp.where(is_bits, bit_logits, logits)
+    return (c, h, x, anchors, anchor_w, arc, log_prob, ent_s, ent_f), out_logits
 
   layers = int(cfg.lstm_layers)
   zero = jnp.zeros((), jnp.float32)
@@ -347,7 +392,7 @@ def _run(params: dict,
       g_emb,
       jnp.zeros((num_nodes, s), jnp.float32),
       jnp.zeros((num_nodes, s), jnp.float32),
-      jnp.zeros((d.arc_length,), jnp.int32),
+      jnp.zeros((d.arc_length + width,), jnp.int32),  # padded: bit runs never clip
       zero, zero, zero,
   )
   xs = (
@@ -360,6 +405,7 @@ def _run(params: dict,
   )
   carry, step_logits = jax.lax.scan(step, carry0, xs)
   _, _, _, _, _, arc, log_prob, ent_s, ent_f = carry
+  arc = arc[:d.arc_length]
   ent_s = jax.lax.stop_gradient(ent_s)
   ent_f = jax.lax.stop_gradient(ent_f)
   out = {

@@ -22,6 +22,10 @@ import numpy as np
 OP = 0  # softmax over the space's op vocabulary (activations, conv ops, ...)
 POINTER = 1  # attention pointer over earlier nodes' anchors
 ANCHOR = 2  # no decision: one LSTM step whose output becomes the node's anchor
+# Independent skip bits to every earlier node (the macro space): one sigmoid per
+# earlier node from the attention score q_j, P(bit = 1) = sigmoid(2 q'_j), written to
+# ``num_choices`` consecutive tokens starting at ``token``.
+BITS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +36,12 @@ class Decisions:
   them into constants and runs one ``lax.scan`` over the steps.
 
   Attributes:
-    kind: ``OP``, ``POINTER`` or ``ANCHOR`` per step.
+    kind: ``OP``, ``POINTER``, ``ANCHOR`` or ``BITS`` per step.
     node: index of the node the step belongs to. A ``POINTER`` step at node
       ``i`` chooses among nodes ``0 .. i-1``; the locality prior uses ``i - j``.
     num_choices: number of valid choices (ops for ``OP``; ``i`` for ``POINTER``;
-      0 for ``ANCHOR``). Choices at or above it get probability 0.
+      0 for ``ANCHOR``; the number of bits, at most ``i``, for ``BITS``). Choices
+      at or above it get probability 0.
     token: position in the arc array where the sampled value is written
       (-1 for ``ANCHOR`` steps).
     write_anchor: whether this step's LSTM output is stored as ``node``'s anchor

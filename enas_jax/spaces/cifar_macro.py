@@ -8,9 +8,9 @@ concatenated: ``L + L(L-1)/2`` tokens (78 for the search script's 12 layers,
 layer ``l`` is a skip connection from an earlier layer (reference
 ``enas_original.md`` §3.1 and §7.2).
 
-Only the codec and the uniform sampler are here so far; the shared and fixed
-children and the controller's skip-bit decisions come with the rest of the
-macro space, which is why the space is not yet registered in
+The codec, the uniform sampler and the controller's decision program (op, then
+skip bits, per layer) are here so far; the shared and fixed children come with
+the rest of the macro space, which is why the space is not yet registered in
 ``enas_jax.spaces.get``.
 """
 
@@ -69,6 +69,25 @@ class MacroCodec:
     # Position of each layer's op token; its skip bits follow it.
     self.op_positions = np.asarray(
         [l + l * (l - 1) // 2 for l in range(self.num_layers)], np.int32)
+    self.decisions = self._build_decisions()
+
+  def _build_decisions(self) -> base.Decisions:
+    """The seed's macro controller program: per layer an op step, then a skip-bit
+    step over the earlier layers, whose LSTM output is stored as the layer's
+    anchor (reference ``enas_original.md`` §3.1)."""
+    kind, node, nc, tok, wa = [], [], [], [], []
+    for l in range(self.num_layers):
+      p = int(self.op_positions[l])
+      kind += [base.OP, base.BITS]
+      node += [l, l]
+      nc += [self.num_ops, l]
+      tok += [p, p + 1 if l > 0 else -1]
+      wa += [False, True]
+    arr = lambda v, dt=np.int32: np.asarray(v, dtype=dt)  # noqa: E731
+    return base.Decisions(
+        kind=arr(kind), node=arr(node), num_choices=arr(nc), token=arr(tok),
+        write_anchor=arr(wa, bool), num_ops=self.num_ops, num_nodes=self.num_layers,
+        arc_length=self.arc_length)
 
   def layer_tokens(self, arc: Any, layer: int) -> tuple[int, np.ndarray]:
     """(op, skip bits) of one layer of a validated arc."""
