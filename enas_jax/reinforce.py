@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from enas_jax import controller as ctrl
-from enas_jax.spaces.base import Decisions
+from enas_jax.spaces.base import BITS, Decisions
 
 METRIC_KEYS = (
     "controller/reward",
@@ -265,3 +265,36 @@ def make_train_phase(decisions: Decisions,
     return state, metrics
 
   return train_phase
+
+
+def make_skip_penalty(decisions: Decisions, cfg: ctrl.ControllerConfig, *, skip_target: float,
+                      skip_weight: float) -> Callable[[dict, jax.Array], jax.Array]:
+  """The macro controller's skip penalty, an ``extra_loss_fn`` for the train step.
+
+  For each layer ``l >= 1`` (each ``BITS`` step), ``KL_l = sum_j sum_k p_jk
+  log(p_jk / rho_k)`` with ``p_j = [sigmoid(-q'_j), sigmoid(q'_j)]`` and ``rho =
+  [1 - skip_target, skip_target]``; the penalty is the mean over layers, times
+  ``skip_weight``, averaged over the arcs, and added to the *loss* (reference
+  ``enas_original.md`` §3.1). As in the original, ``p`` uses ``sigmoid(q')``
+  although bits are sampled with ``sigmoid(2 q')``.
+  """
+  if not 0.0 < skip_target < 1.0:
+    raise ValueError(f"skip_target must be in (0, 1), got {skip_target!r}.")
+  kind = jnp.asarray(decisions.kind)
+  nbits = jnp.asarray(decisions.num_choices)
+  rows = (kind == BITS) & (nbits > 0)
+  num_layers = int(jnp.sum(rows))
+  width = decisions.max_choices
+  rho = jnp.asarray([1.0 - skip_target, skip_target], jnp.float32)
+
+  def penalty(params: dict, arcs: jax.Array) -> jax.Array:
+    def one(arc):
+      q = ctrl.step_logits(params, arc, decisions, cfg)  # [steps, width]
+      valid = rows[:, None] & (jnp.arange(width)[None, :] < nbits[:, None])
+      p1 = jax.nn.sigmoid(jnp.where(valid, q, 0.0))
+      p = jnp.stack([1.0 - p1, p1], axis=-1)
+      kl = jnp.sum(p * (jnp.log(p) - jnp.log(rho)), axis=-1)
+      return jnp.sum(jnp.where(valid, kl, 0.0)) / max(num_layers, 1)
+    return skip_weight * jnp.mean(jax.vmap(one)(arcs))
+
+  return penalty
