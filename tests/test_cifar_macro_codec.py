@@ -121,7 +121,6 @@ def jnp_int(a):
 
 
 def test_skip_penalty_matches_a_direct_computation_and_trains_toward_target():
-  import jax.numpy as jnp
   from enas_jax import reinforce as R
   C, cfg = _ctrl()
   c = MacroCodec(num_layers=4)
