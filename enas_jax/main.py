@@ -32,13 +32,18 @@ def main(argv):
   logger.setLevel(logging.INFO)
   logger.propagate = False
   workdir = _WORKDIR.value or os.path.join("runs", f"{config.name}_{config.variant}")
-  from enas_jax.train import run as run_lib  # heavy imports after flag parsing
+  from enas_jax.checkpoint import CheckpointError  # heavy imports after flag parsing
+  from enas_jax.train import run as run_lib
+  from enas_jax.train.common import NonFiniteError
   print(f"workdir: {workdir}", flush=True)
   try:
     run_lib.run(config, workdir)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError) as e:  # bad input: nothing was lost
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except (NonFiniteError, CheckpointError) as e:  # the run stopped; its last checkpoint is intact
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":
