@@ -134,3 +134,29 @@ def parse_tokens(text: Any, space_name: str) -> list[int]:
 
 def format_tokens(arc: Sequence[int]) -> str:
   return " ".join(str(int(v)) for v in np.asarray(arc).tolist())
+
+
+class Codec:
+  """String form of arcs, shared by every space: ``parse`` and ``format`` on top
+  of the space's ``validate`` and its ``length_rule`` (the message explaining the
+  expected length). Subclasses set ``name`` and ``arc_length``."""
+
+  name = "space"
+  arc_length = 0
+
+  def validate(self, arc: Any) -> np.ndarray:  # pragma: no cover - abstract
+    raise NotImplementedError
+
+  def length_rule(self, num_tokens: int) -> str:  # pragma: no cover - abstract
+    raise NotImplementedError
+
+  def parse(self, text: str) -> np.ndarray:
+    """Reads the string form (tokens separated by spaces and/or commas)."""
+    tokens = parse_tokens(text, self.name)
+    if len(tokens) != self.arc_length:
+      raise ValueError(
+          f"{self.name}: wrong arc length {len(tokens)}; {self.length_rule(len(tokens))}")
+    return self.validate(tokens)
+
+  def format(self, arc: Any) -> str:
+    return format_tokens(self.validate(arc))

@@ -55,7 +55,7 @@ PAPER_ARC = " ".join("""
 """.split())
 
 
-class MacroCodec:
+class MacroCodec(base.Codec):
   """Codec of macro arcs for ``num_layers`` layers (the search script's 12 by default)."""
 
   name = "cifar_macro"
@@ -110,17 +110,9 @@ class MacroCodec:
               f"allowed 0..1.")
     return a
 
-  def parse(self, text: str) -> np.ndarray:
-    tokens = base.parse_tokens(text, "cifar_macro")
-    if len(tokens) != self.arc_length:
-      L = self.num_layers
-      raise ValueError(
-          f"cifar_macro: wrong arc length {len(tokens)}; {L} layers take "
-          f"L + L(L-1)/2 = {self.arc_length} tokens (set num_layers to match the arc).")
-    return self.validate(tokens)
-
-  def format(self, arc: Any) -> str:
-    return base.format_tokens(self.validate(arc))
+  def length_rule(self, num_tokens: int) -> str:
+    return (f"{self.num_layers} layers take L + L(L-1)/2 = {self.arc_length} tokens "
+            f"(set num_layers to match the arc).")
 
   def describe(self, arc: Any) -> str:
     a = self.validate(arc)

@@ -31,7 +31,7 @@ PAPER_ARC = ("0 2 0 0 0 4 0 1 0 4 1 1 1 0 0 1 0 2 1 1 "
              "1 0 1 0 0 3 0 2 1 1 3 1 1 0 0 4 0 3 1 1")
 
 
-class MicroCodec:
+class MicroCodec(base.Codec):
   """Codec of micro arcs with ``num_nodes`` nodes per cell (the scripts' 5)."""
 
   name = "cifar_micro"
@@ -64,16 +64,9 @@ class MicroCodec:
             f"0..{self.num_ops - 1} ({', '.join(f'{i} {n}' for i, n in enumerate(OP_NAMES))}).")
     return a
 
-  def parse(self, text: str) -> np.ndarray:
-    tokens = base.parse_tokens(text, "cifar_micro")
-    if len(tokens) != self.arc_length:
-      raise ValueError(
-          f"cifar_micro: wrong arc length {len(tokens)}; two cells of {self.num_nodes} nodes "
-          f"take 8 x {self.num_nodes} = {self.arc_length} tokens (normal cell, then reduction).")
-    return self.validate(tokens)
-
-  def format(self, arc: Any) -> str:
-    return base.format_tokens(self.validate(arc))
+  def length_rule(self, num_tokens: int) -> str:
+    return (f"two cells of {self.num_nodes} nodes take 8 x {self.num_nodes} = "
+            f"{self.arc_length} tokens (normal cell, then reduction).")
 
   def loose_ends(self, arc: Any, cell: int) -> list[int]:
     """Nodes of a cell (2..B+1) that no node of the same cell reads: the cell output."""

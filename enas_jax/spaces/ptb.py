@@ -62,7 +62,7 @@ class ConvertedArc:
     return base.format_tokens(self.arc)
 
 
-class PTBSpace:
+class PTBSpace(base.Codec):
   """Recurrent cell search space (seed arc format).
 
   Args:
@@ -150,22 +150,13 @@ class PTBSpace:
             f"0..{nact - 1} (0 tanh, 1 ReLU, 2 identity, 3 sigmoid).")
     return a
 
-  def parse(self, text: str) -> np.ndarray:
-    """Reads the seed's string form, e.g. ``"0 0 0 1 1 2 ..."``."""
-    tokens = base.parse_tokens(text, "ptb")
-    if len(tokens) != self.arc_length:
-      hint = ""
-      if len(tokens) % 2 == 0:
-        hint = (" An even length looks like the corrected code's format "
-                "(no node-0 token): convert it with "
-                "enas_jax.spaces.ptb.from_corrected(text).")
-      raise ValueError(
-          f"ptb: wrong arc length {len(tokens)}; {self.num_nodes} nodes take "
-          f"2*{self.num_nodes}-1 = {self.arc_length} tokens.{hint}")
-    return self.validate(tokens)
-
-  def format(self, arc: Any) -> str:
-    return base.format_tokens(self.validate(arc))
+  def length_rule(self, num_tokens: int) -> str:
+    hint = ""
+    if num_tokens % 2 == 0:
+      hint = (" An even length looks like the corrected code's format "
+              "(no node-0 token): convert it with "
+              "enas_jax.spaces.ptb.from_corrected(text).")
+    return f"{self.num_nodes} nodes take 2*{self.num_nodes}-1 = {self.arc_length} tokens.{hint}"
 
   def describe(self, arc: Any) -> str:
     """Human-readable per-node listing of an arc."""
