@@ -20,6 +20,7 @@ renames and deletions). Only single-process use is tested here.
 from __future__ import annotations
 
 import json
+import time
 import logging
 import os
 from typing import Any
@@ -93,10 +94,17 @@ class Checkpointer:
     for p in self.directory.iterdir():
       if _TMP_MARK in p.name and p.is_dir():
         log.warning('Removing unfinished checkpoint directory %s', p)
-        try:
-          p.rmtree()
-        except OSError as e:  # listing ignores it anyway; retried next save
-          log.warning('Could not remove %s: %s', p, _why(e))
+        # After a failed write, orbax's writer threads may still be finishing
+        # files in it ("Directory not empty"): retry briefly.
+        for attempt in range(10):
+          try:
+            p.rmtree()
+            break
+          except OSError as e:  # listing ignores it anyway; retried next save
+            if attempt == 9:
+              log.warning('Could not remove %s: %s', p, _why(e))
+            else:
+              time.sleep(0.1 * (attempt + 1))
 
   def all_steps(self) -> list[int]:
     """Sorted steps of all committed checkpoints currently on disk."""
