@@ -91,8 +91,10 @@ def run_row(config, row: str, steps: int) -> dict:
     ctrl_params = parallel.replicate(ctrl.init(jax.random.key(2), space.decisions, ctrl_cfg), mesh)
     chunk = task.make_train_chunk(lambda p, k: ctrl.sample(p, k, space.decisions, ctrl_cfg)["arc"])
   elif row == "shared_fixed_arc":
-    arc_j = jnp.asarray(arc, jnp.int32)
-    chunk = task.make_train_chunk(lambda p, k: arc_j + 0 * jax.random.randint(k, (), 0, 1))
+    # The arc enters as an argument (a traced value), exactly as a sampled arc
+    # does: a closed-over constant could let XLA fold the gathers and switches.
+    ctrl_params = parallel.replicate({"arc": jnp.asarray(arc, jnp.int32)}, mesh)
+    chunk = task.make_train_chunk(lambda p, k: p["arc"])
   else:
     chunk = task.make_train_chunk(arc_static=arc)
   state = task.init_child(jax.random.key(0))

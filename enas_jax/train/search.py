@@ -60,6 +60,7 @@ class SearchSetup:
     else:
       raise ValueError(f"search.sampler must be 'controller' or 'uniform', got {sampler!r}.")
     self.child_chunk = task.make_train_chunk(self.sample_arc)
+    self.sample_one = jax.jit(self.sample_arc)  # one arc on the host side (logs)
     phase = reinforce.make_train_phase(
         self.decisions, self.ctrl_cfg, self.optimizer, task.reward_fn(float(cc.reward_c)),
         num_aggregate=int(cc.num_aggregate), entropy_weight=float(cc.entropy_weight),
@@ -190,7 +191,7 @@ def run_search(setup: SearchSetup, workdir: str, writer) -> dict:
     m.update({"valid/ppl": ppl, "epoch": epoch + 1})
     writer.write(step, m)
     if use_ctrl and common.is_main_process():
-      arc = setup.sample_arc(state["ctrl"]["params"], jax.random.fold_in(setup.keys["show"], epoch))
+      arc = setup.sample_one(state["ctrl"]["params"], jax.random.fold_in(setup.keys["show"], epoch))
       writer.write_text(step, "controller/sample_arc", setup.space.format(np.asarray(arc)))
     if common.is_main_process():
       extra = "" if "controller/reward" not in m else (
