@@ -1,0 +1,273 @@
+"""Convolution, pooling and batch-norm helpers shared by the CIFAR children.
+
+Layouts are NHWC activations and HWIO kernels throughout (names carry shape
+suffixes: ``x_NHWC``, ``w_HWIO``).
+
+Why this module exists (``shared/notes/jax-shared-weights.md``): on XLA:CPU a
+convolution whose *backward* pass sits inside a ``lax.switch`` branch runs 13-20x
+slower than the same static network, because XLA keeps it in a layout that the
+CPU backend executes with a slow loop emitter. Three measures fix most of it,
+and the children use them through this one helper so each backend can choose:
+
+1. :func:`conv2d` with ``impl="custom"``: a ``jax.custom_vjp`` whose backward
+   convolutions are written in the canonical NHWC/HWIO form (input gradient =
+   convolution of the output gradient with the flipped, in/out-swapped kernel;
+   kernel gradient = one matrix product per tap);
+2. :func:`select_branch` wraps each switch branch in ``jax.checkpoint``, so that
+   autodiff does not emit the zero-filled residuals of every branch;
+3. :func:`depthwise_conv2d` as a sum of shifted slices (XLA:CPU's grouped
+   convolution is about 30x slower than that).
+
+``impl="auto"`` picks ``custom`` on CPU and ``plain`` (``lax.conv_general_dilated``)
+elsewhere, until a GPU/TPU measurement says otherwise; the benchmark reports
+which one ran.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CONV_IMPLS = ("auto", "plain", "custom")
+OP_SELECT_MODES = ("auto", "switch", "mask")
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """``auto`` -> ``custom`` on CPU, ``plain`` on GPU/TPU."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"child.conv_impl must be one of {CONV_IMPLS}, got {impl!r}.")
+  if impl == "auto":
+    return "custom" if jax.default_backend() == "cpu" else "plain"
+  return impl
+
+
+def resolve_op_select(op_select: str) -> str:
+  """``auto`` -> ``switch`` (the fastest on CPU with the measures above, and the
+  only choice that does not pay for every op on GPU/TPU)."""
+  if op_select not in OP_SELECT_MODES:
+    raise ValueError(f"child.op_select must be one of {OP_SELECT_MODES}, got {op_select!r}.")
+  return "switch" if op_select == "auto" else op_select
+
+
+def _same_pads(k: int) -> tuple[int, int]:
+  # TF "SAME" for stride 1: total k-1, the extra pixel (even k) at the end.
+  return ((k - 1) // 2, k - 1 - (k - 1) // 2)
+
+
+def _plain_conv(x_NHWC, w_HWIO, stride: int = 1):
+  return jax.lax.conv_general_dilated(
+      x_NHWC, w_HWIO, (stride, stride), "SAME", dimension_numbers=_DN)
+
+
+@jax.custom_vjp
+def _custom_conv(x_NHWC, w_HWIO):
+  return _plain_conv(x_NHWC, w_HWIO)
+
+
+def _custom_conv_fwd(x_NHWC, w_HWIO):
+  return _plain_conv(x_NHWC, w_HWIO), (x_NHWC, w_HWIO)
+
+
+def _custom_conv_bwd(res, g_NHWO):
+  x_NHWC, w_HWIO = res
+  kh, kw, cin, cout = w_HWIO.shape
+  (pt, pb), (pl, pr) = _same_pads(kh), _same_pads(kw)
+  # dx: correlate dy with the spatially flipped kernel, in/out swapped. The
+  # forward padding (pt, pb) becomes (pb, pt) for the transposed correlation.
+  w_flip = jnp.flip(w_HWIO, (0, 1)).transpose(0, 1, 3, 2)
+  dx = jax.lax.conv_general_dilated(g_NHWO, w_flip, (1, 1), ((pb, pt), (pr, pl)),
+                                    dimension_numbers=_DN)
+  # dw[a, b] = sum_{n,h,w} xpad[n, h+a, w+b, :]^T dy[n, h, w, :]: one matmul per tap.
+  n, h, w, _ = x_NHWC.shape
+  xp = jnp.pad(x_NHWC, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  g2 = g_NHWO.reshape(n * h * w, cout)
+  taps = []
+  for a in range(kh):
+    for b in range(kw):
+      xs = jax.lax.slice(xp, (0, a, b, 0), (n, a + h, b + w, cin)).reshape(n * h * w, cin)
+      taps.append(jnp.dot(xs.T, g2, preferred_element_type=jnp.float32).astype(w_HWIO.dtype))
+  dw = jnp.stack(taps).reshape(kh, kw, cin, cout)
+  return dx.astype(x_NHWC.dtype), dw
+
+
+_custom_conv.defvjp(_custom_conv_fwd, _custom_conv_bwd)
+
+
+def conv2d(x_NHWC: jax.Array, w_HWIO: jax.Array, stride: int = 1, impl: str = "plain"):
+  """SAME convolution, no bias. ``impl``: ``plain`` or ``custom`` (resolved
+  already; see :func:`resolve_conv_impl`). 1x1 kernels are a matrix product;
+  strided convolutions always use the plain form (they only occur outside
+  switch branches)."""
+  if w_HWIO.shape[0] == 1 and w_HWIO.shape[1] == 1:
+    if stride > 1:
+      x_NHWC = x_NHWC[:, ::stride, ::stride, :]
+    return jnp.einsum("nhwc,co->nhwo", x_NHWC, w_HWIO[0, 0])
+  if impl == "custom" and stride == 1:
+    return _custom_conv(x_NHWC, w_HWIO)
+  return _plain_conv(x_NHWC, w_HWIO, stride)
+
+
+def _shifted_windows(x_NHWC, k: int, stride: int, pad_value: float):
+  """The k*k shifted views of a SAME-padded input (each [N, H/s, W/s, C])."""
+  n, h, w, c = x_NHWC.shape
+  lo, hi = _same_pads(k)
+  if stride > 1:
+    # TF SAME with stride s: output ceil(H/s), total padding max(k - s, 0) for even H.
+    out_h, out_w = -(-h // stride), -(-w // stride)
+    tot_h = max((out_h - 1) * stride + k - h, 0)
+    tot_w = max((out_w - 1) * stride + k - w, 0)
+    ph, pw = (tot_h // 2, tot_h - tot_h // 2), (tot_w // 2, tot_w - tot_w // 2)
+  else:
+    out_h, out_w = h, w
+    ph = pw = (lo, hi)
+  xp = jnp.pad(x_NHWC, ((0, 0), ph, pw, (0, 0)), constant_values=pad_value)
+  for a in range(k):
+    for b in range(k):
+      yield a, b, jax.lax.slice(
+          xp, (0, a, b, 0), (n, a + (out_h - 1) * stride + 1, b + (out_w - 1) * stride + 1, c),
+          (1, stride, stride, 1))
+
+
+def depthwise_conv2d(x_NHWC: jax.Array, w_HWC: jax.Array, stride: int = 1, impl: str = "plain"):
+  """SAME depthwise convolution with a ``[k, k, C]`` kernel (channel multiplier 1).
+
+  ``custom`` sums shifted slices (fast on XLA:CPU, exact); ``plain`` uses a
+  grouped ``conv_general_dilated``."""
+  k = w_HWC.shape[0]
+  if impl == "custom":
+    out = None
+    for a, b, xs in _shifted_windows(x_NHWC, k, stride, 0.0):
+      t = xs * w_HWC[a, b]
+      out = t if out is None else out + t
+    return out
+  c = x_NHWC.shape[-1]
+  return jax.lax.conv_general_dilated(
+      x_NHWC, w_HWC.reshape(k, k, 1, c), (stride, stride), "SAME",
+      dimension_numbers=_DN, feature_group_count=c)
+
+
+def separable_conv2d(x_NHWC, w_depth_HWC, w_point_IO, stride: int = 1, impl: str = "plain"):
+  """Depthwise ``[k,k,C]`` then pointwise ``[C, C_out]``: a true separable conv."""
+  y = depthwise_conv2d(x_NHWC, w_depth_HWC, stride, impl)
+  return jnp.einsum("nhwc,co->nhwo", y, w_point_IO)
+
+
+def avg_pool(x_NHWC: jax.Array, k: int = 3, stride: int = 1):
+  """SAME average pool whose divisor excludes the padding (as TF's)."""
+  n, h, w, _ = x_NHWC.shape
+  total = count = None
+  ones = jnp.ones((1, h, w, 1), x_NHWC.dtype)
+  for (_, _, xs), (_, _, os) in zip(_shifted_windows(x_NHWC, k, stride, 0.0),
+                                    _shifted_windows(ones, k, stride, 0.0)):
+    total = xs if total is None else total + xs
+    count = os if count is None else count + os
+  return total / count
+
+
+def max_pool(x_NHWC: jax.Array, k: int = 3, stride: int = 1):
+  """SAME max pool (padding never wins: it is -inf)."""
+  out = None
+  for _, _, xs in _shifted_windows(x_NHWC, k, stride, -jnp.inf):
+    out = xs if out is None else jnp.maximum(out, xs)
+  return out
+
+
+def factorized_reduce(x_NHWC, w1_IO, w2_IO, stride: int = 2):
+  """The original's factorized reduction without its BN: path 1 = stride-2
+  subsample -> 1x1 conv; path 2 = shift by one pixel (drop the first row and
+  column, zero-pad the end) -> subsample -> 1x1 conv; concat on channels.
+  With ``stride == 1`` it is a single 1x1 conv with ``w1_IO``."""
+  if stride == 1:
+    return jnp.einsum("nhwc,co->nhwo", x_NHWC, w1_IO)
+  p1 = x_NHWC[:, ::stride, ::stride, :]
+  shifted = jnp.pad(x_NHWC[:, 1:, 1:, :], ((0, 0), (0, 1), (0, 1), (0, 0)))
+  p2 = shifted[:, ::stride, ::stride, :]
+  return jnp.concatenate([jnp.einsum("nhwc,co->nhwo", p1, w1_IO),
+                          jnp.einsum("nhwc,co->nhwo", p2, w2_IO)], axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# Batch norm (functional): parameters {"scale", "offset"}, statistics {"mean", "var"}.
+
+
+def batch_norm(x_NHWC, params: dict | None, stats: dict | None, *, train: bool,
+               decay: float = 0.9, eps: float = 1e-5):
+  """Returns ``(y, new_stats)``.
+
+  Training: normalise with the batch statistics; the moving averages (if
+  ``stats`` is given) move by ``decay`` towards the batch mean and the
+  Bessel-corrected batch variance (as TF's fused batch norm feeds them).
+  Evaluation (``train=False``): normalise with the moving averages.
+  ``params=None`` means no learned scale/offset.
+  """
+  if train or stats is None:
+    mean = jnp.mean(x_NHWC, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x_NHWC - mean), axis=(0, 1, 2))
+    new_stats = stats
+    if stats is not None and train:
+      n = x_NHWC.shape[0] * x_NHWC.shape[1] * x_NHWC.shape[2]
+      unbiased = var * (n / max(n - 1, 1))
+      d = jnp.asarray(decay, x_NHWC.dtype)
+      new_stats = {"mean": d * stats["mean"] + (1 - d) * jax.lax.stop_gradient(mean),
+                   "var": d * stats["var"] + (1 - d) * jax.lax.stop_gradient(unbiased)}
+  else:
+    mean, var, new_stats = stats["mean"], stats["var"], stats
+  y = (x_NHWC - mean) * jax.lax.rsqrt(var + eps)
+  if params is not None:
+    y = y * params["scale"] + params["offset"]
+  return y, new_stats
+
+
+def bn_params(c: int) -> dict:
+  return {"scale": jnp.ones((c,), jnp.float32), "offset": jnp.zeros((c,), jnp.float32)}
+
+
+def bn_stats(c: int) -> dict:
+  return {"mean": jnp.zeros((c,), jnp.float32), "var": jnp.ones((c,), jnp.float32)}
+
+
+def he_normal(key, shape, fan_in: int | None = None):
+  """Keras ``he_normal``: truncated normal (2 std), std = sqrt(2 / fan_in)."""
+  if fan_in is None:
+    fan_in = int(np.prod(shape[:-1]))
+  std = np.sqrt(2.0 / fan_in) / 0.87962566103423978  # truncation correction
+  return (std * jax.random.truncated_normal(key, -2.0, 2.0, shape)).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# Choosing one of several branches by a (traced or static) index.
+
+
+def select_branch(index, branches: Sequence[Callable], operand, *, mode: str,
+                  checkpoint: bool = True):
+  """Runs ``branches[index](operand)``.
+
+  * ``index`` a Python/numpy integer: the branch is called directly (a fixed
+    network: the arc baked in, nothing else is built).
+  * ``mode="switch"``: ``lax.switch``; each branch wrapped in ``jax.checkpoint``
+    when ``checkpoint`` (see the module docstring).
+  * ``mode="mask"``: every branch runs and the chosen output is picked with
+    ``jnp.where`` (never a multiply: 0 * inf = NaN from max-pool padding). Every
+    branch must return the same pytree structure.
+  """
+  if isinstance(index, (int, np.integer)) or (isinstance(index, np.ndarray) and index.ndim == 0):
+    return branches[int(index)](operand)
+  if mode == "switch":
+    fns = [jax.checkpoint(b) for b in branches] if checkpoint else list(branches)
+    return jax.lax.switch(index, fns, operand)
+  if mode == "mask":
+    outs = [b(operand) for b in branches]
+    result = outs[0]
+    for k in range(1, len(outs)):
+      result = jax.tree.map(lambda r, o, k=k: jnp.where(index == k, o, r), result, outs[k])
+    return result
+  raise ValueError(f"op_select mode must be 'switch' or 'mask', got {mode!r}.")
+
+
+def l2_sum(tree) -> jax.Array:
+  """The original's L2 term: sum of squares of every leaf (no 1/2)."""
+  return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))

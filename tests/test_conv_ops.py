@@ -1,0 +1,103 @@
+"""The CIFAR convolution helpers: every fast CPU form equals the plain XLA form."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from enas_jax.spaces import conv_ops as ops
+
+
+def _rand(key, shape):
+  return jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_custom_conv_matches_plain_forward_and_backward(k):
+  x, w = _rand(0, (2, 8, 8, 3)), _rand(1, (k, k, 3, 4))
+  g = _rand(2, (2, 8, 8, 4))
+
+  def loss(impl):
+    return lambda x, w: jnp.sum(ops.conv2d(x, w, impl=impl) * g)
+
+  np.testing.assert_allclose(ops.conv2d(x, w, impl="custom"), ops.conv2d(x, w, impl="plain"),
+                             rtol=1e-5, atol=1e-5)
+  gc = jax.grad(loss("custom"), (0, 1))(x, w)
+  gp = jax.grad(loss("plain"), (0, 1))(x, w)
+  for a, b in zip(gc, gp):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [3, 5])
+def test_depthwise_shifted_slices_match_grouped_conv(k, stride):
+  x, w = _rand(3, (2, 8, 8, 4)), _rand(4, (k, k, 4))
+  a = ops.depthwise_conv2d(x, w, stride, impl="custom")
+  b = ops.depthwise_conv2d(x, w, stride, impl="plain")
+  assert a.shape == b.shape == (2, 8 // stride, 8 // stride, 4)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  ga = jax.grad(lambda x: jnp.sum(ops.depthwise_conv2d(x, w, stride, "custom") ** 2))(x)
+  gb = jax.grad(lambda x: jnp.sum(ops.depthwise_conv2d(x, w, stride, "plain") ** 2))(x)
+  np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pools_match_reduce_window_with_tf_padding_rules(stride):
+  x = _rand(5, (2, 8, 8, 3))
+  win, strides = (1, 3, 3, 1), (1, stride, stride, 1)
+  ref_max = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, win, strides, "SAME")
+  np.testing.assert_allclose(ops.max_pool(x, 3, stride), ref_max, rtol=1e-6)
+  s = jax.lax.reduce_window(x, 0.0, jax.lax.add, win, strides, "SAME")
+  cnt = jax.lax.reduce_window(jnp.ones_like(x), 0.0, jax.lax.add, win, strides, "SAME")
+  np.testing.assert_allclose(ops.avg_pool(x, 3, stride), s / cnt, rtol=1e-5, atol=1e-6)
+  # A corner's average divides by the 4 real pixels, not 9 (padding excluded).
+  if stride == 1:
+    np.testing.assert_allclose(ops.avg_pool(x)[0, 0, 0], jnp.mean(x[0, :2, :2], axis=(0, 1)),
+                               rtol=1e-5)
+
+
+def test_factorized_reduce_paths():
+  x = _rand(6, (1, 4, 4, 2))
+  w1, w2 = _rand(7, (2, 3)), _rand(8, (2, 3))
+  y = ops.factorized_reduce(x, w1, w2)
+  assert y.shape == (1, 2, 2, 6)
+  np.testing.assert_allclose(y[0, 0, 0, :3], x[0, 0, 0] @ w1, rtol=1e-5)
+  np.testing.assert_allclose(y[0, 0, 0, 3:], x[0, 1, 1] @ w2, rtol=1e-5)
+  np.testing.assert_allclose(y[0, 1, 1, 3:], x[0, 3, 3] @ w2, rtol=1e-5)
+  # The zero-padded row/column of path 2 shows on odd sizes.
+  y3 = ops.factorized_reduce(_rand(11, (1, 3, 3, 2)), w1, w2)
+  np.testing.assert_allclose(y3[0, 1, 1, 3:], np.zeros(3), atol=1e-6)
+
+
+def test_batch_norm_train_and_eval():
+  x = _rand(9, (4, 3, 3, 2)) * 3 + 1
+  p, s = ops.bn_params(2), ops.bn_stats(2)
+  y, s2 = ops.batch_norm(x, p, s, train=True, decay=0.9)
+  np.testing.assert_allclose(jnp.mean(y, axis=(0, 1, 2)), 0.0, atol=1e-5)
+  n = 4 * 3 * 3
+  var_unbiased = jnp.var(x, axis=(0, 1, 2)) * n / (n - 1)
+  np.testing.assert_allclose(s2["var"], 0.9 + 0.1 * var_unbiased, rtol=1e-5)
+  y_eval, s3 = ops.batch_norm(x, p, s2, train=False)
+  assert s3 is s2
+  np.testing.assert_allclose(y_eval, (x - s2["mean"]) / jnp.sqrt(s2["var"] + 1e-5), rtol=1e-5)
+
+
+def test_select_branch_modes_agree_and_static_index_builds_one_branch():
+  branches = [lambda x: x * 2.0, lambda x: ops.max_pool(x), lambda x: x + 1.0]
+  x = _rand(10, (1, 4, 4, 1))
+  for i in range(3):
+    ref = branches[i](x)
+    for mode in ("switch", "mask"):
+      out = jax.jit(lambda i, x: ops.select_branch(i, branches, x, mode=mode))(jnp.int32(i), x)
+      np.testing.assert_allclose(out, ref, rtol=1e-6)
+      g = jax.grad(lambda x: jnp.sum(ops.select_branch(jnp.int32(i), branches, x, mode=mode)))(x)
+      assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(ops.select_branch(np.int32(i), branches, x, mode="switch"), ref)
+
+
+def test_bad_settings_are_named():
+  with pytest.raises(ValueError, match="conv_impl"):
+    ops.resolve_conv_impl("fast")
+  with pytest.raises(ValueError, match="op_select"):
+    ops.resolve_op_select("one_hot")
+  assert ops.resolve_conv_impl("auto") == "custom"  # tests run on CPU
