@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from enas_jax import metrics as metrics_lib
-from enas_jax.spaces import ptb_child
 from enas_jax.train import common
-from enas_jax.train.search import open_run_state, run_child_epoch_part
+from enas_jax.train.search import best_key, better, open_run_state, run_child_epoch_part
 
 log = common.log
 
@@ -25,15 +24,20 @@ class FinalSetup:
     self.config, self.space, self.task = config, space, task
     self.arc = space.validate(arc)
     self.child_chunk = task.make_train_chunk(arc_static=self.arc)
-    self.valid = task.make_fixed_valid(self.arc, int(config.final.valid_windows))
-    self.test = task.make_test_eval(self.arc, int(config.final.test_batch_size),
-                                    int(config.final.test_bptt))
+    f = config.final
+    if task.metric == "ppl":
+      self.valid = task.make_fixed_valid(self.arc, int(f.valid_windows))
+      self.test = task.make_test_eval(self.arc, int(f.test_batch_size), int(f.test_bptt))
+    else:  # images: valid may be absent (final training on all 50,000 images)
+      self.valid = task.make_fixed_valid(self.arc, int(f.get("valid_batches", 0)))
+      self.test = task.make_test_eval(self.arc)
     root = jax.random.key(int(config.seed))
     self.keys = {n: jax.random.fold_in(root, 100 + i) for i, n in enumerate(("child_init", "child"))}
 
   def init_state(self) -> dict:
     return {"child": self.task.init_child(self.keys["child_init"]),
-            "epochs_done": jnp.int32(0), "best_valid_ppl": jnp.float32(np.inf),
+            "epochs_done": jnp.int32(0),
+            best_key(self.task): jnp.float32(-np.inf if self.task.higher_is_better else np.inf),
             # Validation perplexity per epoch (NaN-filled; fixed size so that
             # checkpoints restore whatever num_epochs says): the averaging trigger.
             "valid_history": jnp.full((HISTORY_CAP,), jnp.nan, jnp.float32)}
@@ -64,7 +68,7 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
     raise FileNotFoundError(
         f"eval_only: no checkpoint under {os.path.join(workdir, 'checkpoints')}; "
         f"train first (same command without --config.eval_only) or pass the run's --workdir.")
-  num_params = ptb_child.count_params(state["child"]["params"])
+  num_params = task.count_params(state["child"]["params"])
   if common.is_main_process():
     print(f"final training of arc {setup.space.format(setup.arc)} "
           f"({num_params:,} parameters)", flush=True)
@@ -73,7 +77,7 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
   budget = num_epochs * nb  # nominal epochs x windows of length bptt, as the corrected code counts
   nonmono = int(config.final.get("average_nonmono", 10))
   progress = metrics_lib.Progress(budget, start_step=int(state["child"]["step"]),
-                                  items_per_step=task.tokens_per_step, item_name="tokens")
+                                  items_per_step=task.tokens_per_step, item_name=task.item_name)
   while not config.eval_only:
     epoch, step = int(state["epochs_done"]), int(state["child"]["step"])
     if task.random_bptt:
@@ -91,10 +95,17 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
     step = int(state["child"]["step"])
     if task.random_bptt and step >= budget and int(state["child"]["pos"]) != 0:
       break  # budget reached mid-pass: straight to the final evaluation
-    ppl = float(setup.valid(setup.eval_params(state), state["child"]["batch_stats"]))
-    hist = np.asarray(state["valid_history"])[:epoch].tolist()
-    m = {"valid/ppl": ppl, "epoch": epoch + 1}
+    # PTB: test only at the end (its batch-1 pass is slow); CIFAR: test every
+    # epoch, as the original's eval_every_epochs=1.
+    m = epoch_metrics(setup, state, with_test=task.metric != "ppl")
+    m["epoch"] = epoch + 1
+    metric = task.metric
+    # The value the history and the best-so-far record follow: validation, or
+    # (CIFAR final training on all 50,000 images, no validation set) test.
+    watch = m.get(f"valid/{metric}", m.get(f"test/{metric}"))
     if "avg" in state["child"]:
+      ppl = watch
+      hist = np.asarray(state["valid_history"])[:epoch].tolist()
       avg = state["child"]["avg"]
       if not bool(avg["active"]) and should_start_averaging(hist, ppl, nonmono):
         state["child"]["avg"] = dict(avg, active=jnp.bool_(True))
@@ -103,27 +114,47 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
                 f"last {nonmono} epochs: starting weight averaging", flush=True)
       m["train/averaging"] = float(bool(state["child"]["avg"]["active"]))
     if epoch < HISTORY_CAP:
-      state["valid_history"] = state["valid_history"].at[epoch].set(ppl)
+      state["valid_history"] = state["valid_history"].at[epoch].set(watch)
     state["epochs_done"] = jnp.int32(epoch + 1)
-    state["best_valid_ppl"] = jnp.minimum(state["best_valid_ppl"], ppl)
+    bk = best_key(task)
+    state[bk] = better(task, state[bk], watch)
     writer.write(step, m)
     if common.is_main_process():
-      print(f"epoch {epoch + 1} | step {step:,}/{budget:,} | valid ppl {ppl:.2f}", flush=True)
+      shown = " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k.startswith(("valid/", "test/")))
+      print(f"epoch {epoch + 1} | step {step:,}/{budget:,} | {shown}", flush=True)
     ckpt.save(step, state, {"stage": "final", "epoch": epoch + 1})
   ckpt.close()
   step = int(state["child"]["step"])
-  params = setup.eval_params(state)
-  valid_ppl = float(setup.valid(params, state["child"]["batch_stats"]))
   t0 = time.time()
-  test_ppl = float(setup.test(params, state["child"]["batch_stats"]))
-  test_s = time.time() - t0
-  result = {"arc": setup.space.format(setup.arc), "num_params": num_params, "step": step,
-            "valid_ppl": valid_ppl, "test_ppl": test_ppl,
-            "test_batch_size": int(config.final.test_batch_size),
-            "test_bptt": int(config.final.test_bptt), "test_seconds": round(test_s, 1),
-            "averaged": bool("avg" in state["child"] and bool(state["child"]["avg"]["active"]))}
-  writer.write(step, {"valid/ppl": valid_ppl, "test/ppl": test_ppl})
+  m = epoch_metrics(setup, state, with_test=True)
+  eval_s = time.time() - t0
+  result = {"arc": setup.space.format(setup.arc), "num_params": num_params, "step": step}
+  for k, v in m.items():
+    result[k.replace("/", "_")] = v
+  if task.metric == "ppl":
+    result.update(test_batch_size=int(config.final.test_batch_size),
+                  test_bptt=int(config.final.test_bptt), test_seconds=round(eval_s, 1),
+                  averaged=bool("avg" in state["child"] and bool(state["child"]["avg"]["active"])))
+  else:
+    result["eval_seconds"] = round(eval_s, 1)
+    aux = state["child"]["params"].get("aux") if isinstance(state["child"]["params"], dict) else None
+    if aux is not None:
+      result["num_params_aux_head"] = task.count_params(aux)
+  writer.write(step, m)
   common.write_text(os.path.join(workdir, "final_result.json"), json.dumps(result, indent=2) + "\n")
   if common.is_main_process():
-    print(f"final: valid ppl {valid_ppl:.2f} | test ppl {test_ppl:.2f}", flush=True)
+    print("final: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items()), flush=True)
   return result
+
+
+def epoch_metrics(setup: FinalSetup, state: dict, with_test: bool) -> dict:
+  """``valid/<metric>`` (when a validation split exists) and, with ``with_test``,
+  ``test/<metric>`` of the weights to evaluate (the average once it started)."""
+  task, params = setup.task, setup.eval_params(state)
+  stats = state["child"]["batch_stats"]
+  m = {}
+  if setup.valid is not None:
+    m[f"valid/{task.metric}"] = float(setup.valid(params, stats))
+  if with_test:
+    m[f"test/{task.metric}"] = float(setup.test(params, stats))
+  return m

@@ -13,6 +13,7 @@ state carried from window to window (reset at the start of every epoch);
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -39,12 +40,20 @@ def child_optimizer(lr: float, grad_clip: float) -> optax.GradientTransformation
 class LMTask:
   """Static settings + device data for training and evaluating PTB children.
 
+  The loops read ``metric`` (the validation metric, lower is better here),
+  ``SUM_KEYS`` (what a train chunk sums) and :meth:`progress_metrics`.
+
   Args:
     config: the run's ConfigDict (sections ``data``, ``space``, ``child``).
     corpus: a ``Corpus`` (train/valid/test token ids).
     mesh: the device mesh; batches are sharded over its ``data`` axis.
     shared: True for the weight-shared search child, False for a fixed child.
   """
+
+  metric = "ppl"
+  higher_is_better = False
+  item_name = "tokens"
+  SUM_KEYS = ("loss", "ce", "grad_norm")
 
   def __init__(self, config, corpus, mesh, *, shared: bool, train_split: str = "train"):
     self.config = config
@@ -208,6 +217,15 @@ class LMTask:
       return new_state, m
 
     return step_fn
+
+  def count_params(self, params) -> int:
+    return pc.count_params(params)
+
+  def progress_metrics(self, prefix: str, sums: dict, n: int) -> dict:
+    """The metrics a progress line reports from a chunk's sums."""
+    m = {f"{prefix}/{k}": sums[k] / n for k in self.SUM_KEYS}
+    m[f"{prefix}/ppl"] = math.exp(min(sums["ce"] / n, 50.0))
+    return m
 
   def sample_length(self, key, pos):
     """The corrected code's random window length at cursor ``pos``.

@@ -61,12 +61,20 @@ class SearchSetup:
       raise ValueError(f"search.sampler must be 'controller' or 'uniform', got {sampler!r}.")
     self.child_chunk = task.make_train_chunk(self.sample_arc)
     self.sample_one = jax.jit(self.sample_arc)  # one arc on the host side (logs)
+    extra = None
+    if float(cc.get("skip_weight", 0.0)) > 0:  # the macro space's skip penalty (KL)
+      extra = reinforce.make_skip_penalty(self.decisions, self.ctrl_cfg,
+                                          skip_target=float(cc.skip_target),
+                                          skip_weight=float(cc.skip_weight))
     phase = reinforce.make_train_phase(
         self.decisions, self.ctrl_cfg, self.optimizer, task.reward_fn(float(cc.reward_c)),
         num_aggregate=int(cc.num_aggregate), entropy_weight=float(cc.entropy_weight),
-        baseline_decay=float(cc.baseline_decay), num_steps=int(cc.train_steps))
+        baseline_decay=float(cc.baseline_decay), num_steps=int(cc.train_steps),
+        extra_loss_fn=extra)
     self.controller_phase = jax.jit(phase, donate_argnums=(0,))
-    self.search_valid = task.make_search_valid(self.sample_arc, int(config.search.valid_windows))
+    self.search_valid = task.make_search_valid(
+        self.sample_arc, int(config.search.get("valid_windows", 0)
+                             or config.search.get("valid_batches", 0)))
     root = jax.random.key(int(config.seed))
     self.keys = {n: jax.random.fold_in(root, i) for i, n in
                  enumerate(("child_init", "ctrl_init", "child", "ctrl", "valid", "derive", "show"))}
@@ -79,8 +87,18 @@ class SearchSetup:
         "child": self.task.init_child(self.keys["child_init"]),
         "ctrl": parallel.replicate(ctrl_state, self.task.mesh),
         "epochs_done": jnp.int32(0),
-        "best_valid_ppl": jnp.float32(np.inf),
+        best_key(self.task): jnp.float32(-np.inf if self.task.higher_is_better else np.inf),
     }
+
+
+def best_key(task) -> str:
+  """The state's best-so-far record: ``best_valid_ppl`` (PTB) or ``best_valid_acc``."""
+  return f"best_valid_{task.metric}"
+
+
+def better(task, a, b):
+  """The better of two validation values for this task."""
+  return jnp.maximum(a, b) if task.higher_is_better else jnp.minimum(a, b)
 
 
 def _raise_nonfinite(step: int, epoch: int, ckpt: ckpt_lib.Checkpointer | None, what: str):
@@ -108,8 +126,8 @@ def run_child_epoch_part(setup, state, end_step: int, writer, progress, ckpt, co
   ckpt_every = int(config.checkpoint_every)
   step = int(state["child"]["step"])
   progress.mark(step)
-  sums, n_acc = {"loss": 0.0, "ce": 0.0, "grad_norm": 0.0}, 0
-  tokens = 0  # real tokens since the last progress line (windows vary in length)
+  sums, n_acc = {k: 0.0 for k in task.SUM_KEYS}, 0
+  items = 0  # tokens or images since the last progress line (windows vary in length)
   if ctrl_params is None:
     ctrl_params = state["ctrl"]["params"] if "ctrl" in state else {}
   epoch_end = False
@@ -127,19 +145,18 @@ def run_child_epoch_part(setup, state, end_step: int, writer, progress, ckpt, co
     for k in sums:
       sums[k] += float(acc[k])
     n_acc += int(acc["n"])
-    tokens += int(acc["tokens"]) * task.batch_size
+    items += int(acc["tokens"]) * task.batch_size  # tokens per row, or 1 per step (images)
     if step % log_every == 0 or step == end_step or epoch_end:
-      m = {f"{prefix}/loss": sums["loss"] / n_acc, f"{prefix}/ce": sums["ce"] / n_acc,
-           f"{prefix}/ppl": math.exp(min(sums["ce"] / n_acc, 50.0)),
-           f"{prefix}/grad_norm": sums["grad_norm"] / n_acc, f"{prefix}/epoch": step / task.num_batches}
+      m = task.progress_metrics(prefix, sums, n_acc)
+      m[f"{prefix}/epoch"] = step / task.num_batches
       writer.write(step, m)
       if task.random_bptt:
-        m[f"{prefix}/tokens_per_step"] = tokens / max(n_acc, 1)
+        m[f"{prefix}/tokens_per_step"] = items / max(n_acc, 1)
       if common.is_main_process():
-        print(progress.line(step, {f"{prefix}/loss": m[f"{prefix}/loss"],
-                                   f"{prefix}/ppl": m[f"{prefix}/ppl"]}, items=tokens),
+        shown = {k: m[f"{prefix}/{k}"] for k in ("loss", task.metric) if f"{prefix}/{k}" in m}
+        print(progress.line(step, {f"{prefix}/{k}": v for k, v in shown.items()}, items=items),
               flush=True)
-      sums, n_acc, tokens = {k: 0.0 for k in sums}, 0, 0
+      sums, n_acc, items = {k: 0.0 for k in sums}, 0, 0
     if ckpt is not None and ckpt_every > 0 and step % ckpt_every == 0 and step < end_step:
       ckpt.save(step, state, {"stage": prefix, "step": step})
   return state
@@ -166,7 +183,7 @@ def run_search(setup: SearchSetup, workdir: str, writer) -> dict:
   num_epochs = int(config.search.num_epochs)
   nb = task.num_batches
   progress = metrics_lib.Progress(num_epochs * nb, start_step=int(state["child"]["step"]),
-                                  items_per_step=task.tokens_per_step, item_name="tokens")
+                                  items_per_step=task.tokens_per_step, item_name=task.item_name)
   use_ctrl = config.search.sampler == "controller"
   while int(state["epochs_done"]) < num_epochs:
     epoch = int(state["epochs_done"])
@@ -183,12 +200,13 @@ def run_search(setup: SearchSetup, workdir: str, writer) -> dict:
         _raise_nonfinite(step, epoch, ckpt, "a controller metric")
       m.update(cm)
       m["controller/seconds"] = time.time() - t0
-    ppl = float(setup.search_valid(state["child"]["params"], state["ctrl"]["params"],
+    val = float(setup.search_valid(state["child"]["params"], state["ctrl"]["params"],
                                    jax.random.fold_in(setup.keys["valid"], epoch),
                                    state["child"]["batch_stats"]))
     state["epochs_done"] = jnp.int32(epoch + 1)
-    state["best_valid_ppl"] = jnp.minimum(state["best_valid_ppl"], ppl)
-    m.update({"valid/ppl": ppl, "epoch": epoch + 1})
+    bk = best_key(task)
+    state[bk] = better(task, state[bk], val)
+    m.update({f"valid/{task.metric}": val, "epoch": epoch + 1})
     writer.write(step, m)
     if use_ctrl and common.is_main_process():
       arc = setup.sample_one(state["ctrl"]["params"], jax.random.fold_in(setup.keys["show"], epoch))
@@ -196,41 +214,51 @@ def run_search(setup: SearchSetup, workdir: str, writer) -> dict:
     if common.is_main_process():
       extra = "" if "controller/reward" not in m else (
           f" | controller reward {m['controller/reward']:.3f} entropy {m['controller/entropy']:.3f}")
-      print(f"epoch {epoch + 1}/{num_epochs} | valid ppl {ppl:.2f}{extra}", flush=True)
+      print(f"epoch {epoch + 1}/{num_epochs} | valid {task.metric} {val:.4g}{extra}", flush=True)
     ckpt.save(step, state, {"stage": "search", "epoch": epoch + 1})
   ckpt.close()
   return state
 
 
 def derive(setup: SearchSetup, state: dict, workdir: str, writer) -> tuple[str, float]:
-  """Samples ``derive.num_samples`` arcs, scores each on validation data (state
-  carried across windows, no dropout), writes ``arcs.jsonl`` (all candidates,
-  best first) and ``best_arc.txt``. Returns (best arc string, its ppl)."""
+  """Samples ``derive.num_samples`` arcs, scores each on validation data (PTB:
+  perplexity with the state carried across windows; CIFAR: accuracy), no
+  dropout, writes ``arcs.jsonl`` (all candidates, best first), ``best_arc.txt``
+  and the best arc's diagram. Returns (best arc string, its score)."""
   config, space, task = setup.config, setup.space, setup.task
+  metric = task.metric
   n = int(config.derive.num_samples)
   batch = max(1, int(config.derive.batch))
   key = setup.keys["derive"]
   sample_many = jax.jit(jax.vmap(setup.sample_arc, in_axes=(None, 0)))
   arcs = np.asarray(sample_many(state["ctrl"]["params"], jax.random.split(key, n)))
-  score = task.make_score_arcs(int(config.derive.valid_windows))
-  ppls = []
+  score = task.make_score_arcs(int(config.derive.get("valid_windows", 0)
+                                   or config.derive.get("valid_batches", 0)))
+  scores = []
   for i in range(0, n, batch):
     chunk = arcs[i:i + batch]
     if chunk.shape[0] < batch:  # pad: keep one compiled shape
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - chunk.shape[0], 0)])
-    ppls.extend(np.asarray(score(state["child"]["params"], jnp.asarray(chunk),
-                                 state["child"]["batch_stats"])).tolist()[:n - i])
-  ppls = np.asarray(ppls[:n])
-  order = np.argsort(ppls, kind="stable")
-  rows = [{"rank": r + 1, "arc": space.format(arcs[j]), "valid_ppl": float(ppls[j]),
+    scores.extend(np.asarray(score(state["child"]["params"], jnp.asarray(chunk),
+                                   state["child"]["batch_stats"])).tolist()[:n - i])
+  scores = np.asarray(scores[:n])
+  order = np.argsort(-scores if task.higher_is_better else scores, kind="stable")
+  rows = [{"rank": r + 1, "arc": space.format(arcs[j]), f"valid_{metric}": float(scores[j]),
            "sample": int(j)} for r, j in enumerate(order)]
   best = rows[0]
   common.write_text(os.path.join(workdir, "arcs.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
   common.write_text(os.path.join(workdir, "best_arc.txt"), best["arc"] + "\n")
-  writer.write(int(state["child"]["step"]), {"derive/best_valid_ppl": best["valid_ppl"],
-                                             "derive/median_valid_ppl": float(np.median(ppls))})
-  writer.write_text(int(state["child"]["step"]), "derive/best_arc", best["arc"])
   if common.is_main_process():
-    print(f"derive: best of {n} arcs has valid ppl {best['valid_ppl']:.2f} "
-          f"(median {np.median(ppls):.2f}): {best['arc']}", flush=True)
-  return best["arc"], best["valid_ppl"]
+    try:
+      from enas_jax import visualize
+      visualize.write_arc_diagram(space, arcs[order[0]], workdir, stem="best_arc")
+    except Exception as e:  # a diagram never fails a finished search
+      log.warning("could not draw the best arc: %s", e)
+  step = int(state["child"]["step"])
+  writer.write(step, {f"derive/best_valid_{metric}": best[f"valid_{metric}"],
+                      f"derive/median_valid_{metric}": float(np.median(scores))})
+  writer.write_text(step, "derive/best_arc", best["arc"])
+  if common.is_main_process():
+    print(f"derive: best of {n} arcs has valid {metric} {best[f'valid_{metric}']:.4g} "
+          f"(median {np.median(scores):.4g}): {best['arc']}", flush=True)
+  return best["arc"], best[f"valid_{metric}"]
