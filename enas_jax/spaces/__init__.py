@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from enas_jax.spaces import base
+from enas_jax.spaces.cifar_macro import MacroCodec
+from enas_jax.spaces.cifar_micro import MicroCodec
 from enas_jax.spaces.ptb import PTBSpace
 
-_REGISTRY = {"ptb": PTBSpace}
+_REGISTRY = {"ptb": PTBSpace, "cifar_macro": MacroCodec, "cifar_micro": MicroCodec}
 
 
 def get(name: str, **kwargs):
@@ -28,4 +30,4 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
-__all__ = ["base", "get", "names", "PTBSpace"]
+__all__ = ["MacroCodec", "MicroCodec", "PTBSpace", "base", "get", "names"]

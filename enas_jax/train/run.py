@@ -8,26 +8,40 @@ from enas_jax import data as data_lib
 from enas_jax import metrics as metrics_lib
 from enas_jax import parallel
 from enas_jax import spaces
-from enas_jax.spaces import ptb
+from enas_jax.spaces import cifar_macro, cifar_micro, ptb
 from enas_jax.train import common
 from enas_jax.train.final import FinalSetup, run_final
+from enas_jax.train.image import ImageTask
 from enas_jax.train.lm import LMTask
 from enas_jax.train.search import SearchSetup, derive, run_search
 
 log = common.log
 
 
+IMAGE_SPACES = ("cifar_macro", "cifar_micro")
+
+
 def build_space(config):
+  """The search space the config names, with its sizes."""
   s = config.space
-  return spaces.get(s.name, num_nodes=int(s.num_nodes), num_activations=int(s.num_activations),
-                    aggregate=s.aggregate, node0_activations=int(s.node0_activations))
+  if s.name == "ptb":
+    return spaces.get(s.name, num_nodes=int(s.num_nodes), num_activations=int(s.num_activations),
+                      aggregate=s.aggregate, node0_activations=int(s.node0_activations))
+  if s.name == "cifar_macro":
+    return spaces.get(s.name, num_layers=int(s.num_layers))
+  if s.name == "cifar_micro":
+    return spaces.get(s.name, num_nodes=int(s.num_nodes))
+  return spaces.get(s.name)  # unknown names get the registry's error
 
 
-# Named arcs: (seed-format string, num_nodes, aggregate).
+# Named arcs of the PTB space: (seed-format string, num_nodes, aggregate).
 NAMED_ARCS = {
     "paper": (ptb.PAPER_ARC, 12, "loose_ends"),
     "corrected": (str(ptb.from_corrected(ptb.CORRECTED_SHIPPED_ARC)), 9, "all"),
 }
+# Named arcs of the CIFAR spaces: the paper's (the seed's final scripts).
+IMAGE_NAMED_ARCS = {"cifar_macro": {"paper": cifar_macro.PAPER_ARC},
+                    "cifar_micro": {"paper": cifar_micro.PAPER_ARC}}
 
 
 def resolve_arc(config, space):
@@ -36,7 +50,10 @@ def resolve_arc(config, space):
   ``arc`` may name an arc (``paper``, ``corrected``); then its space settings
   (``num_nodes``, ``aggregate``) replace the config's. Returns (space, arc).
   """
-  if not config.arc_file and config.arc in NAMED_ARCS:
+  named_image = IMAGE_NAMED_ARCS.get(config.space.name, {})
+  if not config.arc_file and config.arc in named_image:
+    return space, space.parse(named_image[config.arc])
+  if not config.arc_file and config.space.name == "ptb" and config.arc in NAMED_ARCS:
     text, n, agg = NAMED_ARCS[config.arc]
     s = config.space
     space = spaces.get(s.name, num_nodes=n, num_activations=int(s.num_activations),
@@ -54,46 +71,66 @@ def resolve_arc(config, space):
   else:
     text, where = config.arc, "config.arc"
   if not text:
+    names = NAMED_ARCS if config.space.name == "ptb" else named_image
     raise ValueError("final mode needs an arc: --config.arc=\"0 0 0 1 ...\" (or a name: "
-                     f"{', '.join(NAMED_ARCS)}) or --config.arc_file=PATH.")
+                     f"{', '.join(names)}) or --config.arc_file=PATH.")
   try:
     return space, space.parse(text)
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None
 
 
+def _make_task(config, data, mesh, *, shared: bool, arc=None):
+  if config.space.name in IMAGE_SPACES:
+    return ImageTask(config, data, mesh, shared=shared, arc=arc)
+  return LMTask(config, data, mesh, shared=shared)
+
+
+def _final_config(config, space):
+  """The config with the space sizes of a named arc (PTB: num_nodes, aggregate)."""
+  if config.space.name != "ptb":
+    return config
+  if (space.num_nodes, space.aggregate) != (config.space.num_nodes, config.space.aggregate):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.space.num_nodes, config.space.aggregate = space.num_nodes, space.aggregate
+  return config
+
+
 def run(config, workdir: str) -> dict:
   """Runs what ``config.mode`` asks for in ``workdir``; returns a summary dict."""
+  if config.mode not in ("search", "final"):
+    raise ValueError(f"config.mode must be 'search' or 'final', got {config.mode!r}.")
   parallel.maybe_initialize_distributed(config.distributed)
   mesh = parallel.make_mesh()
-  common.prepare_workdir(config, workdir)
-  corpus = data_lib.load_corpus(config.data)
   space = build_space(config)
+  if config.mode == "final":  # a bad arc is reported before any data is read
+    space, arc = resolve_arc(config, space)
+    config = _final_config(config, space)
+  common.prepare_workdir(config, workdir)
+  if config.space.name in IMAGE_SPACES:
+    data = data_lib.load_images(config.data)
+  else:
+    data = data_lib.load_corpus(config.data)
   out = {}
   with metrics_lib.MetricWriter(workdir, enabled=common.is_main_process(),
                                 tensorboard=bool(config.tensorboard)) as writer:
     if config.mode == "search":
-      task = LMTask(config, corpus, mesh, shared=True)
+      task = _make_task(config, data, mesh, shared=True)
       setup = SearchSetup(config, space, task)
       state = run_search(setup, workdir, writer)
-      best, ppl = derive(setup, state, workdir, writer)
-      out.update(best_arc=best, best_valid_ppl=ppl)
-    elif config.mode == "final":
-      space, arc = resolve_arc(config, space)
-      if (space.num_nodes, space.aggregate) != (config.space.num_nodes, config.space.aggregate):
-        config = config.copy_and_resolve_references()
-        with config.unlocked():
-          config.space.num_nodes, config.space.aggregate = space.num_nodes, space.aggregate
-      task = LMTask(config, corpus, mesh, shared=False)
-      out.update(run_final(FinalSetup(config, space, task, arc), workdir, writer))
+      best, score = derive(setup, state, workdir, writer)
+      out.update(best_arc=best)
+      out[f"best_valid_{task.metric}"] = score
     else:
-      raise ValueError(f"config.mode must be 'search' or 'final', got {config.mode!r}.")
+      task = _make_task(config, data, mesh, shared=False, arc=arc)
+      out.update(run_final(FinalSetup(config, space, task, arc), workdir, writer))
   if config.mode == "search" and config.search.then_final:
     fdir = os.path.join(workdir, "final")
     common.prepare_workdir(config, fdir)
-    task = LMTask(config, corpus, mesh, shared=False)
+    arc = space.parse(out["best_arc"])
+    task = _make_task(config, data, mesh, shared=False, arc=arc)
     with metrics_lib.MetricWriter(fdir, enabled=common.is_main_process(),
                                   tensorboard=bool(config.tensorboard)) as writer:
-      out["final"] = run_final(FinalSetup(config, space, task, space.parse(out["best_arc"])),
-                               fdir, writer)
+      out["final"] = run_final(FinalSetup(config, space, task, arc), fdir, writer)
   return out

@@ -1,0 +1,182 @@
+"""The schema shared by the two CIFAR-10 configs (``cifar_macro.py``, ``cifar_micro.py``).
+
+Not a config itself: each CIFAR config imports it (a sibling file) and builds
+on :func:`base`, then sets its space's values. Values and their sources: ``shared/reference/enas_original.md``
+§1, §3, §4 and §9.1. "script" = the seed repository's ``scripts/cifar10_*.sh``;
+"paper" values are partly recalled (UNVERIFIED in the reference notes).
+"""
+
+import ml_collections
+
+
+def base(space: str) -> ml_collections.ConfigDict:
+  """Fields common to macro and micro, with the values both scripts share."""
+  c = ml_collections.ConfigDict()
+  c.name = space  # used for the default workdir runs/<name>_<variant>
+  c.variant = "search"  # set by get_config(variant); names the default workdir
+  c.seed = 0  # all randomness flows from jax.random.key(seed)
+  # "search": search then derive; "final": train config.arc from scratch.
+  c.mode = "search"
+  c.arc = ""  # final: the arc to train (string form, or "paper")
+  c.arc_file = ""  # final: a file holding the arc string (e.g. a search's best_arc.txt)
+  c.eval_only = False  # final: evaluate the newest checkpoint (valid and test), no training
+
+  # ------------------------------------------------------------------ data
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "cifar10"  # "cifar10" (real data) or "synthetic" (generated images)
+  # Directory holding cifar-10-batches-py/, TFDS cifar10 array_record data, or
+  # cifar-10-python.tar.gz. Empty: $ENAS_JAX_DATA/cifar10, then ./data/cifar10.
+  c.data.data_dir = ""
+  # Which source to read: "auto" (python batches, then TFDS, then the archive),
+  # "python", "tfds" or "archive".
+  c.data.cifar10_source = "auto"
+  # Download cifar-10-python.tar.gz (md5-checked) when nothing is found. Off by
+  # default: offline machines get one clear message instead of retries.
+  c.data.download = False
+  # Training images held out for validation and rewards: the LAST num_valid of the
+  # 50,000 (scripts: 5,000 in search, 0 in final training).
+  c.data.num_valid = 5000
+  c.data.batch_size = 128  # child training batch (scripts: macro 128/100, micro 160/144)
+  c.data.eval_batch_size = 100  # validation/test batch (scripts: 100)
+  # Images per controller reward (a random validation minibatch); 0 = batch_size,
+  # as the original (§3.3).
+  c.data.reward_batch_size = 0
+  # Cutout square size in training augmentation (0 = off). No script sets it;
+  # the paper's 2.89% micro result needs 16 (issue #39).
+  c.data.cutout_size = 0
+  # Cutout placement: "corner" (the original: top-left corner uniform, clipped
+  # at the borders) or "centre" (DeVries & Taylor).
+  c.data.cutout_anchor = "corner"
+  c.data.num_train = 0  # synthetic source only: generated training images
+  c.data.num_test = 0  # synthetic source only: generated test images
+  c.data.seed = 0  # synthetic source only: generator seed
+
+  # ----------------------------------------------------------------- space
+  c.space = ml_collections.ConfigDict()
+  c.space.name = space  # enas_jax.spaces.get(name)
+  c.space.num_layers = 12  # set per space below
+
+  # ----------------------------------------------------------------- child
+  c.child = ml_collections.ConfigDict()
+  c.child.out_filters = 36  # channels C; set per space
+  c.child.keep_prob = 0.9  # keep probability of the dropout before the classifier
+  c.child.l2_reg = 2.5e-4  # l2_reg * sum(w^2) over every child weight, added to the loss
+  # Cosine learning rate with warm restarts, per epoch (SGDR; scripts and paper).
+  c.child.lr_max = 0.05  # scripts and paper: 0.05
+  c.child.lr_min = 5e-4  # set per space (scripts 5e-4 search; paper 1e-3)
+  c.child.lr_t0 = 10  # first cycle length in epochs (scripts and paper: 10)
+  c.child.lr_t_mul = 2.0  # cycle growth factor (scripts and paper: 2)
+  c.child.momentum = 0.9  # SGD momentum (all CIFAR scripts: 0.9)
+  c.child.nesterov = True  # Nesterov momentum (all CIFAR scripts)
+  # Gradient clipping bound. Scripts: 5.0 per tensor, which never clipped (the
+  # original applied the unclipped gradient, §1). We clip for real.
+  c.child.grad_clip = 5.0
+  # "global" (one norm over all gradients), "per_tensor" (the original's intent),
+  # or "none". We use global.
+  c.child.grad_clip_mode = "global"
+  c.child.bn_decay = 0.9  # batch-norm moving-average decay (original 0.9)
+  c.child.bn_eps = 1e-5  # batch-norm epsilon (original 1e-5; 1e-3 in macro's separable branch)
+  # How the traced arc picks a layer's op: "switch" (lax.switch, each branch
+  # rematerialised), "mask" (run every op, select one), or "auto" (switch). See
+  # docs/performance.md for the measured costs.
+  c.child.op_select = "auto"
+  # k x k and depthwise convolutions: "custom" (hand-written backward pass and
+  # depthwise as shifted slices: fast inside switch branches on XLA:CPU),
+  # "plain" (XLA's convolutions), "auto" (custom on CPU, plain on GPU/TPU).
+  c.child.conv_impl = "auto"
+  # Wrap each switch branch in jax.checkpoint (without it, autodiff keeps the
+  # zero-filled residuals of every branch; about 10x slower on CPU).
+  c.child.checkpoint_branches = True
+
+  # ------------------------------------------------------------ controller
+  c.controller = ml_collections.ConfigDict()
+  c.controller.lstm_size = 64  # scripts: 64
+  c.controller.lstm_layers = 1  # scripts: 1
+  c.controller.init_range = 0.1  # U(-r, r) (scripts: 0.1)
+  c.controller.temperature = 0.0  # 0 = off (scripts: none; paper 5.0)
+  c.controller.tanh_constant = 1.5  # set per space (scripts 1.5 macro, 1.1 micro; paper 2.5)
+  # (tanh_constant / op_tanh_reduce) * tanh on op logits: micro 2.5; the
+  # original's macro controller ignored the flag, so macro uses 1.0.
+  c.controller.op_tanh_reduce = 1.0
+  c.controller.locality_prior = False  # the (i-j)^2/6 pointer prior is PTB-only
+  # "sampled": -p log p of the sampled tokens (macro original); "full": the true
+  # categorical entropy (micro original).
+  c.controller.entropy_mode = "sampled"
+  c.controller.entropy_weight = 1e-4  # added to the reward (scripts 1e-4; paper 0.1)
+  c.controller.baseline_decay = 0.99  # EMA baseline (scripts: 0.99)
+  c.controller.lr = 1e-3  # Adam; set per space (scripts 1e-3 macro, 3.5e-3 micro; paper 3.5e-4)
+  c.controller.adam_b1 = 0.0  # scripts: beta1 = 0
+  c.controller.adam_eps = 1e-3  # scripts: 1e-3
+  c.controller.num_aggregate = 20  # arcs averaged per update (scripts 20 macro, 10 micro)
+  c.controller.train_steps = 50  # updates per controller phase (scripts 50 macro, 30 micro)
+  c.controller.reward_c = 1.0  # reward = reward_c * validation-minibatch accuracy
+  # Skip penalty KL(p_skip || skip_target), weight skip_weight, added to the
+  # controller loss (macro scripts 0.4 / 0.8; the paper says "to the reward").
+  # skip_weight 0 turns it off (micro has no skip decisions).
+  c.controller.skip_target = 0.4
+  c.controller.skip_weight = 0.8
+
+  # ---------------------------------------------------------------- search
+  c.search = ml_collections.ConfigDict()
+  c.search.num_epochs = 310  # set per space (scripts 310 macro, 150 micro)
+  # "controller" (ENAS) or "uniform": the random-search baseline with the same
+  # shared training and derive, arcs drawn uniformly.
+  c.search.sampler = "controller"
+  c.search.controller_start_epoch = 1  # first epoch after which the controller trains (scripts: 1)
+  c.search.steps_per_dispatch = 10  # child steps per jitted call (host syncs only between calls)
+  c.search.valid_batches = 0  # validation batches per epoch (0 = all 50 of 100 images)
+  c.search.then_final = False  # after derive, train the best arc from scratch in <workdir>/final
+
+  # ---------------------------------------------------------------- derive
+  c.derive = ml_collections.ConfigDict()
+  # Arcs sampled from the trained controller and scored; the best goes to
+  # best_arc.txt. The original has no derive step (the paper: sample several,
+  # keep the best on a validation minibatch); 100 as the PyTorch ports.
+  c.derive.num_samples = 100
+  # Validation batches (of eval_batch_size) per scored arc; 0 = all 5,000 images.
+  # The paper scored one minibatch; 10 (1,000 images) ranks arcs less noisily.
+  c.derive.valid_batches = 10
+  c.derive.batch = 10  # arcs scored per jitted call
+
+  # ----------------------------------------------------------------- final
+  c.final = ml_collections.ConfigDict()
+  c.final.num_epochs = 310  # set per space (scripts 310 macro, 630 micro)
+  c.final.steps_per_dispatch = 10  # training steps per jitted call
+  c.final.valid_batches = 0  # validation batches per epoch when num_valid > 0 (0 = all)
+
+  # --------------------------------------------------------------- logging
+  c.log_every = 50  # child steps between metric lines (scripts: 50)
+  c.checkpoint_every = 0  # child steps between mid-epoch checkpoints (0: epoch ends only)
+  c.keep_checkpoints = 3  # newest checkpoints kept in <workdir>/checkpoints
+  c.tensorboard = True  # also write TensorBoard event files to <workdir>/tensorboard
+  c.distributed = "auto"  # jax.distributed.initialize(): "auto" (from the environment), True, False
+  c.debug = ml_collections.ConfigDict()
+  c.debug.inject_nan_at_step = -1  # fault injection: NaN child loss at this step (-1: off)
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a CIFAR config to generated images and a few minutes on 2 cores:
+  search -> derive -> final."""
+  c.data.source = "synthetic"
+  c.data.num_train = 640
+  c.data.num_valid = 128
+  c.data.num_test = 128
+  c.data.batch_size = 32
+  c.data.eval_batch_size = 32
+  c.child.out_filters = 8
+  c.child.lr_t0 = 2
+  c.controller.train_steps = 5
+  c.controller.num_aggregate = 4
+  c.controller.lr = 3e-3
+  c.search.num_epochs = 3
+  c.search.steps_per_dispatch = 8
+  c.search.then_final = True
+  c.derive.num_samples = 8
+  c.derive.valid_batches = 2
+  c.derive.batch = 4
+  c.final.num_epochs = 2
+  c.final.steps_per_dispatch = 8
+  c.log_every = 8
+  return c
+
