@@ -22,11 +22,21 @@ CIFAR controllers; ``enas_lm`` ``controller.py``):
 
 * LSTM: one bias-free ``[2S, 4S]`` matrix per layer on ``concat(x, h)``, gates
   ``i, f, o, g``; ``c' = σ(i)tanh(g) + σ(f)c``, ``h' = σ(o)tanh(c')``.
-* Op logits ``h @ w_soft``; pointer logits ``v·tanh(anchor_j @ W1 + h @ W2)``;
-  then ``/temperature``, then ``tanh_constant·tanh``; pointers then subtract the
-  locality prior ``(i - j)² / 6``.
+* Op logits ``h @ w_soft`` (``+ b_soft``, a learned bias, when the program
+  asks for one); pointer logits ``v·tanh(anchor_j @ W1 + h @ W2)``; then
+  ``/temperature``, then ``tanh_constant·tanh`` (op steps use
+  ``tanh_constant / op_tanh_reduce``); pointers then subtract the locality
+  prior ``(i - j)² / 6`` (PTB-style pointers only); op steps then add the
+  program's constant ``op_offset`` (the micro ``b_soft_no_learn``).
 * Next input: ``w_emb[op]`` after an op, ``anchor_j / (0.1 + (i - j))`` after a
-  pointer, ``g_emb`` after an anchor step.
+  PTB-style pointer or ``anchor_j`` after a micro-style one, ``g_emb`` after an
+  anchor step.
+* Micro controller (``enas_original.md`` §3.2): the program's ``cell`` index
+  clears the anchors at the start of each cell while (c, h) carries on, and
+  ``zero_anchor`` steps store a zero anchor with a non-zero attention key. All
+  of these are switched on by the program (and ``op_tanh_reduce != 1``); when a
+  program does not use a feature, its code is not traced at all, so PTB and
+  macro computations are unchanged.
 * "Entropy" in the original is ``Σ p(a)·(−log p(a))`` over the *sampled* tokens
   only (PTB, macro); the micro controller uses the full categorical entropy.
   Both are returned; :attr:`ControllerConfig.entropy_mode` picks which one is
@@ -43,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enas_jax.spaces.base import ANCHOR, BITS, OP, POINTER, Decisions
+from enas_jax.spaces.base import ANCHOR, BITS, OP, POINTER, POINTER_STYLES, Decisions
 
 # Logit given to invalid (padded or out-of-range) choices. Finite on purpose:
 # with -inf, p·log p and the gradients of log_softmax produce NaNs; -1e9 already
@@ -68,10 +78,15 @@ class ControllerConfig:
     init_range: every parameter is drawn from ``U[-r, r]`` (0.1 original, 0.01
       ``enas_lm``).
     locality_prior: subtract ``(i - j)² / 6`` from the logit of pointing from
-      node ``i`` to node ``j`` (PTB controllers; not the CIFAR ones).
+      node ``i`` to node ``j`` (PTB controllers; not the CIFAR ones). Programs
+      with ``pointer_style="micro"`` never use it.
     entropy_mode: ``"sampled"`` (``Σ p(a)(−log p(a))`` of the sampled tokens,
       PTB/macro original) or ``"full"`` (categorical entropy, micro original);
       selects which of the two is returned as ``entropy``.
+    op_tanh_reduce: ``OP`` steps use ``(tanh_constant / op_tanh_reduce)·tanh``
+      (micro search script: 2.5). Applies to the op steps of any program; the
+      original's macro controller ignored the flag, so macro configs should
+      leave it at 1.0. No effect when the tanh constant is off.
   """
 
   lstm_size: int
@@ -81,6 +96,7 @@ class ControllerConfig:
   init_range: float = 0.1
   locality_prior: bool = True
   entropy_mode: str = "sampled"
+  op_tanh_reduce: float = 1.0
 
   def __post_init__(self):
     if int(self.lstm_size) < 1:
@@ -93,6 +109,9 @@ class ControllerConfig:
       raise ValueError(
           f"ControllerConfig: entropy_mode must be one of {_ENTROPY_MODES}, "
           f"got {self.entropy_mode!r}.")
+    if not float(self.op_tanh_reduce) > 0:
+      raise ValueError(
+          f"ControllerConfig: op_tanh_reduce must be > 0, got {self.op_tanh_reduce}.")
 
   @property
   def use_temperature(self) -> bool:
@@ -133,6 +152,7 @@ class ControllerConfig:
         "init_range": float,
         "locality_prior": bool,
         "entropy_mode": str,
+        "op_tanh_reduce": float,
     }
     for field in dataclasses.fields(cls):
       if has(field.name):
@@ -149,7 +169,9 @@ def validate_decisions(decisions: Decisions) -> None:
   """
   d = decisions
   n = d.num_steps
-  for name in ("kind", "node", "num_choices", "token", "write_anchor"):
+  for name in ("kind", "node", "num_choices", "token", "write_anchor", "cell", "zero_anchor"):
+    if getattr(d, name) is None and name in ("cell", "zero_anchor"):
+      continue
     a = np.asarray(getattr(d, name))
     if a.ndim != 1 or a.shape[0] != n:
       raise ValueError(
@@ -160,6 +182,28 @@ def validate_decisions(decisions: Decisions) -> None:
     raise ValueError(
         f"Decisions: num_ops={d.num_ops}, num_nodes={d.num_nodes}, "
         f"arc_length={d.arc_length} must all be >= 1.")
+  if d.pointer_style not in POINTER_STYLES:
+    raise ValueError(
+        f"Decisions.pointer_style must be one of {POINTER_STYLES}, got {d.pointer_style!r}.")
+  if d.op_offset is not None:
+    off = np.asarray(d.op_offset)
+    if off.shape != (n, d.num_ops):
+      raise ValueError(
+          f"Decisions.op_offset must have shape (num_steps, num_ops) = {(n, d.num_ops)}, "
+          f"got {off.shape}.")
+    if not np.all(np.isfinite(off)):
+      raise ValueError("Decisions.op_offset must be finite.")
+    stray = np.nonzero(np.any(off != 0, axis=1) & (np.asarray(d.kind) != OP))[0]
+    if stray.size:
+      raise ValueError(
+          f"Decisions.op_offset: step {int(stray[0])} is not an OP step but has a "
+          f"non-zero offset.")
+  if d.op_bias_init is not None:
+    b = np.asarray(d.op_bias_init, np.float64)
+    if b.shape != (d.num_ops,) or not np.all(np.isfinite(b)):
+      raise ValueError(
+          f"Decisions.op_bias_init must be {d.num_ops} finite floats (one per op), "
+          f"got {d.op_bias_init!r}.")
   seen_tokens = set()
   for t in range(n):
     kind, node = int(d.kind[t]), int(d.node[t])
@@ -209,7 +253,9 @@ def init(rng: jax.Array, decisions: Decisions, cfg: ControllerConfig) -> dict:
   Returns a plain dict:
     ``w_lstm`` ``[lstm_layers, 2S, 4S]`` (layer ``l`` reads ``concat(x, h_l)``),
     ``g_emb`` ``[1, S]``, ``w_emb`` ``[num_ops, S]``, ``w_soft`` ``[S, num_ops]``,
-    ``w_attn_1`` and ``w_attn_2`` ``[S, S]``, ``v_attn`` ``[S, 1]``.
+    ``w_attn_1`` and ``w_attn_2`` ``[S, S]``, ``v_attn`` ``[S, 1]``; and, only
+    when the program has ``op_bias_init``, the learned op bias ``b_soft``
+    ``[1, num_ops]`` initialised to it (not random).
   """
   s, r = int(cfg.lstm_size), float(cfg.init_range)
   shapes = (
@@ -221,7 +267,10 @@ def init(rng: jax.Array, decisions: Decisions, cfg: ControllerConfig) -> dict:
       ("w_lstm", (int(cfg.lstm_layers), 2 * s, 4 * s)),
       ("w_soft", (s, int(decisions.num_ops))),
   )
-  return _uniform_params(rng, shapes, jnp.float32(r))
+  params = _uniform_params(rng, shapes, jnp.float32(r))
+  if decisions.op_bias_init is not None:
+    params["b_soft"] = jnp.asarray(decisions.op_bias_init, jnp.float32).reshape(1, -1)
+  return params
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -268,8 +317,8 @@ def _run(params: dict,
   ``(out, step_logits)``: ``out`` holds ``arc`` (int32 ``[arc_length]``),
   ``log_prob``, ``entropy``, ``entropy_sampled``, ``entropy_full``;
   ``step_logits`` is ``[num_steps, max_choices]``, the final logits of each
-  step (after temperature, tanh and locality prior; invalid choices, and every
-  choice of an ANCHOR step, hold :data:`NEG_LOGIT`).
+  step (after temperature, tanh, locality prior and op offset; invalid
+  choices, and every choice of an ANCHOR step, hold :data:`NEG_LOGIT`).
   """
   if (rng is None) == (forced_arc is None):
     raise ValueError("_run: give exactly one of rng (sample) or forced_arc (score).")
@@ -292,9 +341,26 @@ def _run(params: dict,
   g_emb = params["g_emb"][0]
   choice_ids = jnp.arange(width, dtype=jnp.int32)
 
+  # Optional features, decided statically from the program and the config: a
+  # feature the program does not use is not traced at all.
+  new_cell = d.step_new_cell
+  zero_anchor = d.step_zero_anchor
+  op_offset = d.step_op_offset
+  use_new_cell = bool(new_cell.any())
+  use_zero_anchor = bool(zero_anchor.any())
+  use_op_offset = bool(np.any(op_offset != 0))
+  use_b_soft = d.op_bias_init is not None
+  micro_pointers = d.pointer_style == "micro"
+  use_locality = bool(cfg.locality_prior) and not micro_pointers
+  op_tanh_reduce = float(cfg.op_tanh_reduce)
+  if use_b_soft and "b_soft" not in params:
+    raise ValueError(
+        "controller: this decision program has a learned op bias (op_bias_init) but the "
+        "parameters have no 'b_soft'; build them with controller.init for this program.")
+
   def step(carry, xs):
     c, h, x, anchors, anchor_w, arc, log_prob, ent_s, ent_f = carry
-    t, kind, node, num_choices, token, write_anchor = xs
+    t, kind, node, num_choices, token, write_anchor = xs["base"]
     is_op = kind == OP
     is_ptr = kind == POINTER
     is_bits = kind == BITS
@@ -306,24 +372,40 @@ def _run(params: dict,
     top = h[-1]
 
     # 2. Store the anchor before computing a pointer at the same step: the
-    # current node's own slot is masked anyway (only j < i is valid).
-    anchors = anchors.at[node].set(jnp.where(write_anchor, top, anchors[node]))
+    # current node's own slot is masked anyway (only j < i is valid). A new
+    # cell starts from fresh (zero) anchors; a zero-anchor step stores zeros
+    # but keeps its attention key.
+    if use_new_cell:
+      anchors = jnp.where(xs["new_cell"], 0.0, anchors)
+      anchor_w = jnp.where(xs["new_cell"], 0.0, anchor_w)
+    stored = top
+    if use_zero_anchor:
+      stored = jnp.where(xs["zero_anchor"], 0.0, top)
+    anchors = anchors.at[node].set(jnp.where(write_anchor, stored, anchors[node]))
     anchor_w = anchor_w.at[node].set(
         jnp.where(write_anchor, top @ params["w_attn_1"], anchor_w[node]))
 
     # 3. Both heads are computed and one selected: the controller must stay
     # free of lax.switch so that vmap over keys/arcs stays a plain batch.
-    op_logits = _pad(top @ params["w_soft"], width)
+    op_raw = top @ params["w_soft"]
+    if use_b_soft:
+      op_raw = op_raw + params["b_soft"][0]
+    op_logits = _pad(op_raw, width)
     query = top @ params["w_attn_2"]
     ptr_logits = _pad((jnp.tanh(anchor_w + query) @ params["v_attn"])[:, 0], width)
     logits = jnp.where(jnp.logical_or(is_ptr, is_bits), ptr_logits, op_logits)
     if cfg.use_temperature:
       logits = logits / float(cfg.temperature)
     if cfg.use_tanh:
-      logits = float(cfg.tanh_constant) * jnp.tanh(logits)
-    if cfg.locality_prior:
+      tanh_c = float(cfg.tanh_constant)
+      if op_tanh_reduce != 1.0:
+        tanh_c = jnp.where(is_op, tanh_c / op_tanh_reduce, tanh_c)
+      logits = tanh_c * jnp.tanh(logits)
+    if use_locality:
       dist = (node - choice_ids).astype(jnp.float32)
       logits = jnp.where(is_ptr, logits - dist * dist / 6.0, logits)
+    if use_op_offset:
+      logits = jnp.where(is_op, logits + xs["op_offset"], logits)
     # Skip bits (BITS steps): bit j ~ Bernoulli(sigmoid(2 q'_j)) for j < num_choices,
     # q' the attention score after temperature and tanh (the original's 2-way
     # softmax over [-q', q']).
@@ -373,8 +455,11 @@ def _run(params: dict,
     # Next input.
     emb = params["w_emb"][jnp.clip(choice, 0, num_ops - 1)]
     j = jnp.clip(choice, 0, num_nodes - 1)
-    denom = jnp.where(is_ptr, 0.1 + (node - j).astype(jnp.float32), 1.0)
-    ptr_in = anchors[j] / denom
+    if micro_pointers:
+      ptr_in = anchors[j]
+    else:
+      denom = jnp.where(is_ptr, 0.1 + (node - j).astype(jnp.float32), 1.0)
+      ptr_in = anchors[j] / denom
     # After skip bits: the mean of the chosen earlier anchors, (bits . anchors) /
     # (1 + #skips); with no bits to choose (the first layer), g_emb.
     bitsf = bits[:num_nodes].astype(jnp.float32)
@@ -395,14 +480,21 @@ def _run(params: dict,
       jnp.zeros((d.arc_length + width,), jnp.int32),  # padded: bit runs never clip
       zero, zero, zero,
   )
-  xs = (
+  xs = {"base": (
       jnp.arange(d.num_steps, dtype=jnp.int32),
       jnp.asarray(np.asarray(d.kind), jnp.int32),
       jnp.asarray(np.asarray(d.node), jnp.int32),
       jnp.asarray(np.asarray(d.num_choices), jnp.int32),
       jnp.asarray(np.asarray(d.token), jnp.int32),
       jnp.asarray(np.asarray(d.write_anchor), jnp.bool_),
-  )
+  )}
+  if use_new_cell:
+    xs["new_cell"] = jnp.asarray(new_cell, jnp.bool_)
+  if use_zero_anchor:
+    xs["zero_anchor"] = jnp.asarray(zero_anchor, jnp.bool_)
+  if use_op_offset:
+    xs["op_offset"] = jnp.asarray(np.pad(op_offset, ((0, 0), (0, width - num_ops))),
+                                  jnp.float32)
   carry, step_logits = jax.lax.scan(step, carry0, xs)
   _, _, _, _, _, arc, log_prob, ent_s, ent_f = carry
   arc = arc[:d.arc_length]
@@ -456,8 +548,8 @@ def step_logits(params: dict, arc: jax.Array, decisions: Decisions,
                 cfg: ControllerConfig) -> jax.Array:
   """The per-step logits ``[num_steps, max_choices]`` seen while scoring ``arc``.
 
-  These are the final logits (after temperature, tanh constant and locality
-  prior) that the step's softmax uses; invalid choices and ANCHOR steps hold
+  These are the final logits (after temperature, tanh constant, locality
+  prior and op offset) that the step's softmax uses; invalid choices and ANCHOR steps hold
   :data:`NEG_LOGIT`. Differentiable; meant for extra controller losses (e.g. a
   skip penalty) and for tests.
   """

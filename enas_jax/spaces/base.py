@@ -28,17 +28,26 @@ ANCHOR = 2  # no decision: one LSTM step whose output becomes the node's anchor
 BITS = 3
 
 
+# Pointer styles (see :attr:`Decisions.pointer_style`).
+POINTER_STYLES = ("ptb", "micro")
+
+
 @dataclasses.dataclass(frozen=True)
 class Decisions:
   """A static program of controller steps, in the order the controller runs them.
 
-  Every field is a numpy array of length ``num_steps``; the controller turns
-  them into constants and runs one ``lax.scan`` over the steps.
+  Every per-step field is a numpy array of length ``num_steps``; the controller
+  turns them into constants and runs one ``lax.scan`` over the steps. The fields
+  after ``arc_length`` are optional (the micro controller's features); their
+  defaults leave the PTB and macro programs exactly as they were. They stay
+  ``None`` until read through the ``step_*`` properties, so that
+  ``dataclasses.replace`` on the required fields keeps working.
 
   Attributes:
     kind: ``OP``, ``POINTER``, ``ANCHOR`` or ``BITS`` per step.
-    node: index of the node the step belongs to. A ``POINTER`` step at node
-      ``i`` chooses among nodes ``0 .. i-1``; the locality prior uses ``i - j``.
+    node: index of the node the step belongs to, counted within the step's cell.
+      A ``POINTER`` step at node ``i`` chooses among nodes ``0 .. i-1``; the
+      locality prior uses ``i - j``.
     num_choices: number of valid choices (ops for ``OP``; ``i`` for ``POINTER``;
       0 for ``ANCHOR``; the number of bits, at most ``i``, for ``BITS``). Choices
       at or above it get probability 0.
@@ -47,8 +56,28 @@ class Decisions:
     write_anchor: whether this step's LSTM output is stored as ``node``'s anchor
       (the original stores the anchor on the first LSTM step of each node).
     num_ops: size of the op vocabulary (width of the op softmax).
-    num_nodes: number of anchor slots.
+    num_nodes: number of anchor slots (nodes per cell).
     arc_length: number of tokens in an arc.
+    cell: optional int array, the cell each step belongs to (default: all 0).
+      Where it changes from one step to the next, the anchors (and their
+      attention keys) are cleared before that step: every cell starts with
+      fresh anchors while the LSTM state (c, h) carries on (the micro
+      controller's reduction cell follows its normal cell this way).
+    zero_anchor: optional bool array (default: all False). A ``write_anchor``
+      step with this flag stores a zero anchor but still stores its attention
+      key ``h @ w_attn_1`` (the micro cell's two input nodes).
+    op_offset: optional float array ``[num_steps, num_ops]`` (default: zeros),
+      a constant added to an ``OP`` step's logits after temperature and tanh
+      (the micro controller's ``b_soft_no_learn``, normal cell only). Rows of
+      non-``OP`` steps must be zero.
+    op_bias_init: optional tuple of ``num_ops`` floats. When given, the
+      controller has a learned op-logit bias ``b_soft`` (added to ``h @ w_soft``
+      before temperature and tanh) initialised to it (micro: ``[10, 10, 0, 0,
+      0]``).
+    pointer_style: ``"ptb"`` (default): after a pointer to node ``j`` the next
+      input is ``anchor_j / (0.1 + (i - j))`` and the config's locality prior
+      applies; ``"micro"``: the next input is ``anchor_j`` itself and there is
+      no locality prior.
   """
 
   kind: np.ndarray
@@ -59,6 +88,11 @@ class Decisions:
   num_ops: int
   num_nodes: int
   arc_length: int
+  cell: np.ndarray | None = None
+  zero_anchor: np.ndarray | None = None
+  op_offset: np.ndarray | None = None
+  op_bias_init: tuple | None = None
+  pointer_style: str = "ptb"
 
   @property
   def num_steps(self) -> int:
@@ -67,6 +101,35 @@ class Decisions:
   @property
   def max_choices(self) -> int:
     return int(max(self.num_ops, self.num_nodes))
+
+  @property
+  def step_cell(self) -> np.ndarray:
+    """``cell`` as an int32 array (zeros when not given)."""
+    if self.cell is None:
+      return np.zeros(self.num_steps, np.int32)
+    return np.asarray(self.cell, np.int32)
+
+  @property
+  def step_new_cell(self) -> np.ndarray:
+    """Bool per step: the step starts a new cell (its anchors are cleared first)."""
+    c = self.step_cell
+    out = np.zeros(c.shape, bool)
+    out[1:] = c[1:] != c[:-1]
+    return out
+
+  @property
+  def step_zero_anchor(self) -> np.ndarray:
+    """``zero_anchor`` as a bool array (all False when not given)."""
+    if self.zero_anchor is None:
+      return np.zeros(self.num_steps, bool)
+    return np.asarray(self.zero_anchor, bool)
+
+  @property
+  def step_op_offset(self) -> np.ndarray:
+    """``op_offset`` as a float32 ``[num_steps, num_ops]`` array (zeros when not given)."""
+    if self.op_offset is None:
+      return np.zeros((self.num_steps, self.num_ops), np.float32)
+    return np.asarray(self.op_offset, np.float32)
 
 
 def check_arc_tokens(arc: Any, length: int, space_name: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The CIFAR-10 micro (cell) search space: its arc codec (issue 5, first part).
+"""The CIFAR-10 micro (cell) search space: its arc codec and controller program.
 
 Arc format (the seed's ``--child_fixed_arc`` for micro search): the normal
 cell, then the reduction cell. A cell of ``B`` nodes (the scripts' 5) has
@@ -8,10 +8,15 @@ earlier nodes) and an op is 0 sep 3x3, 1 sep 5x5, 2 avg pool, 3 max pool,
 4 identity (reference ``enas_original.md`` §3.2, §6, §7.3). The whole arc has
 ``8B`` tokens (40 for B = 5).
 
-Only the codec and the uniform sampler are here so far; the controller program
-(which needs the micro controller's op biases and zero input anchors) and the
-children come with the rest of the space, so it is not yet registered in
-``enas_jax.spaces.get``.
+``MicroCodec.decisions`` is the micro controller's decision program
+(reference §3.2): per cell two input-node steps on ``g_emb`` (zero anchors,
+non-zero attention keys), then per node ``b`` two pointers over ``0 .. b-1``,
+two op softmaxes and one anchor step; the reduction cell continues the LSTM
+state with fresh anchors. It asks the controller for the learned op bias
+``b_soft`` (initial ``[10, 10, 0, 0, 0]``), the normal-cell constant offset
+``b_soft_no_learn`` and plain (unscaled, prior-free) pointers. The search
+script's controller settings are ``lstm_size=64``, ``tanh_constant=1.1``,
+``op_tanh_reduce=2.5``, no temperature and ``entropy_mode="full"``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ from enas_jax.spaces import base
 
 OP_NAMES = ("sep3x3", "sep5x5", "avgpool", "maxpool", "identity")
 CELL_NAMES = ("normal", "reduction")
+# The micro controller's learned op bias at initialisation (``b_soft``) and the
+# constant added to normal-cell op logits after the tanh (``b_soft_no_learn``):
+# both favour the two separable convolutions (reference §3.2).
+OP_BIAS_INIT = (10.0, 10.0, 0.0, 0.0, 0.0)
+NORMAL_OP_OFFSET = (0.25, 0.25, -0.25, -0.25, -0.25)
 # The paper's cells (seed scripts/cifar10_micro_final.sh): normal, then reduction.
 PAPER_ARC = ("0 2 0 0 0 4 0 1 0 4 1 1 1 0 0 1 0 2 1 1 "
              "1 0 1 0 0 3 0 2 1 1 3 1 1 0 0 4 0 3 1 1")
@@ -43,6 +53,44 @@ class MicroCodec(base.Codec):
     self.num_nodes = int(num_nodes)
     self.cell_length = 4 * self.num_nodes
     self.arc_length = 2 * self.cell_length
+    self.decisions = self._build_decisions()
+
+  def _build_decisions(self) -> base.Decisions:
+    """The micro controller's program (reference ``enas_original.md`` §3.2).
+
+    Per cell (normal, then reduction; node indices count within the cell, the
+    anchor slots being nodes ``0 .. B+1``): two ``ANCHOR`` steps for the input
+    nodes 0 and 1 (zero anchors, attention keys from the LSTM output); then
+    for each node ``b = 2 .. B+1``: ``POINTER`` idx1, ``POINTER`` idx2, ``OP``
+    op1, ``OP`` op2 (written to tokens ``[idx1, op1, idx2, op2]``), and one
+    ``ANCHOR`` step on op2's embedding whose output is node ``b``'s anchor. The
+    next node (and the next cell) starts from ``g_emb``.
+    """
+    cols = ("kind", "node", "num_choices", "token", "write_anchor", "zero_anchor", "cell",
+            "op_offset")
+    rows = []
+    zero_off = (0.0,) * self.num_ops
+
+    def add(*row, op_offset=zero_off):
+      rows.append(row + (op_offset,))
+
+    for c in range(len(CELL_NAMES)):
+      op_off = NORMAL_OP_OFFSET if c == 0 else zero_off
+      for b in range(2):
+        add(base.ANCHOR, b, 0, -1, True, True, c)
+      for b in range(2, self.num_nodes + 2):
+        start = c * self.cell_length + 4 * (b - 2)
+        add(base.POINTER, b, b, start, False, False, c)
+        add(base.POINTER, b, b, start + 2, False, False, c)
+        add(base.OP, b, self.num_ops, start + 1, False, False, c, op_offset=op_off)
+        add(base.OP, b, self.num_ops, start + 3, False, False, c, op_offset=op_off)
+        add(base.ANCHOR, b, 0, -1, True, False, c)
+    dtypes = (np.int32,) * 4 + (bool, bool, np.int32, np.float32)
+    arrays = {name: np.asarray(col, dtype=dt)
+              for name, col, dt in zip(cols, zip(*rows), dtypes)}
+    return base.Decisions(
+        **arrays, num_ops=self.num_ops, num_nodes=self.num_nodes + 2,
+        arc_length=self.arc_length, op_bias_init=OP_BIAS_INIT, pointer_style="micro")
 
   def _where(self, pos: int) -> tuple[str, int, str]:
     cell = CELL_NAMES[pos // self.cell_length]
