@@ -2,6 +2,10 @@
 
     python -m enas_jax.benchmark --config=configs/ptb.py[:variant] [--steps N] [--config.x=y ...]
 
+Works for every space: PTB rows report ``tokens_per_s``, CIFAR rows
+``examples_per_s`` (images), with the ``op_select`` and ``conv_impl`` that ran
+(``--config.child.op_select=switch|mask`` selects the variant).
+
 On a search config it prints a ``shared`` row (the search step: a fresh arc
 from the controller every step, one compiled function), a ``fixed`` row (the
 same network with one arc baked in as Python constants: only the used weights,
@@ -11,7 +15,8 @@ it prints one ``final`` row (the final-training network).
 
 Each row runs in a fresh subprocess so that ``peak_rss_mb`` (the process's peak
 resident memory) belongs to that row alone. Data are synthetic with the
-configured shapes (vocabulary, batch, BPTT): only speed is measured.
+configured shapes (vocabulary, batch, BPTT; random uint8 images): only speed
+is measured.
 """
 
 from __future__ import annotations
@@ -54,12 +59,109 @@ def _synthetic_corpus(config, steps: int):
                 vocab=[f"w{i}" for i in range(V)], name="benchmark")
 
 
-def run_row(config, row: str, steps: int) -> dict:
-  """Measures one row in this process and returns its JSON dict."""
+def _time_chunk(chunk, state, ctrl_params, steps: int, spd: int):
+  """Compiles (one step), then times ``steps`` steps in dispatches of ``spd``.
+  Returns (state, last sums, compile seconds, timed seconds, peak RSS before compiling)."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
+  key = jax.random.key(3)
+  rss_before = _peak_rss_mb()
+  t0 = time.perf_counter()
+  state, acc = chunk(state, ctrl_params, key, jnp.int32(1))  # compiles
+  jax.block_until_ready(acc)
+  compile_s = time.perf_counter() - t0
+  done = 0
+  t0 = time.perf_counter()
+  while done < steps:
+    n = min(spd, steps - done)
+    state, acc = chunk(state, ctrl_params, key, jnp.int32(n))
+    done += n
+  jax.block_until_ready(state)
+  dt = time.perf_counter() - t0
+  if int(acc["first_bad"]) >= 0:
+    raise RuntimeError(f"non-finite loss during the benchmark at step {int(acc['first_bad'])}")
+  return state, acc, compile_s, dt, rss_before
+
+
+def _chunk_for_row(task, space, row, arc, config, mesh):
+  """The jitted chunk and controller params of a row: ``shared`` samples a
+  fresh arc from the controller each step; ``shared_fixed_arc`` passes one arc
+  as a traced argument (exactly as a sampled arc; a closed-over constant could
+  let XLA fold the gathers and switches); ``fixed``/``final`` bake it in."""
+  import jax
+  import jax.numpy as jnp
   from enas_jax import controller as ctrl
+  from enas_jax import parallel
+  if row == "shared":
+    ctrl_cfg = ctrl.ControllerConfig.from_config(config.controller)
+    ctrl_params = parallel.replicate(ctrl.init(jax.random.key(2), space.decisions, ctrl_cfg), mesh)
+    return task.make_train_chunk(
+        lambda p, k: ctrl.sample(p, k, space.decisions, ctrl_cfg)["arc"]), ctrl_params
+  if row == "shared_fixed_arc":
+    ctrl_params = parallel.replicate({"arc": jnp.asarray(arc, jnp.int32)}, mesh)
+    return task.make_train_chunk(lambda p, k: p["arc"]), ctrl_params
+  return task.make_train_chunk(arc_static=arc), {}
+
+
+def _image_row(config, row: str, steps: int) -> dict:
+  import jax
+  import numpy as np
+  from enas_jax import parallel
+  from enas_jax.data.cifar10 import ImageData
+  from enas_jax.spaces import cifar_macro, cifar_micro
+  from enas_jax.train.image import ImageTask
+  from enas_jax.train.run import build_space, resolve_arc
+
+  mesh = parallel.make_mesh()
+  space = build_space(config)
+  if config.mode == "final" and row == "final":
+    space, arc = resolve_arc(config, space)
+  elif space.name == "cifar_micro" and space.num_nodes == 5:
+    arc = space.parse(cifar_micro.PAPER_ARC)
+  elif space.name == "cifar_macro" and space.num_layers == 24:
+    arc = space.parse(cifar_macro.PAPER_ARC)
+  else:
+    arc = np.asarray(space.sample_uniform(jax.random.key(1)))
+  b = int(config.data.batch_size)
+  rng = np.random.default_rng(0)
+  n = b * 4
+  images = ImageData(
+      train_x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+      train_y=rng.integers(0, 10, n).astype(np.int32),
+      valid_x=np.zeros((0, 32, 32, 3), np.uint8), valid_y=np.zeros((0,), np.int32),
+      test_x=np.zeros((0, 32, 32, 3), np.uint8), test_y=np.zeros((0,), np.int32),
+      mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.25, np.float32), source="benchmark")
+  shared = row in ("shared", "shared_fixed_arc", "fixed")
+  task = ImageTask(config, images, mesh, shared=shared, arc=None if shared else arc)
+  chunk, ctrl_params = _chunk_for_row(task, space, row, arc, config, mesh)
+  state = task.init_child(jax.random.key(0))
+  spd = int(config.search.steps_per_dispatch if config.mode == "search"
+            else config.final.steps_per_dispatch)
+  state, acc, compile_s, dt, rss_before = _time_chunk(chunk, state, ctrl_params, steps, spd)
+  cfg = task.fns.cfg
+  state_bytes = 2 * _tree_bytes(state["params"]) + _tree_bytes(state["opt_state"])
+  return {
+      "space": space.name, "mode": row, "backend": jax.default_backend(),
+      "devices": len(jax.devices()), "batch_size": b, "num_layers": int(config.space.num_layers),
+      **({"num_nodes": space.num_nodes} if space.name == "cifar_micro" else {}),
+      "out_filters": int(config.child.out_filters), "op_select": cfg.op_select,
+      "conv_impl": cfg.conv_impl, "checkpoint_branches": cfg.checkpoint_branches,
+      "num_params": task.count_params(state["params"]),
+      "compile_count": int(chunk._cache_size()), "compile_s": round(compile_s, 3),
+      "steps": steps, "steps_per_s": round(steps / dt, 4),
+      "examples_per_s": round(steps * b / dt, 1), "ms_per_step": round(1000 * dt / steps, 2),
+      "arc": space.format(arc) if row != "shared" else "sampled per step",
+      "state_mb": round(state_bytes / 2**20, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
+      "rss_before_compile_mb": round(rss_before, 1),
+  }
+
+
+def run_row(config, row: str, steps: int) -> dict:
+  """Measures one row in this process and returns its JSON dict."""
+  if config.space.name != "ptb":
+    return _image_row(config, row, steps)
+  import jax
+  import numpy as np
   from enas_jax import parallel
   from enas_jax.spaces import ptb as ptb_space
   from enas_jax.spaces import ptb_child
@@ -85,38 +187,12 @@ def run_row(config, row: str, steps: int) -> dict:
     arc = np.asarray(space.sample_uniform(jax.random.key(1)))
   if final_arc is not None:
     arc = final_arc
-  ctrl_cfg = ctrl.ControllerConfig.from_config(config.controller)
-  ctrl_params = {}
-  if row == "shared":
-    ctrl_params = parallel.replicate(ctrl.init(jax.random.key(2), space.decisions, ctrl_cfg), mesh)
-    chunk = task.make_train_chunk(lambda p, k: ctrl.sample(p, k, space.decisions, ctrl_cfg)["arc"])
-  elif row == "shared_fixed_arc":
-    # The arc enters as an argument (a traced value), exactly as a sampled arc
-    # does: a closed-over constant could let XLA fold the gathers and switches.
-    ctrl_params = parallel.replicate({"arc": jnp.asarray(arc, jnp.int32)}, mesh)
-    chunk = task.make_train_chunk(lambda p, k: p["arc"])
-  else:
-    chunk = task.make_train_chunk(arc_static=arc)
+  chunk, ctrl_params = _chunk_for_row(task, space, row, arc, config, mesh)
   state = task.init_child(jax.random.key(0))
   num_params = ptb_child.count_params(state["params"])
   spd = int(config.search.steps_per_dispatch if config.mode == "search"
             else config.final.steps_per_dispatch)
-  key = jax.random.key(3)
-  rss_before = _peak_rss_mb()
-  t0 = time.perf_counter()
-  state, acc = chunk(state, ctrl_params, key, jnp.int32(1))  # compiles
-  jax.block_until_ready(acc)
-  compile_s = time.perf_counter() - t0
-  done = 0
-  t0 = time.perf_counter()
-  while done < steps:
-    n = min(spd, steps - done)
-    state, acc = chunk(state, ctrl_params, key, jnp.int32(n))
-    done += n
-  jax.block_until_ready(state)
-  dt = time.perf_counter() - t0
-  if int(acc["first_bad"]) >= 0:
-    raise RuntimeError(f"non-finite loss during the benchmark at step {int(acc['first_bad'])}")
+  state, acc, compile_s, dt, rss_before = _time_chunk(chunk, state, ctrl_params, steps, spd)
   # Bytes the step must hold: parameters, the gradient it computes (the used
   # slices for the shared step; all weights for a fixed one) and optimizer state.
   view = ptb_child.gather(state["params"], arc, task.cc) if shared else state["params"]
@@ -169,7 +245,8 @@ def main(argv):
     print(json.dumps({
         "shared_over_fixed": round(same_arc["ms_per_step"] / fixed["ms_per_step"], 3),
         "shared_sampled_over_fixed": round(shared["ms_per_step"] / fixed["ms_per_step"], 3),
-        "arc": fixed["arc"], "op_select": shared["op_select"]}), flush=True)
+        "arc": fixed["arc"], "op_select": shared["op_select"],
+        **({"conv_impl": shared["conv_impl"]} if "conv_impl" in shared else {})}), flush=True)
   else:
     print(json.dumps(_run_subprocess("final")), flush=True)
 
