@@ -63,3 +63,44 @@ def tiny_ptb_config(variant: str = "smoke", **overrides):
 @pytest.fixture
 def tiny_config():
   return tiny_ptb_config
+
+
+def tiny_cifar_config(space: str = "cifar_macro", variant: str = "smoke", **overrides):
+  """configs/<space>.py:<variant> on a few generated images; ``overrides`` use dotted keys."""
+  import importlib
+  mod = importlib.import_module(f"configs.{space}")
+  c = mod.get_config(variant)
+  c.unlock()
+  c.data.source = "synthetic"
+  c.data.num_train = 96
+  c.data.num_valid = 32
+  c.data.num_test = 32
+  c.data.batch_size = 8
+  c.data.eval_batch_size = 16
+  c.child.out_filters = 4
+  if space == "cifar_macro":
+    c.space.num_layers = 3  # reductions after layers 0 and 1
+  else:
+    c.space.num_layers = 3  # 5 cells: reductions at cells 1 and 3
+    c.space.num_nodes = 2
+  c.controller.lstm_size = 8
+  c.controller.train_steps = 2
+  c.controller.num_aggregate = 2
+  c.search.num_epochs = 2
+  c.search.steps_per_dispatch = 4
+  c.search.then_final = variant == "smoke"
+  c.derive.num_samples = 3
+  c.derive.valid_batches = 1
+  c.derive.batch = 2
+  c.final.num_epochs = 1
+  c.final.steps_per_dispatch = 4
+  c.log_every = 4
+  c.tensorboard = False
+  for k, v in overrides.items():
+    node = c
+    parts = k.split(".")
+    for p in parts[:-1]:
+      node = node[p]
+    node[parts[-1]] = v
+  c.lock()
+  return c

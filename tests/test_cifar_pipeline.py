@@ -1,0 +1,74 @@
+"""CIFAR end to end (macro and micro): search -> derive -> final, resume equals
+an uninterrupted run, the random-search baseline, metrics, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import tiny_cifar_config
+from enas_jax import metrics as metrics_lib
+from enas_jax.train import run as run_lib
+
+
+def _read(path):
+  with open(path) as f:
+    return f.read()
+
+
+@pytest.mark.parametrize("space", ["cifar_macro", "cifar_micro"])
+def test_search_derive_final_then_resume_matches_uninterrupted(tmp_path, space):
+  full = str(tmp_path / "full")
+  out_full = run_lib.run(tiny_cifar_config(space), full)
+  for name in ("best_arc.txt", "arcs.jsonl", "best_arc.dot", "final/final_result.json"):
+    assert os.path.exists(os.path.join(full, name)), name
+  rows = [json.loads(l) for l in _read(os.path.join(full, "arcs.jsonl")).splitlines()]
+  accs = [r["valid_acc"] for r in rows]
+  assert accs == sorted(accs, reverse=True)  # best (highest accuracy) first
+  names = set().union(*metrics_lib.read_metrics(full))
+  for k in ("child/loss", "child/acc", "child/lr", "controller/reward", "valid/acc"):
+    assert k in names, k
+  assert "test/acc" in set().union(*metrics_lib.read_metrics(os.path.join(full, "final")))
+  final = out_full["final"]
+  assert 0.0 <= final["test_acc"] <= 1.0 and final["num_params"] > 0
+
+  part = str(tmp_path / "part")
+  run_lib.run(tiny_cifar_config(space, **{"search.num_epochs": 1,
+                                          "search.then_final": False}), part)
+  out_part = run_lib.run(tiny_cifar_config(space), part)
+  assert _read(os.path.join(part, "arcs.jsonl")) == _read(os.path.join(full, "arcs.jsonl"))
+  np.testing.assert_allclose(out_part["final"]["test_acc"], final["test_acc"], atol=1e-6)
+  valid = lambda d: [r["valid/acc"] for r in metrics_lib.read_metrics(d) if "epoch" in r]  # noqa: E731
+  np.testing.assert_allclose(valid(part), valid(full), atol=1e-6)
+
+
+def test_macro_random_search_and_skip_penalty(tmp_path):
+  out = run_lib.run(tiny_cifar_config("cifar_macro", **{
+      "search.sampler": "uniform", "search.num_epochs": 1, "search.then_final": False}),
+      str(tmp_path / "uniform"))
+  assert "best_arc" in out
+  names = set().union(*metrics_lib.read_metrics(str(tmp_path / "uniform")))
+  assert "controller/reward" not in names
+
+
+def test_final_on_the_paper_arc_name_and_bad_arcs(tmp_path):
+  c = tiny_cifar_config("cifar_macro", "final", **{"space.num_layers": 24, "arc": "paper"})
+  space, arc = run_lib.resolve_arc(c, run_lib.build_space(c))
+  assert len(arc) == 24 + 24 * 23 // 2
+  bad = tiny_cifar_config("cifar_macro", "final", **{"arc": "0 1 7"})
+  with pytest.raises(ValueError, match="cifar_macro"):
+    run_lib.run(bad, str(tmp_path / "bad"))
+  assert not os.path.exists(str(tmp_path / "bad" / "checkpoints"))
+  bad = tiny_cifar_config("cifar_micro", "final", **{"arc": "0 9 0 0 0 0 0 0"})
+  with pytest.raises(ValueError, match="cifar_micro"):
+    run_lib.run(bad, str(tmp_path / "bad2"))
+
+
+def test_missing_cifar_data_is_one_clear_message(tmp_path):
+  c = tiny_cifar_config("cifar_micro", "search", **{"data.source": "cifar10",
+                                                   "data.data_dir": str(tmp_path / "none")})
+  with pytest.raises(FileNotFoundError) as e:
+    run_lib.run(c, str(tmp_path / "run"))
+  msg = str(e.value)
+  assert "cifar-10-batches-py" in msg and str(tmp_path / "none") in msg
