@@ -114,7 +114,7 @@ def base(space: str) -> ml_collections.ConfigDict:
   # controller loss (macro scripts 0.4 / 0.8; the paper says "to the reward").
   # skip_weight 0 turns it off (micro has no skip decisions).
   c.controller.skip_target = 0.4
-  c.controller.skip_weight = 0.8
+  c.controller.skip_weight = 0.8  # skip penalty weight (macro scripts 0.8; 0 = off)
 
   # ---------------------------------------------------------------- search
   c.search = ml_collections.ConfigDict()

@@ -43,7 +43,7 @@ def _search(c):
 
 
 def _final(c):
-  c.mode = "final"
+  c.mode = "final"  # train one fixed arc from scratch
   c.arc = "paper"  # the 24-layer arc of cifar10_macro_final.sh
   c.space.num_layers = 24  # final script 24
   c.child.out_filters = 96  # final script 96 (192, 384 after the reductions)

@@ -55,7 +55,7 @@ def _micro_fields(c):
 
 
 def _final(c):
-  c.mode = "final"
+  c.mode = "final"  # train one fixed arc from scratch
   c.arc = "paper"  # the two cells of cifar10_micro_final.sh
   c.space.num_layers = 15  # final script 15 (17 cells)
   c.child.out_filters = 36  # final script 36

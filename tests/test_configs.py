@@ -1,50 +1,82 @@
 """Every config variant builds, is locked, and its pieces construct."""
 
+import importlib
+import inspect
+import subprocess
+import sys
+
 import jax
 import pytest
 
+from conftest import ROOT
 from configs import ptb as ptb_config
 from enas_jax import controller as ctrl
 from enas_jax.spaces import ptb_child
-from enas_jax.train.run import build_space
+from enas_jax.train.run import build_space, resolve_arc
+
+CONFIGS = ("ptb", "cifar_macro", "cifar_micro")
+ALL = [(name, v) for name in CONFIGS for v in importlib.import_module(f"configs.{name}").VARIANTS]
 
 
-@pytest.mark.parametrize("variant", ptb_config.VARIANTS)
-def test_variant_builds(variant):
-  c = ptb_config.get_config(variant)
-  assert c.variant == variant
+@pytest.mark.parametrize("name,variant", ALL)
+def test_variant_builds(name, variant):
+  c = importlib.import_module(f"configs.{name}").get_config(variant)
+  assert c.variant == variant and c.space.name == name
   space = build_space(c)
-  cc = ptb_child.ChildConfig.from_config(c)
-  ctrl.ControllerConfig.from_config(c.controller)
-  assert cc.vocab_size == c.data.vocab_size
+  if name == "ptb":
+    cc = ptb_child.ChildConfig.from_config(c)
+    assert cc.vocab_size == c.data.vocab_size
+  else:
+    from enas_jax.train.image import ChildFns
+    ChildFns(name, c, shared=True)  # the child config reads and validates its fields
   if c.mode == "final":
-    from enas_jax.train.run import resolve_arc
     fspace, arc = resolve_arc(c, space)  # the default final arc resolves and is valid
-    assert (fspace.num_nodes, fspace.aggregate) == (c.space.num_nodes, c.space.aggregate)
+    fspace.validate(arc)
+    if name == "ptb":
+      assert (fspace.num_nodes, fspace.aggregate) == (c.space.num_nodes, c.space.aggregate)
   with pytest.raises(AttributeError):
     c.child.hidden_sise = 3  # locked: a typo is an error, not a new field
   # The controller program samples exactly the arc layout.
-  p = ctrl.init(jax.random.key(0), space.decisions, ctrl.ControllerConfig.from_config(c.controller))
-  arc = ctrl.sample(p, jax.random.key(1), space.decisions,
-                    ctrl.ControllerConfig.from_config(c.controller))["arc"]
+  cc = ctrl.ControllerConfig.from_config(c.controller)
+  p = ctrl.init(jax.random.key(0), space.decisions, cc)
+  arc = ctrl.sample(p, jax.random.key(1), space.decisions, cc)["arc"]
   space.validate(arc)
 
 
 def test_default_variant_is_search():
+  for name in CONFIGS:
+    mod = importlib.import_module(f"configs.{name}")
+    assert mod.get_config().mode == "search"
+    with pytest.raises(ValueError, match="unknown variant"):
+      mod.get_config("nope")
   assert ptb_config.get_config().mode == "search"
-  with pytest.raises(ValueError, match="unknown variant"):
-    ptb_config.get_config("nope")
 
 
-def test_every_field_has_a_comment():
-  import inspect
-  src = inspect.getsource(ptb_config._base)
-  lines = src.splitlines()
+def _uncommented(fn):
+  lines = inspect.getsource(fn).splitlines()
   missing = []
   for i, line in enumerate(lines):
     s = line.strip()
-    if s.startswith("c.") and "=" in s and "ConfigDict()" not in s and not s.startswith("c.lock"):
+    if s.startswith("c.") and "=" in s.split("#")[0] and "ConfigDict()" not in s \
+        and not s.startswith("c.lock"):
       prev = lines[i - 1].strip() if i else ""
       if "#" not in s and not prev.startswith("#"):
         missing.append(s)
+  return missing
+
+
+def test_every_field_has_a_comment():
+  from configs import cifar_common, cifar_macro, cifar_micro
+  fns = [ptb_config._base, cifar_common.base, cifar_macro._search, cifar_macro._final,
+         cifar_micro._micro_fields, cifar_micro._final]
+  missing = [m for fn in fns for m in _uncommented(fn)]
   assert not missing, missing
+
+
+def test_unknown_config_key_is_a_clear_cli_error(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "enas_jax.main", "--config=configs/cifar_micro.py:smoke",
+       "--config.child.out_filterz=3", f"--workdir={tmp_path}"],
+      cwd=ROOT, capture_output=True, text=True, check=False, timeout=120)
+  assert out.returncode != 0
+  assert "out_filterz" in out.stderr
