@@ -26,6 +26,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 from etils import epath
 from flax import serialization
 import orbax.checkpoint as ocp
@@ -59,10 +60,22 @@ def _is_key(x) -> bool:
   return hasattr(x, 'dtype') and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _host_local(x) -> bool:
+  """A jax.Array on a subset of the devices in a multi-process run (e.g. a
+  scalar record made on the host): orbax cannot save it as a global array."""
+  return (jax.process_count() > 1 and isinstance(x, jax.Array)
+          and len(x.sharding.device_set) < jax.device_count())
+
+
 def _to_storable(state):
-  """State dict of ``state`` with typed PRNG keys replaced by their key data."""
-  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x,
-                      serialization.to_state_dict(state))
+  """State dict of ``state`` with typed PRNG keys replaced by their key data
+  and host-local arrays (multi-process runs) by numpy copies (they hold the same
+  value on every process)."""
+  def conv(x):
+    if _is_key(x):
+      x = jax.random.key_data(x)
+    return np.asarray(x) if _host_local(x) else x
+  return jax.tree.map(conv, serialization.to_state_dict(state))
 
 
 def _from_storable(target, restored):

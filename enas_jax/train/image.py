@@ -20,6 +20,7 @@ per-tensor clip was a no-op).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import jax
@@ -30,6 +31,7 @@ import optax
 from enas_jax import parallel
 from enas_jax.data import cifar10 as cifar_data
 from enas_jax.spaces import conv_ops
+from enas_jax.train import common
 
 ArcSampler = Callable[[dict, jax.Array], jax.Array]
 GRAD_CLIP_MODES = ("global", "per_tensor", "none")
@@ -137,7 +139,7 @@ def _ce_and_correct(logits, labels):
   return ce, correct
 
 
-class ImageTask:
+class ImageTask(common.DeviceData):
   """Static settings + device data for training and evaluating CIFAR children.
 
   Args:
@@ -177,22 +179,20 @@ class ImageTask:
     section = config.search if shared else config.final
     self.num_epochs = int(section.num_epochs)
     rep = parallel.replicated(mesh)
-    self.train_x = jax.device_put(images.train_x, rep)
-    self.train_y = jax.device_put(images.train_y, rep)
+    # Every process holds all training images (150 MB for CIFAR-10): the
+    # in-jit sampler draws any of them. Jitted functions get them as arguments.
+    self._set_data("train_x", jax.device_put(images.train_x, rep))
+    self._set_data("train_y", jax.device_put(images.train_y, rep))
     self.mean, self.std = jnp.asarray(images.mean), jnp.asarray(images.std)
     # Evaluation sets are cut into whole eval batches (the remainder, if any,
     # is left out and the count reported by eval_sizes).
-    self.valid_x, self.valid_y, self.num_valid_batches = self._eval_split(
-        images.valid_x, images.valid_y)
-    self.test_x, self.test_y, self.num_test_batches = self._eval_split(
-        images.test_x, images.test_y)
+    self.num_valid_batches = self._eval_split("valid", images.valid_x, images.valid_y)
+    self.num_test_batches = self._eval_split("test", images.test_x, images.test_y)
     # The reward draws a random contiguous window of a once-shuffled validation set.
     if images.num_valid:
       perm = np.random.default_rng(int(config.seed)).permutation(images.num_valid)
-      self.reward_x = jax.device_put(images.valid_x[perm], rep)
-      self.reward_y = jax.device_put(images.valid_y[perm], rep)
-    else:
-      self.reward_x = self.reward_y = None
+      self._set_data("reward_x", jax.device_put(images.valid_x[perm], rep))
+      self._set_data("reward_y", jax.device_put(images.valid_y[perm], rep))
     self.reward_batch = min(int(d.get("reward_batch_size", 0) or self.batch_size),
                             max(images.num_valid, 1))
     lr_max, lr_min = float(c.lr_max), float(c.lr_min)
@@ -201,10 +201,12 @@ class ImageTask:
     self.schedule = lambda step: sgdr_lr(step // nb, lr_max, lr_min, t0, t_mul)
     self.tx = child_optimizer(c, self.schedule)
 
-  def _eval_split(self, x, y):
+  def _eval_split(self, name, x, y):
     n = (len(y) // self.eval_batch_size) * self.eval_batch_size
     rep = parallel.replicated(self.mesh)
-    return jax.device_put(x[:n], rep), jax.device_put(y[:n], rep), n // self.eval_batch_size
+    self._set_data(f"{name}_x", jax.device_put(x[:n], rep))
+    self._set_data(f"{name}_y", jax.device_put(y[:n], rep))
+    return n // self.eval_batch_size
 
   # ------------------------------------------------------------------ state
   @property
@@ -311,7 +313,7 @@ class ImageTask:
                   epoch_end=jnp.bool_(False), tokens=jnp.int32(0))
       return jax.lax.while_loop(lambda c: c[1]["n"] < num_steps, body, (state, acc0))
 
-    return jax.jit(chunk, donate_argnums=(0,), out_shardings=(self.state_shardings(), self._rep))
+    return self.jit(chunk, donate_argnums=(0,), out_shardings=(self.state_shardings(), self._rep))
 
   def progress_metrics(self, prefix: str, sums: dict, n: int) -> dict:
     """The metrics a progress line reports from a chunk's sums."""
@@ -346,8 +348,9 @@ class ImageTask:
 
     def reward(arc, key, ctx):
       start = jax.random.randint(key, (), 0, n - b + 1)
-      x = jax.lax.dynamic_slice_in_dim(self.reward_x, start, b)
-      y = jax.lax.dynamic_slice_in_dim(self.reward_y, start, b)
+      with self.using(ctx["data"]) if "data" in ctx else contextlib.nullcontext():
+        x = jax.lax.dynamic_slice_in_dim(self.reward_x, start, b)
+        y = jax.lax.dynamic_slice_in_dim(self.reward_y, start, b)
       return reward_c * self._correct(ctx["params"], ctx["batch_stats"], arc, x, y) / b
 
     return reward
@@ -365,7 +368,7 @@ class ImageTask:
         return self._correct(params, stats, arc, x, y)
       return jax.lax.map(one, jnp.arange(E)).sum() / (E * self.eval_batch_size)
 
-    return jax.jit(valid)
+    return self.jit(valid)
 
   def make_score_arcs(self, num_batches: int = 0):
     """Jitted ``(params, arcs[K, A], stats) -> acc[K]``: each arc's validation
@@ -381,15 +384,15 @@ class ImageTask:
         return jax.lax.map(one, jnp.arange(E)).sum() / (E * self.eval_batch_size)
       return jax.lax.map(one_arc, arcs)
 
-    return jax.jit(score)
+    return self.jit(score)
 
-  def _make_fixed_eval(self, xs, ys, num):
+  def _make_fixed_eval(self, split, num):
     def run(params, stats):
       def one(i):
-        x, y = self._eval_batch(xs, ys, i)
+        x, y = self._eval_batch(self.data_arrays[f"{split}_x"], self.data_arrays[f"{split}_y"], i)
         return self._correct(params, stats, None, x, y)
       return jax.lax.map(one, jnp.arange(num)).sum() / (num * self.eval_batch_size)
-    return jax.jit(run)
+    return self.jit(run)
 
   def make_fixed_valid(self, arc_static=None, num_batches: int = 0):
     """Jitted ``(params, stats) -> acc`` of the fixed child on the validation set
@@ -397,13 +400,13 @@ class ImageTask:
     if self.num_valid_batches == 0:
       return None
     E = self.num_valid_batches if num_batches <= 0 else min(num_batches, self.num_valid_batches)
-    return self._make_fixed_eval(self.valid_x, self.valid_y, E)
+    return self._make_fixed_eval("valid", E)
 
   def make_test_eval(self, arc_static=None):
     """Jitted ``(params, stats) -> acc`` of the fixed child on the test set."""
     if self.num_test_batches == 0:
       raise ValueError("no test images (fewer than data.eval_batch_size).")
-    return self._make_fixed_eval(self.test_x, self.test_y, self.num_test_batches)
+    return self._make_fixed_eval("test", self.num_test_batches)
 
 
 def eval_sizes(task: ImageTask) -> str:

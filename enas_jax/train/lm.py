@@ -13,6 +13,7 @@ state carried from window to window (reset at the start of every epoch);
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -24,6 +25,7 @@ import optax
 from enas_jax import parallel
 from enas_jax.data import ptb as ptb_data
 from enas_jax.spaces import ptb_child as pc
+from enas_jax.train import common
 
 ArcSampler = Callable[[dict, jax.Array], jax.Array]  # (controller params, key) -> arc
 
@@ -37,7 +39,7 @@ def child_optimizer(lr: float, grad_clip: float) -> optax.GradientTransformation
   return optax.chain(optax.identity(), sgd)
 
 
-class LMTask:
+class LMTask(common.DeviceData):
   """Static settings + device data for training and evaluating PTB children.
 
   The loops read ``metric`` (the validation metric, lower is better here),
@@ -87,8 +89,8 @@ class LMTask:
       train = np.pad(train, ((0, 0), (0, self.buckets[-1] + 1)))
     self.average = bool(config.get("final", {}).get("average", False)) and not shared
     self.num_valid_windows = ptb_data.num_windows(valid.shape[1], self.bptt)
-    self.train = parallel.shard_batch(train, mesh)
-    self.valid = parallel.shard_batch(valid, mesh)
+    self._set_data("train", parallel.shard_batch(train, mesh))
+    self._set_data("valid", parallel.shard_batch(valid, mesh))
     self.corpus = corpus
     c = config.child
     self.lr = float(c.lr)
@@ -286,7 +288,7 @@ class LMTask:
     # otherwise sharding propagation from the batch-sharded data hands back the
     # embedding sharded along `data`, off its replicated layout, and the next
     # call, fed that state, compiles again.
-    return jax.jit(chunk, donate_argnums=(0,), out_shardings=(self.state_shardings(), self._rep))
+    return self.jit(chunk, donate_argnums=(0,), out_shardings=(self.state_shardings(), self._rep))
 
   # ------------------------------------------------------------- evaluation
   def window_ce_fn(self, static_arc=None):
@@ -313,7 +315,8 @@ class LMTask:
     def reward(arc, key, ctx):
       col = jax.random.randint(key, (), 0, max_col + 1)
       h0 = jnp.zeros((self.eval_batch_size, self.cc.hidden_size), jnp.float32)
-      sum_ce, _ = ce_fn(ctx["params"], arc, col, h0, ctx.get("batch_stats"))
+      with self.using(ctx["data"]) if "data" in ctx else contextlib.nullcontext():
+        sum_ce, _ = ce_fn(ctx["params"], arc, col, h0, ctx.get("batch_stats"))
       return reward_c / jnp.exp(sum_ce / n_tok)
 
     return reward
@@ -333,7 +336,7 @@ class LMTask:
       sums = jax.lax.map(one, jnp.arange(E))
       return jnp.exp(sums.sum() / (E * n_tok))
 
-    return jax.jit(valid)
+    return self.jit(valid)
 
   def carried_ce(self, params, arc, num_windows: int, static_arc=None, stats=None):
     """Mean CE over the first ``num_windows`` validation windows, state carried."""
@@ -355,12 +358,12 @@ class LMTask:
     def score(params, arcs, stats=None):
       return jnp.exp(jax.lax.map(lambda a: self.carried_ce(params, a, E, stats=stats), arcs))
 
-    return jax.jit(score)
+    return self.jit(score)
 
   def make_fixed_valid(self, arc_static, num_windows: int = 0):
     """Jitted ``params -> ppl`` for a fixed arc: validation with carried state."""
     E = self.num_valid_windows if num_windows <= 0 else min(num_windows, self.num_valid_windows)
-    return jax.jit(lambda params, stats=None: jnp.exp(
+    return self.jit(lambda params, stats=None: jnp.exp(
         self.carried_ce(params, None, E, arc_static, stats)))
 
   def make_test_eval(self, arc_static, batch_size: int, bptt: int):
@@ -369,16 +372,17 @@ class LMTask:
     The whole pass is one ``lax.scan`` on the device."""
     test = ptb_data.batchify(self.corpus.test, batch_size)
     E = ptb_data.num_windows(test.shape[1], bptt)
-    test = parallel.shard_batch(test, self.mesh)
+    name = f"test_b{batch_size}"
+    self._set_data(name, parallel.shard_batch(test, self.mesh))
     cc = self.cc
 
     def run(params, stats=None):
       def body(h, w):
-        x, y = self._window(test, w * bptt, bptt)
+        x, y = self._window(self.data_arrays[name], w * bptt, bptt)
         s, h = pc.eval_ce_sum(params, arc_static, x, y, h, cc, True, bn_stats=stats)
         return h, s
       h0 = jnp.zeros((batch_size, cc.hidden_size), jnp.float32)
       _, sums = jax.lax.scan(body, h0, jnp.arange(E))
       return jnp.exp(sums.sum() / (E * batch_size * bptt))
 
-    return jax.jit(run)
+    return self.jit(run)

@@ -192,7 +192,8 @@ def run_search(setup: SearchSetup, workdir: str, writer) -> dict:
     m = {}
     if use_ctrl and epoch + 1 >= int(config.search.controller_start_epoch):
       t0 = time.time()
-      ctx = {"params": state["child"]["params"], "batch_stats": state["child"]["batch_stats"]}
+      ctx = {"params": state["child"]["params"], "batch_stats": state["child"]["batch_stats"],
+             "data": task.data_arrays}
       state["ctrl"], cm = setup.controller_phase(state["ctrl"], ctx,
                                                  jax.random.fold_in(setup.keys["ctrl"], epoch))
       cm = common.to_float_dict(cm)
