@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 _TMP_MARK = '.orbax-checkpoint-tmp'
+_DELETED = 'deleted' + _TMP_MARK  # holding area of steps being deleted
 
 
 class CheckpointError(RuntimeError):
@@ -95,8 +96,11 @@ class Checkpointer:
     if '://' not in str(directory):
       directory = os.path.abspath(directory)
     self.directory = epath.Path(directory)
+    # Old steps are first renamed into _DELETED (atomic), then removed: a kill
+    # mid-deletion never leaves a half-deleted step that still looks committed.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True)
+        max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True,
+        todelete_subdir=_DELETED)
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options, item_names=('state', 'meta'))
 
@@ -106,7 +110,8 @@ class Checkpointer:
       return
     for p in self.directory.iterdir():
       if _TMP_MARK in p.name and p.is_dir():
-        log.warning('Removing unfinished checkpoint directory %s', p)
+        if p.name != _DELETED:
+          log.warning('Removing unfinished checkpoint directory %s', p)
         # After a failed write, orbax's writer threads may still be finishing
         # files in it ("Directory not empty"): retry briefly.
         for attempt in range(10):
@@ -165,6 +170,7 @@ class Checkpointer:
           f'Saving checkpoint step {step} to {self.directory} failed: '
           f'{_why(e)}. Nothing of step {step} was kept; '
           f'{prev}.') from e
+    self._remove_tmp_dirs()  # the renamed-away old steps
 
   def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores ``(state, meta)`` from ``step`` (default: the newest readable).

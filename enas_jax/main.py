@@ -47,4 +47,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from enas_jax.cli_util import parse_flags
+  app.run(main, flags_parser=parse_flags)

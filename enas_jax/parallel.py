@@ -27,13 +27,17 @@ def maybe_initialize_distributed(enabled: bool | str = "auto") -> bool:
   ``True`` always; ``False`` never. On CPU the cross-process collectives use
   gloo. Returns whether this process is part of a multi-process run.
   """
-  if enabled is False or enabled == "false" or _initialized():
+  if isinstance(enabled, str):
+    enabled = {"auto": "auto", "true": True, "false": False}.get(enabled.strip().lower(), None)
+    if enabled is None:
+      raise ValueError("config.distributed must be 'auto', True or False.")
+  if enabled is False or _initialized():
     return jax.process_count() > 1
   env = os.environ
   explicit = "JAX_COORDINATOR_ADDRESS" in env
   detected = (explicit or int(env.get("SLURM_NTASKS", "1")) > 1
               or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-  if not (enabled is True or enabled == "true" or detected):
+  if not (enabled is True or detected):
     return False
   kwargs = {}
   if explicit:

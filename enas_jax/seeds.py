@@ -470,22 +470,6 @@ def override_names(overrides: Sequence[str]) -> list[str]:
   return names
 
 
-def _parse_flags(argv):
-  from absl import flags
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
-    sys.exit(2)
-  except (AttributeError, KeyError) as e:  # ml_collections: an unknown --config.* key
-    hint = re.search(r"Did you mean [^\n]*\?", str(e))
-    keys = [a.split("=", 1)[0] for a in argv[1:] if re.match(r"^-{1,2}(no)?config\.", a)]
-    print(f"error: unknown config field among {' '.join(keys)}: {e!s}"
-          if not hint else f"error: unknown config field among {' '.join(keys)}. {hint.group(0)}",
-          file=sys.stderr)
-    sys.exit(2)
-
-
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
@@ -534,7 +518,8 @@ def _cli():
     if any(r["status"] == "failed" for r in report["runs"]):
       sys.exit(1)
 
-  app.run(main, flags_parser=_parse_flags)
+  from enas_jax.cli_util import parse_flags
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 from enas_jax import data as data_lib
@@ -97,6 +99,32 @@ def _final_config(config, space):
   return config
 
 
+def _with_arc(config, arc_text: str):
+  """The config with ``arc`` set to the arc's text, so the workdir records (and
+  a resume checks) the arc trained, not only a file name or a name."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.arc = arc_text
+  config.lock()
+  return config
+
+
+def _set_aside_other_arc(fdir: str, arc_text: str) -> None:
+  """A search resumed with a longer budget can derive another arc: then the
+  final training of the previous one is moved to ``final.<arc hash>`` rather
+  than resumed under the new arc."""
+  path = os.path.join(fdir, "config.json")
+  if not os.path.exists(path) or not common.is_main_process():
+    return
+  with open(path) as f:
+    old = json.load(f).get("arc", "")
+  if old and old != arc_text:
+    dest = f"{fdir}.{hashlib.sha1(old.encode()).hexdigest()[:8]}"
+    os.replace(fdir, dest)
+    print(f"derive chose another arc than the one trained in {fdir}; that run was moved to "
+          f"{dest} and the new arc is trained from scratch.", flush=True)
+
+
 def run(config, workdir: str) -> dict:
   """Runs what ``config.mode`` asks for in ``workdir``; returns a summary dict."""
   if config.mode not in ("search", "final"):
@@ -106,7 +134,7 @@ def run(config, workdir: str) -> dict:
   space = build_space(config)
   if config.mode == "final":  # a bad arc is reported before any data is read
     space, arc = resolve_arc(config, space)
-    config = _final_config(config, space)
+    config = _with_arc(_final_config(config, space), space.format(arc))
   common.prepare_workdir(config, workdir)
   if config.space.name in IMAGE_SPACES:
     data = data_lib.load_images(config.data)
@@ -127,8 +155,10 @@ def run(config, workdir: str) -> dict:
       out.update(run_final(FinalSetup(config, space, task, arc), workdir, writer))
   if config.mode == "search" and config.search.then_final:
     fdir = os.path.join(workdir, "final")
-    common.prepare_workdir(config, fdir)
     arc = space.parse(out["best_arc"])
+    fconfig = _with_arc(config, out["best_arc"])
+    _set_aside_other_arc(fdir, out["best_arc"])
+    common.prepare_workdir(fconfig, fdir)
     task = _make_task(config, data, mesh, shared=False, arc=arc)
     with metrics_lib.MetricWriter(fdir, enabled=common.is_main_process(),
                                   tensorboard=bool(config.tensorboard)) as writer:

@@ -1,0 +1,26 @@
+"""Command-line helpers shared by the CLIs (main, seeds, benchmark)."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+
+def parse_flags(argv):
+  """absl flag parsing that turns a bad flag or an unknown ``--config.*`` key
+  into one ``error:`` line and exit status 2 (no traceback)."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError) as e:  # ml_collections: an unknown --config.* key
+    hint = re.search(r"Did you mean [^\n]*\?", str(e))
+    keys = [a.split("=", 1)[0] for a in argv[1:] if re.match(r"^-{1,2}(no)?config\.", a)]
+    print(f"error: unknown config field among {' '.join(keys)}: {e!s}"
+          if not hint else f"error: unknown config field among {' '.join(keys)}. {hint.group(0)}",
+          file=sys.stderr)
+    sys.exit(2)
+
+

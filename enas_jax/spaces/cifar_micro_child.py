@@ -1,0 +1,685 @@
+"""Child networks of the CIFAR-10 micro (cell) space: weight-shared and fixed.
+
+Both children are pytrees plus pure functions (reference ``enas_original.md``
+§6). Activations are NHWC (``x_NHWC``), 1x1 convolutions are ``[C_in, C_out]``
+matrices, depthwise kernels ``[k, k, C]``, other kernels HWIO.
+
+Skeleton (both children, §6.1)
+------------------------------
+Stem 3x3 conv 3 -> 3C + BN (no ReLU); ``num_layers + 2`` cells, reduction cells
+at ``[pd, 2pd + 1]`` (``pd = num_layers // 3``) with C doubled before each;
+optional auxiliary head after cell ``2pd + 2``; head ReLU -> global average
+pool -> dropout (``keep_prob``, training only) -> FC without bias. Every cell has
+its own weights. Cell inputs are ``[older, newer]``; input 0 is calibrated with
+ReLU -> factorized reduction (FR) when it has twice the resolution of input 1,
+else with ReLU -> 1x1 -> BN when its channels differ from C; input 1 with
+ReLU -> 1x1 -> BN when its channels differ. FR = stride-2 subsample -> 1x1
+(C/2) and shifted subsample -> 1x1 (C/2), concat, BN.
+
+Weight-shared child (search, §6.2): :func:`init_shared`, :func:`apply_shared`
+------------------------------------------------------------------------------
+``params["cells"][i]``: ``reduce`` (FR before a reduction cell, reduction
+cells only), ``calib_x`` / ``calib_y`` (only where needed), ``nodes[b]["x"|"y"]``
+(``b = 0 .. B-1`` is graph node ``b + 2``) with ``{"sep3", "sep5"}``, each a
+list of two stacks ``{"w_depth": [b+2, k, k, C], "w_point": [b+2, C, C],
+"bn": {"scale", "offset"}: [b+2, C]}``: as in the original, one set of weights
+per *input index*, picked by the sampled index; and ``final`` (``w [B+2, C, C]``
++ BN). ``batch_stats`` mirrors the BNs that keep moving averages (stem, FR,
+calibrations, ``final``); the sep-conv BNs use batch statistics only.
+
+* The arc is a traced int32 array (one compilation serves every arc): a node's
+  input is picked by dynamic index from the stack of earlier nodes; its op by
+  :func:`conv_ops.select_branch` (``lax.switch`` with every branch under
+  ``jax.checkpoint``, or all ops and a ``jnp.where`` mask: ``op_select``); the
+  loose ends (nodes that no node of the cell reads, inputs 0/1 included) are a
+  0/1 vector, so the cell output "concat of loose ends -> ReLU -> gathered
+  ``[k C, C]`` 1x1 -> BN" is computed with a fixed shape as
+  ``BN(sum_j loose_j * ReLU(node_j) @ w[j])``: the same function.
+* A numpy arc bakes the arc in (Python indexing, direct op calls, static loose
+  ends): the same network, used as the benchmark's "fixed" row and by the tests
+  as the reference of the traced path.
+* Reduction cells in search use the inputs ``[x_prev, FR(x_prev)]`` and the
+  normal-style cell (input 0 is then calibrated by FR, no strided op inside);
+  the next cell sees ``[FR(x_prev), cell_out]``.
+* As in the original, search mode forces training semantics on every BN:
+  batch statistics always, moving averages updated on every call (they are
+  never read in search mode; kept for fidelity). ``train`` only switches the
+  head dropout and whether aux logits are returned. *Difference*: the original
+  also keeps dropout on when it evaluates the shared child (reward, validation);
+  pass ``train=True`` to reproduce that.
+
+Fixed child (final training, §6.3): :func:`init_fixed`, :func:`apply_fixed`
+---------------------------------------------------------------------------
+Only the arc's ops get parameters. Per cell: calibration, ``base`` (ReLU -> 1x1
+-> BN on input 1), and per node/branch the op's parameters: sep ``{"stacks":
+[{"w_depth": [k,k,C], "w_point": [C,C], "bn"}, x2]}`` (the first stack carries
+the stride), pools ``{}``, identity ``{}`` or an FR when it is strided;
+``combine[j]`` an FR for each loose input ``j`` in {0, 1} of a reduction cell.
+In reduction cells the ops on inputs 0/1 have stride 2. Drop-path on ops 0-3
+(training only), keep probability
+``1 - min(1, progress) * (1 - keep_layer)``, ``keep_layer = 1 - (i+1)/(L+2) *
+(1 - drop_path_keep_prob)`` (:func:`drop_path_keep`). The cell output is the
+concat of loose ends (k C channels, no 1x1); the next cell gets ``[previous
+cell's uncalibrated output, this output]``. BN: batch statistics and
+moving-average updates when ``train``, moving averages otherwise.
+
+Auxiliary head (both children, ``params["aux"]``)
+-------------------------------------------------
+ReLU -> 5x5 average pool stride 3 VALID -> 1x1 conv 128 + BN + ReLU -> 2x2 conv
+768 (SAME) + BN + ReLU -> global average pool -> FC 768 -> classes, no bias. Its
+BNs always use batch statistics and keep no moving averages (the original's run
+in training mode; their averages are never read). Aux logits are returned only
+when ``train``. *Differences*: the original excludes the aux head from the
+optimised variables (it stays at its random init, no L2) and only computes it
+in the training graph; here its parameters are ordinary parameters under
+``params["aux"]`` that the caller trains (loss ``CE + 0.4 CE_aux``) and may
+exclude from L2 or count separately (:func:`count_params` ``exclude_aux``). The
+pool window is ``min(5, H)`` so that images smaller than 32x32 (tests) work; at
+32x32 it is the original's 5x5 -> 2x2 and the 2x2 kernel matches its ``hw``.
+
+Initialisation (reference §1): Keras ``he_normal`` (truncated, std
+``sqrt(2 / fan_in)``) with the fan-in of the *original variable's shape*; for
+the shared child's 2-D tables (``w_depth [b+2, k k C]``, ``w_point [b+2, C C]``,
+``final_conv/w [B+2, C C]``) that fan-in is the number of rows (``b + 2``,
+``B + 2``), as Keras computes it, not the receptive field: a quirk kept on
+purpose (BN follows each of them, so only the update scale is affected). BN
+scale 1, offset 0; moving mean 0, variance 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from enas_jax.spaces import conv_ops as ops
+from enas_jax.spaces import cifar_micro
+
+SEP_KERNELS = (3, 5)  # op 0 and op 1
+AUX_POOL, AUX_POOL_STRIDE, AUX_PROJ, AUX_KERNEL, AUX_WIDTH = 5, 3, 128, 2, 768
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroChildConfig:
+  """Static settings of a micro child (hashable: safe to close over in jit).
+
+  ``op_select`` and ``conv_impl`` accept ``"auto"`` and hold the resolved value
+  (``switch``/``mask``, ``plain``/``custom``) after construction.
+  """
+  num_layers: int
+  num_nodes: int = 5
+  out_filters: int = 20
+  num_classes: int = 10
+  keep_prob: float = 0.9
+  drop_path_keep_prob: float = 0.6
+  use_aux_heads: bool = True
+  bn_decay: float = 0.9
+  bn_eps: float = 1e-5
+  op_select: str = "switch"
+  conv_impl: str = "custom"
+  checkpoint_branches: bool = True
+
+  def __post_init__(self):
+    def need_int(name, lo):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"cifar_micro child: {name} must be an integer >= {lo}, got {v!r}.")
+    need_int("num_layers", 1)
+    need_int("num_nodes", 1)
+    need_int("out_filters", 1)
+    need_int("num_classes", 2)
+    for name in ("keep_prob", "drop_path_keep_prob"):
+      v = getattr(self, name)
+      if not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+        raise ValueError(f"child.{name} is a keep probability in (0, 1], got {v!r}.")
+    if not 0.0 <= self.bn_decay < 1.0:
+      raise ValueError(f"child.bn_decay must be in [0, 1), got {self.bn_decay!r}.")
+    if not self.bn_eps > 0.0:
+      raise ValueError(f"child.bn_eps must be > 0, got {self.bn_eps!r}.")
+    object.__setattr__(self, "op_select", ops.resolve_op_select(self.op_select))
+    object.__setattr__(self, "conv_impl", ops.resolve_conv_impl(self.conv_impl))
+
+  @classmethod
+  def from_config(cls, config) -> "MicroChildConfig":
+    """From a run config: ``space.{num_layers, num_nodes}`` and ``child.*``
+    (``out_filters`` required; the rest optional with the defaults above);
+    ``data.num_classes`` if present."""
+    s, c = config.space, config.child
+    data = config.get("data", None)
+    num_classes = data.get("num_classes", 10) if data is not None else 10
+    for sec, name, node in (("space", "num_layers", s), ("child", "out_filters", c)):
+      if node.get(name, None) is None:
+        raise ValueError(f"cifar_micro child: config.{sec}.{name} is required.")
+    d = cls.__dataclass_fields__
+    return cls(
+        num_layers=s.num_layers, num_nodes=s.get("num_nodes", d["num_nodes"].default),
+        out_filters=c.out_filters, num_classes=num_classes,
+        **{k: c.get(k, d[k].default) for k in (
+            "keep_prob", "drop_path_keep_prob", "use_aux_heads", "bn_decay", "bn_eps",
+            "op_select", "conv_impl", "checkpoint_branches")})
+
+  @property
+  def reduction_cells(self) -> tuple[int, int]:
+    pd = self.num_layers // 3
+    return (pd, 2 * pd + 1)
+
+  @property
+  def aux_cell(self) -> int:
+    """The cell after which the auxiliary head reads (``2 pd + 2``)."""
+    return self.reduction_cells[1] + 1
+
+  @property
+  def num_cells(self) -> int:
+    return self.num_layers + 2
+
+
+# ----------------------------------------------------------------- building blocks
+def _relu(x):
+  return jnp.maximum(x, 0.0)
+
+
+def _conv1x1(x_NHWC, w_IO):
+  # A 2-D matrix product: XLA:CPU runs it (and its gradient) ~3x faster than the
+  # equivalent 4-D einsum.
+  n, h, w, c = x_NHWC.shape
+  return (x_NHWC.reshape(n * h * w, c) @ w_IO).reshape(n, h, w, w_IO.shape[-1])
+
+
+def _init_conv_bn(key, cin, cout):
+  """ReLU -> 1x1 -> BN (the original's calibration / ``layer_base``)."""
+  return {"w": ops.he_normal(key, (cin, cout), fan_in=cin), "bn": ops.bn_params(cout)}, \
+      ops.bn_stats(cout)
+
+
+def _conv_bn(p, s, x, cfg, train):
+  return ops.batch_norm(_conv1x1(_relu(x), p["w"]), p["bn"], s, train=train,
+                        decay=cfg.bn_decay, eps=cfg.bn_eps)
+
+
+def _init_fr(key, cin, cout):
+  """Factorized reduction (two 1x1 paths of ``cout // 2``) + BN."""
+  k1, k2 = jax.random.split(key)
+  half = cout // 2
+  return {"w1": ops.he_normal(k1, (cin, half), fan_in=cin),
+          "w2": ops.he_normal(k2, (cin, cout - half), fan_in=cin),
+          "bn": ops.bn_params(cout)}, ops.bn_stats(cout)
+
+
+def _fr_bn(p, s, x, cfg, train, relu=False):
+  if relu:
+    x = _relu(x)
+  return ops.batch_norm(ops.factorized_reduce(x, p["w1"], p["w2"]), p["bn"], s, train=train,
+                        decay=cfg.bn_decay, eps=cfg.bn_eps)
+
+
+def _init_stem(key, cfg):
+  c3 = 3 * cfg.out_filters
+  return {"w": ops.he_normal(key, (3, 3, 3, c3)), "bn": ops.bn_params(c3)}, ops.bn_stats(c3)
+
+
+def _stem(p, s, images, cfg, train):
+  x = ops.conv2d(images, p["w"], impl=cfg.conv_impl)
+  return ops.batch_norm(x, p["bn"], s, train=train, decay=cfg.bn_decay, eps=cfg.bn_eps)
+
+
+def _init_head(key, c_last, cfg):
+  return {"w": ops.he_normal(key, (c_last, cfg.num_classes), fan_in=c_last)}
+
+
+def _dropout(x, keep, key):
+  if keep >= 1.0:
+    return x
+  mask = jax.random.bernoulli(key, keep, x.shape)
+  return jnp.where(mask, x / keep, 0.0)
+
+
+def _head(p, x, cfg, train, key):
+  x = jnp.mean(_relu(x), axis=(1, 2))
+  if train:
+    x = _dropout(x, cfg.keep_prob, key)
+  return x @ p["w"]
+
+
+def _init_aux(key, cin, cfg):
+  k1, k2, k3 = jax.random.split(key, 3)
+  return {"proj": {"w": ops.he_normal(k1, (cin, AUX_PROJ), fan_in=cin),
+                   "bn": ops.bn_params(AUX_PROJ)},
+          "conv": {"w": ops.he_normal(k2, (AUX_KERNEL, AUX_KERNEL, AUX_PROJ, AUX_WIDTH)),
+                   "bn": ops.bn_params(AUX_WIDTH)},
+          "fc": {"w": ops.he_normal(k3, (AUX_WIDTH, cfg.num_classes), fan_in=AUX_WIDTH)}}
+
+
+def _aux_head(p, x_NHWC, cfg):
+  """The auxiliary classifier; its BNs always use batch statistics."""
+  x = _relu(x_NHWC)
+  k = min(AUX_POOL, x.shape[1], x.shape[2])
+  x = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, k, k, 1),
+                            (1, AUX_POOL_STRIDE, AUX_POOL_STRIDE, 1), "VALID") / (k * k)
+  bn = lambda y, q: ops.batch_norm(y, q, None, train=True, eps=cfg.bn_eps)[0]  # noqa: E731
+  x = _relu(bn(_conv1x1(x, p["proj"]["w"]), p["proj"]["bn"]))
+  x = _relu(bn(ops.conv2d(x, p["conv"]["w"], impl="plain"), p["conv"]["bn"]))
+  return jnp.mean(x, axis=(1, 2)) @ p["fc"]["w"]
+
+
+def _calib_plan(in_shapes, C):
+  """What calibrates each input: ``(x_kind, y_kind)`` with x in {None, "fr",
+  "conv"}, y in {None, "conv"}. ``in_shapes``: ``[(channels, scale), ...]``
+  where ``scale`` counts the reductions so far."""
+  (c0, r0), (c1, r1) = in_shapes
+  if r0 != r1:
+    if r1 != r0 + 1:
+      raise AssertionError(f"input 0 at scale {r0}, input 1 at {r1}")
+    kx = "fr"
+  else:
+    kx = "conv" if c0 != C else None
+  return kx, ("conv" if c1 != C else None)
+
+
+def _init_calib(key, in_shapes, C):
+  kx, ky = _calib_plan(in_shapes, C)
+  k1, k2 = jax.random.split(key)
+  p, s = {}, {}
+  if kx == "fr":
+    p["calib_x"], s["calib_x"] = _init_fr(k1, in_shapes[0][0], C)
+  elif kx == "conv":
+    p["calib_x"], s["calib_x"] = _init_conv_bn(k1, in_shapes[0][0], C)
+  if ky == "conv":
+    p["calib_y"], s["calib_y"] = _init_conv_bn(k2, in_shapes[1][0], C)
+  return p, s
+
+
+def _calibrate(p, s, layers, cfg, train, new_s):
+  """Brings both inputs to C channels at input 1's resolution (writes the
+  calibration BN statistics into ``new_s``)."""
+  x, y = layers
+  if "calib_x" in p:
+    if "w1" in p["calib_x"]:
+      x, new_s["calib_x"] = _fr_bn(p["calib_x"], s["calib_x"], x, cfg, train, relu=True)
+    else:
+      x, new_s["calib_x"] = _conv_bn(p["calib_x"], s["calib_x"], x, cfg, train)
+  if "calib_y" in p:
+    y, new_s["calib_y"] = _conv_bn(p["calib_y"], s["calib_y"], y, cfg, train)
+  return x, y
+
+
+def _check_images(images, cfg):
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"cifar_micro child: images must be [N, H, W, 3], got {images.shape}.")
+  if images.shape[1] % 4 or images.shape[2] % 4:
+    raise ValueError(f"cifar_micro child: image height and width must be multiples of 4 (two "
+                     f"reductions), got {images.shape[1:3]}.")
+
+
+def _split_arc(arc, cfg):
+  L = 4 * cfg.num_nodes
+  return arc[:L], arc[L:]
+
+
+def _codec(cfg):
+  return cifar_micro.MicroCodec(cfg.num_nodes)
+
+
+def _static_loose(cell_arc, num_nodes) -> list[int]:
+  """Loose ends of one cell (inputs 0/1 included), as Python ints."""
+  used = set(np.asarray(cell_arc)[0::2].tolist())
+  return [j for j in range(num_nodes + 2) if j not in used]
+
+
+def drop_path_keep(cell_idx: int, progress, cfg: MicroChildConfig):
+  """The original's drop-path keep probability of cell ``cell_idx`` at
+  ``progress = (global_step + 1) / (num_epochs * num_train_batches)``."""
+  keep_layer = 1.0 - (cell_idx + 1) / cfg.num_cells * (1.0 - cfg.drop_path_keep_prob)
+  return 1.0 - jnp.minimum(1.0, jnp.asarray(progress, jnp.float32)) * (1.0 - keep_layer)
+
+
+def count_params(params, exclude_aux: bool = False) -> int:
+  """Number of parameters; ``exclude_aux`` leaves out ``params["aux"]`` (the
+  original's "trainable" count; the aux head alone: ``count_params(params["aux"])``)."""
+  if exclude_aux and isinstance(params, dict) and "aux" in params:
+    params = {k: v for k, v in params.items() if k != "aux"}
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# ------------------------------------------------------------------ shared child
+def _init_shared_branch(key, b, C):
+  n_in = b + 2  # the original's num_possible_inputs: weights per input index
+  out = {}
+  for name, k in zip(("sep3", "sep5"), SEP_KERNELS):
+    stacks = []
+    for _ in range(2):
+      key, kd, kp = jax.random.split(key, 3)
+      stacks.append({
+          "w_depth": ops.he_normal(kd, (n_in, k, k, C), fan_in=n_in),
+          "w_point": ops.he_normal(kp, (n_in, C, C), fan_in=n_in),
+          "bn": {"scale": jnp.ones((n_in, C), jnp.float32),
+                 "offset": jnp.zeros((n_in, C), jnp.float32)}})
+    out[name] = stacks
+  return out
+
+
+def init_shared(key: jax.Array, cfg: MicroChildConfig):
+  """Shared weights and moving statistics of the search child: ``(params, batch_stats)``."""
+  B, C = cfg.num_nodes, cfg.out_filters
+  keys = jax.random.split(key, cfg.num_cells + 3)
+  params, stats = {}, {}
+  params["stem"], stats["stem"] = _init_stem(keys[0], cfg)
+  layers = [(3 * C, 0), (3 * C, 0)]  # (channels, number of reductions so far)
+  cells_p, cells_s = [], []
+  aux = None
+  for i in range(cfg.num_cells):
+    kc = jax.random.split(keys[i + 1], 4)
+    p, s = {}, {}
+    if i in cfg.reduction_cells:
+      C *= 2
+      prev = layers[-1]
+      p["reduce"], s["reduce"] = _init_fr(kc[0], prev[0], C)
+      layers = [prev, (C, prev[1] + 1)]
+    cp, cs = _init_calib(kc[1], layers, C)
+    p.update(cp)
+    s.update(cs)
+    kn = jax.random.split(kc[2], 2 * B)
+    p["nodes"] = [{"x": _init_shared_branch(kn[2 * b], b, C),
+                   "y": _init_shared_branch(kn[2 * b + 1], b, C)} for b in range(B)]
+    p["final"] = {"w": ops.he_normal(kc[3], (B + 2, C, C), fan_in=B + 2),
+                  "bn": ops.bn_params(C)}
+    s["final"] = ops.bn_stats(C)
+    cells_p.append(p)
+    cells_s.append(s)
+    layers = [layers[-1], (C, layers[1][1])]
+    if i == cfg.aux_cell and cfg.use_aux_heads:
+      aux = _init_aux(keys[-2], C, cfg)
+  params["cells"], stats["cells"] = cells_p, cells_s
+  params["fc"] = _init_head(keys[-1], C, cfg)
+  if aux is not None:
+    params["aux"] = aux
+  return params, stats
+
+
+def _index(t, i, static):
+  return t[int(i)] if static else jax.lax.dynamic_index_in_dim(t, i, 0, keepdims=False)
+
+
+_GATHER = "stack"
+_COMBINE = "concat"
+
+
+def _pick_node(nodes, i, static):
+  """Node ``i`` of the list (a Python int, or a traced index into the stack)."""
+  if static:
+    return nodes[int(i)]
+  if _GATHER == "select":
+    out = nodes[0]
+    for j in range(1, len(nodes)):
+      out = jnp.where(i == j, nodes[j], out)
+    return out
+  return jax.lax.dynamic_index_in_dim(jnp.stack(nodes), i, 0, keepdims=False)
+
+
+def _sep_stack(x, st, cfg, train, stride=1, stats=None):
+  """ReLU -> depthwise k x k -> pointwise -> BN (one stack of a sep conv)."""
+  # conv_ops.separable_conv2d with the pointwise step as a 2-D matrix product.
+  y = _conv1x1(ops.depthwise_conv2d(_relu(x), st["w_depth"], stride, cfg.conv_impl),
+               st["w_point"])
+  return ops.batch_norm(y, st["bn"], stats, train=train, decay=cfg.bn_decay, eps=cfg.bn_eps)
+
+
+def _shared_branches(cfg):
+  """The five ops of a search node; operand ``(x, {"sep3": stacks, "sep5": stacks})``
+  with the weights already picked for the input index."""
+  def sep(name):
+    def f(operand):
+      x, w = operand
+      for st in w[name]:
+        x, _ = _sep_stack(x, st, cfg, True)
+      return x
+    return f
+  return [sep("sep3"), sep("sep5"),
+          lambda op: ops.avg_pool(op[0], 3, 1),
+          lambda op: ops.max_pool(op[0], 3, 1),
+          lambda op: op[0]]
+
+
+def _shared_cell(p, s, layers, cell_arc, cfg, static):
+  """One search cell (§6.2). Returns (output [N,H,W,C], new statistics)."""
+  B = cfg.num_nodes
+  new_s = dict(s)
+  x0, x1 = _calibrate(p, s, layers, cfg, True, new_s)
+  nodes = [x0, x1]
+  branches = _shared_branches(cfg)
+  for b in range(B):
+    outs = []
+    for t, name in ((0, "x"), (2, "y")):
+      idx, op = cell_arc[4 * b + t], cell_arc[4 * b + t + 1]
+      h = _pick_node(nodes, idx, static)
+      w = jax.tree.map(lambda a, idx=idx: _index(a, idx, static), p["nodes"][b][name])
+      outs.append(ops.select_branch(op, branches, (h, w), mode=cfg.op_select,
+                                    checkpoint=cfg.checkpoint_branches))
+    nodes.append(outs[0] + outs[1])
+  w_final = p["final"]["w"]
+  C = w_final.shape[-1]
+  if static:
+    loose = _static_loose(cell_arc, B)
+    cat = jnp.concatenate([_relu(nodes[j]) for j in loose], axis=-1)
+    y = _conv1x1(cat, w_final[np.asarray(loose)].reshape(len(loose) * C, C))
+  else:
+    used = jnp.zeros((B + 2,), jnp.int32)
+    for t in range(0, 4 * B, 2):
+      used = used + jax.nn.one_hot(cell_arc[t], B + 2, dtype=jnp.int32)
+    loose = used == 0
+    # Not-loose nodes get a zero weight block: concat of loose ends -> 1x1 with
+    # the gathered [k C, C] weights, at a fixed shape.
+    w = jnp.where(loose[:, None, None], w_final, 0.0)
+    if _COMBINE == "sum":
+      y = sum(_conv1x1(_relu(n), w[j]) for j, n in enumerate(nodes))
+    else:
+      cat = jnp.concatenate([_relu(n) for n in nodes], axis=-1)
+      y = _conv1x1(cat, w.reshape((B + 2) * C, C))
+  y, new_s["final"] = ops.batch_norm(y, p["final"]["bn"], s["final"], train=True,
+                                     decay=cfg.bn_decay, eps=cfg.bn_eps)
+  return y, new_s
+
+
+def apply_shared(params, batch_stats, arc, images_NHWC, *, train: bool, key, cfg):
+  """The weight-shared child on one arc: ``(logits, aux_logits | None, new_batch_stats)``.
+
+  ``arc``: a traced/jax int array (one compilation for all arcs), or a numpy
+  array to bake the arc in (validated). BNs always use batch statistics (search
+  semantics, see the module docstring); ``train`` switches the head dropout
+  (needs ``key``) and the aux logits.
+  """
+  _check_images(images_NHWC, cfg)
+  static = isinstance(arc, np.ndarray)
+  arc = _codec(cfg).validate(arc) if static else jnp.asarray(arc, jnp.int32)
+  normal_arc, reduce_arc = _split_arc(arc, cfg)
+  new_stats = {}
+  x, new_stats["stem"] = _stem(params["stem"], batch_stats["stem"], images_NHWC, cfg, True)
+  layers = [x, x]
+  aux_logits = None
+  new_cells = []
+  for i in range(cfg.num_cells):
+    p, s = params["cells"][i], batch_stats["cells"][i]
+    if i in cfg.reduction_cells:
+      prev = layers[-1]
+      xr, s_red = _fr_bn(p["reduce"], s["reduce"], prev, cfg, True)
+      layers = [prev, xr]
+      x, ns = _shared_cell(p, s, layers, reduce_arc, cfg, static)
+      ns["reduce"] = s_red
+    else:
+      x, ns = _shared_cell(p, s, layers, normal_arc, cfg, static)
+    new_cells.append(ns)
+    layers = [layers[-1], x]
+    if i == cfg.aux_cell and "aux" in params and train:
+      aux_logits = _aux_head(params["aux"], x, cfg)
+  new_stats["cells"] = new_cells
+  logits = _head(params["fc"], x, cfg, train, key)
+  return logits, aux_logits, new_stats
+
+
+# ------------------------------------------------------------------- fixed child
+def _fixed_plan(cfg, arc):
+  """Static skeleton of a fixed child: per cell (C, reduction?, input shapes,
+  loose ends); returns (cells, output shape of the last cell, aux input channels)."""
+  arcs = _split_arc(arc, cfg)
+  C = cfg.out_filters
+  layers = [(3 * C, 0), (3 * C, 0)]
+  plan = []
+  aux_c = None
+  for i in range(cfg.num_cells):
+    red = i in cfg.reduction_cells
+    if red:
+      C *= 2
+    cell_arc = arcs[1] if red else arcs[0]
+    loose = _static_loose(cell_arc, cfg.num_nodes)
+    plan.append({"C": C, "reduction": red, "inputs": list(layers), "arc": cell_arc,
+                 "loose": loose})
+    out = (len(loose) * C, layers[1][1] + (1 if red else 0))
+    layers = [layers[-1], out]
+    if i == cfg.aux_cell:
+      aux_c = out[0]
+  return plan, layers[-1], aux_c
+
+
+def _init_fixed_op(key, op, C, strided):
+  if op in (0, 1):
+    k = SEP_KERNELS[op]
+    stacks = []
+    for kk in jax.random.split(key, 2):
+      kd, kp = jax.random.split(kk)
+      stacks.append({"w_depth": ops.he_normal(kd, (k, k, C), fan_in=k * k * C),
+                     "w_point": ops.he_normal(kp, (C, C), fan_in=C),
+                     "bn": ops.bn_params(C)})
+    return {"stacks": stacks}, {"stacks": [ops.bn_stats(C), ops.bn_stats(C)]}
+  if op == 4 and strided:
+    p, s = _init_fr(key, C, C)
+    return {"fr": p}, {"fr": s}
+  return {}, {}
+
+
+def init_fixed(key: jax.Array, cfg: MicroChildConfig, arc):
+  """Parameters and moving statistics of the fixed child of ``arc`` (numpy,
+  validated): ``(params, batch_stats)``."""
+  arc = _codec(cfg).validate(arc)
+  B = cfg.num_nodes
+  plan, (c_last, _), aux_c = _fixed_plan(cfg, arc)
+  keys = jax.random.split(key, cfg.num_cells + 3)
+  params, stats = {}, {}
+  params["stem"], stats["stem"] = _init_stem(keys[0], cfg)
+  cells_p, cells_s = [], []
+  for i, cell in enumerate(plan):
+    C, red, cell_arc = cell["C"], cell["reduction"], cell["arc"]
+    kc = jax.random.split(keys[i + 1], 4)
+    p, s = _init_calib(kc[0], cell["inputs"], C)
+    p["base"], s["base"] = _init_conv_bn(kc[1], C, C)
+    kn = jax.random.split(kc[2], 2 * B)
+    p["nodes"], s["nodes"] = [], []
+    for b in range(B):
+      np_, ns_ = {}, {}
+      for t, name in ((0, "x"), (2, "y")):
+        idx, op = int(cell_arc[4 * b + t]), int(cell_arc[4 * b + t + 1])
+        np_[name], ns_[name] = _init_fixed_op(kn[2 * b + t // 2], op, C, red and idx < 2)
+      p["nodes"].append(np_)
+      s["nodes"].append(ns_)
+    p["combine"], s["combine"] = {}, {}
+    if red:
+      kk = jax.random.split(kc[3], 2)
+      for j in cell["loose"]:
+        if j < 2:
+          p["combine"][str(j)], s["combine"][str(j)] = _init_fr(kk[j], C, C)
+    cells_p.append(p)
+    cells_s.append(s)
+  params["cells"], stats["cells"] = cells_p, cells_s
+  params["fc"] = _init_head(keys[-1], c_last, cfg)
+  if cfg.use_aux_heads:
+    params["aux"] = _init_aux(keys[-2], aux_c, cfg)
+  return params, stats
+
+
+def _drop_path(x, keep, key):
+  mask = jax.random.bernoulli(key, keep, (x.shape[0], 1, 1, 1))
+  return jnp.where(mask, x / keep, 0.0)
+
+
+def _fixed_op(p, s, x, op, stride, cfg, train):
+  """Returns (y, new op statistics)."""
+  if op in (0, 1):
+    new = []
+    for k, (st, ss) in enumerate(zip(p["stacks"], s["stacks"])):
+      x, ns = _sep_stack(x, st, cfg, train, stride if k == 0 else 1, ss)
+      new.append(ns)
+    return x, {"stacks": new}
+  if op == 2:
+    return ops.avg_pool(x, 3, stride), s
+  if op == 3:
+    return ops.max_pool(x, 3, stride), s
+  if stride > 1:
+    y, ns = _fr_bn(p["fr"], s["fr"], x, cfg, train)
+    return y, {"fr": ns}
+  return x, s
+
+
+def apply_fixed(params, batch_stats, arc, images_NHWC, *, train: bool, key, cfg,
+                progress=0.0):
+  """The fixed child of ``arc`` (numpy): ``(logits, aux_logits | None, new_batch_stats)``.
+
+  ``train``: batch statistics (moving averages updated), drop-path and head
+  dropout (needs ``key``); otherwise moving averages and no randomness.
+  ``progress`` (may be traced): ``(global_step + 1) / (num_epochs *
+  num_train_batches)``, the drop-path schedule's clock.
+  """
+  _check_images(images_NHWC, cfg)
+  arc = _codec(cfg).validate(arc)
+  B = cfg.num_nodes
+  plan, _, _ = _fixed_plan(cfg, arc)
+  use_dp = train and cfg.drop_path_keep_prob < 1.0
+  if train:
+    k_head, k_dp = jax.random.split(key)
+  new_stats = {}
+  x, new_stats["stem"] = _stem(params["stem"], batch_stats["stem"], images_NHWC, cfg, train)
+  layers = [x, x]
+  aux_logits = None
+  new_cells = []
+  for i, cell in enumerate(plan):
+    p, s = params["cells"][i], batch_stats["cells"][i]
+    red, cell_arc = cell["reduction"], cell["arc"]
+    ns = {}
+    x0, x1 = _calibrate(p, s, layers, cfg, train, ns)
+    x1, ns["base"] = _conv_bn(p["base"], s["base"], x1, cfg, train)
+    keep = drop_path_keep(i, progress, cfg) if use_dp else None
+    nodes = [x0, x1]
+    ns["nodes"] = []
+    for b in range(B):
+      outs, nsb = [], {}
+      for t, name in ((0, "x"), (2, "y")):
+        idx, op = int(cell_arc[4 * b + t]), int(cell_arc[4 * b + t + 1])
+        stride = 2 if red and idx < 2 else 1
+        y, nsb[name] = _fixed_op(p["nodes"][b][name], s["nodes"][b][name], nodes[idx], op,
+                                 stride, cfg, train)
+        if use_dp and op < 4:
+          y = _drop_path(y, keep, jax.random.fold_in(k_dp, (i * B + b) * 2 + t // 2))
+        outs.append(y)
+      ns["nodes"].append(nsb)
+      nodes.append(outs[0] + outs[1])
+    ns["combine"] = {}
+    parts = []
+    for j in cell["loose"]:
+      if red and j < 2:
+        y, ns["combine"][str(j)] = _fr_bn(p["combine"][str(j)], s["combine"][str(j)],
+                                          nodes[j], cfg, train)
+        parts.append(y)
+      else:
+        parts.append(nodes[j])
+    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+    new_cells.append(ns)
+    layers = [layers[-1], x]
+    if i == cfg.aux_cell and "aux" in params and train:
+      aux_logits = _aux_head(params["aux"], x, cfg)
+  new_stats["cells"] = new_cells
+  logits = _head(params["fc"], x, cfg, train, k_head if train else None)
+  return logits, aux_logits, new_stats
+
+
+__all__ = ["MicroChildConfig", "init_shared", "apply_shared", "init_fixed", "apply_fixed",
+           "count_params", "drop_path_keep"]
