@@ -65,3 +65,11 @@ def test_uniform_samples_are_valid_and_cover_choices():
   assert set(arcs[:, 1::2].ravel().tolist()) == set(range(5))
   assert arcs[:, 16].max() == 5  # node 6's first input can be any of 0..5
   assert f._cache_size() == 1
+
+
+def test_unread_cell_inputs_are_loose_ends():
+  codec = MicroCodec(2)
+  # normal cell: node 2 = f(1) + f(1), node 3 = f(2) + f(2): input 0 and node 3 are unread.
+  arc = codec.parse("1 0 1 0 2 4 2 4 " "0 0 1 0 2 0 2 0")
+  assert codec.loose_ends(arc, 0) == [0, 3]
+  assert codec.loose_ends(arc, 1) == [3]

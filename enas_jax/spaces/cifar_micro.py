@@ -117,10 +117,13 @@ class MicroCodec(base.Codec):
             f"{self.arc_length} tokens (normal cell, then reduction).")
 
   def loose_ends(self, arc: Any, cell: int) -> list[int]:
-    """Nodes of a cell (2..B+1) that no node of the same cell reads: the cell output."""
+    """Nodes of a cell that no node of the same cell reads: the cell output.
+
+    The cell inputs 0 and 1 count too (an unread input is concatenated into the
+    output, as in the original's search and final cells)."""
     a = self.validate(arc)[cell * self.cell_length:(cell + 1) * self.cell_length]
     used = set(a[0::4].tolist()) | set(a[2::4].tolist())
-    return [b for b in range(2, self.num_nodes + 2) if b not in used]
+    return [b for b in range(self.num_nodes + 2) if b not in used]
 
   def describe(self, arc: Any) -> str:
     a = self.validate(arc)
