@@ -3,7 +3,7 @@
 import os
 import re
 
-from conftest import ROOT, tiny_ptb_config
+from conftest import ROOT, tiny_cifar_config, tiny_ptb_config
 
 
 def _section_code(title: str) -> str:
@@ -16,13 +16,17 @@ def _section_code(title: str) -> str:
 
 
 def test_notebook_section_runs(monkeypatch):
+  from configs import cifar_macro
   from configs import ptb as ptb_config
   tiny = tiny_ptb_config("smoke")  # built before the patch (it calls get_config)
   monkeypatch.setattr(ptb_config, "get_config", lambda variant="search": tiny)
+  tiny_c = tiny_cifar_config("cifar_macro", "smoke")
+  monkeypatch.setattr(cifar_macro, "get_config", lambda variant="search": tiny_c)
   ns = {}
   exec(compile(_section_code("Notebook use"), "README.md", "exec"), ns)
   assert float(ns["ppl"]) > 1.0
-  assert ns["space"].validate(ns["out"]["arc"]) is not None
+  assert 0.0 <= float(ns["acc"]) <= 1.0
+  assert ns["space"].validate(ns["arc"]) is not None
 
 
 def test_arc_strings_section_runs():
