@@ -81,8 +81,8 @@ def tiny_cifar_config(space: str = "cifar_macro", variant: str = "smoke", **over
   if space == "cifar_macro":
     c.space.num_layers = 3  # reductions after layers 0 and 1
   else:
-    c.space.num_layers = 3  # 5 cells: reductions at cells 1 and 3
-    c.space.num_nodes = 2
+    c.space.num_layers = 1  # 3 cells: reduction, reduction, normal (pd = 0)
+    c.space.num_nodes = 1
   c.controller.lstm_size = 8
   c.controller.train_steps = 2
   c.controller.num_aggregate = 2

@@ -17,7 +17,8 @@ def _read(path):
     return f.read()
 
 
-@pytest.mark.parametrize("space", ["cifar_macro", "cifar_micro"])
+@pytest.mark.parametrize("space", [
+    "cifar_macro", pytest.param("cifar_micro", marks=pytest.mark.slow)])
 def test_search_derive_final_then_resume_matches_uninterrupted(tmp_path, space):
   full = str(tmp_path / "full")
   out_full = run_lib.run(tiny_cifar_config(space), full)
@@ -43,6 +44,17 @@ def test_search_derive_final_then_resume_matches_uninterrupted(tmp_path, space):
   np.testing.assert_allclose(valid(part), valid(full), atol=1e-6)
 
 
+def test_micro_search_derive_final(tmp_path):
+  """The micro space end to end (its resume is the slow variant above)."""
+  out = run_lib.run(tiny_cifar_config("cifar_micro", **{"search.num_epochs": 1}),
+                    str(tmp_path))
+  assert 0.0 <= out["final"]["test_acc"] <= 1.0
+  assert len(out["best_arc"].split()) == 8  # one node per cell in the tiny config
+  names = set().union(*metrics_lib.read_metrics(str(tmp_path)))
+  assert {"child/acc", "controller/reward", "controller/entropy", "valid/acc"} <= names
+
+
+@pytest.mark.slow
 def test_macro_random_search_and_skip_penalty(tmp_path):
   out = run_lib.run(tiny_cifar_config("cifar_macro", **{
       "search.sampler": "uniform", "search.num_epochs": 1, "search.then_final": False}),
