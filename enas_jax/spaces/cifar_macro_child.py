@@ -140,18 +140,15 @@ class MacroChildConfig:
       v = getattr(self, name)
       if not _is_num(v) or not v > 0.0:
         raise ValueError(f"child.{name} must be a number > 0, got {v!r}.")
-    if not isinstance(self.checkpoint_branches, (bool, np.bool_)):
+    is_bool = isinstance(self.checkpoint_branches, (bool, np.bool_))
+    if not is_bool:  # a config value: ValueError like the others
       raise ValueError(
           f"child.checkpoint_branches must be True or False, got {self.checkpoint_branches!r}.")
-    if not isinstance(self.op_select, str):
-      raise ValueError(f"child.op_select must be a string, got {self.op_select!r}.")
-    if not isinstance(self.conv_impl, str):
-      raise ValueError(f"child.conv_impl must be a string, got {self.conv_impl!r}.")
     object.__setattr__(self, "op_select", conv_ops.resolve_op_select(self.op_select))
     object.__setattr__(self, "conv_impl", conv_ops.resolve_conv_impl(self.conv_impl))
 
   @classmethod
-  def from_config(cls, config) -> "MacroChildConfig":
+  def from_config(cls, config) -> MacroChildConfig:
     """From ``config.space.num_layers`` and ``config.child.*``."""
     c, s = config.child, config.space
     return cls(
@@ -170,7 +167,7 @@ class MacroChildConfig:
     return tuple(l for l in (pd - 1, 2 * pd - 1) if l >= 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _codec(num_layers: int) -> MacroCodec:
   return MacroCodec(num_layers)
 

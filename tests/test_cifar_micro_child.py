@@ -1,0 +1,315 @@
+"""The micro CIFAR child: the traced-arc shared child equals the baked one
+(outputs, statistics, gradients), one compilation for many arcs, the fixed
+child's shapes, parameter count and drop-path schedule, config errors."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from enas_jax.spaces import cifar_micro
+from enas_jax.spaces import cifar_micro_child as mc
+
+B = 2  # nodes per cell
+# Batch, image size: at 32x32 the aux head's BNs see 2x2 maps (8 values), not
+# 1x1 ones (2 values, ill-conditioned gradients); the cost is negligible at C=4.
+N, HW = 2, 32
+# num_layers=1: cells 0 (reduction), 1 (reduction), 2 (normal, aux head after it).
+TINY = {"num_layers": 1, "num_nodes": B, "out_filters": 4}
+NUM_ARCS = 3
+
+
+def _codec():
+  return cifar_micro.MicroCodec(B)
+
+
+def _images(seed=1):
+  return jax.random.normal(jax.random.key(seed), (N, HW, HW, 3), jnp.float32)
+
+
+def _labels():
+  return jnp.arange(N) % 10
+
+
+def _arcs():
+  """Random arcs plus a hand-made one: normal cell ``node 2 = avg(0) + max(1)``
+  (a node whose both branches are pools), ``node 3 = sep3(2) + id(2)`` (inputs
+  0 and 1 used, loose end {3}); reduction cell ``node 2 = sep5(1) + sep3(1)``,
+  ``node 3 = max(1) + id(2)`` (input 0 loose)."""
+  c = _codec()
+  arcs = [np.asarray(c.sample_uniform(jax.random.key(100 + i))) for i in range(NUM_ARCS - 1)]
+  arcs.append(c.validate([0, 2, 1, 3, 2, 0, 2, 4, 1, 1, 1, 0, 1, 3, 2, 4]))
+  return arcs
+
+
+def _loss_fn(cfg, arc_static=None):
+  """(params, stats, arc, x, key) -> (loss, (logits, aux, new_stats))."""
+  def loss(params, stats, arc, x, key):
+    if arc_static is not None:
+      arc = arc_static
+    logits, aux, ns = mc.apply_shared(params, stats, arc, x, train=True, key=key, cfg=cfg)
+    y = _labels()
+    ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+    ce = ce - 0.4 * jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(aux), y[:, None], 1))
+    return ce, (logits, aux, ns)
+  return loss
+
+
+@pytest.fixture(scope="module")
+def shared():
+  """Per op_select mode: the traced value-and-grad (jitted once), and for each
+  arc its results; plus the baked (numpy-arc) results per arc."""
+  x, key = _images(), jax.random.key(7)
+  arcs = _arcs()
+  out = {"arcs": arcs, "x": x}
+  base_cfg = mc.MicroChildConfig(**TINY)
+  params, stats = mc.init_shared(jax.random.key(0), base_cfg)
+  out["params"], out["stats"] = params, stats
+  # The baked reference (op_select does not matter for a numpy arc).
+  out["baked"] = []
+  for a in arcs:
+    f = jax.jit(jax.value_and_grad(_loss_fn(base_cfg, a), has_aux=True))
+    out["baked"].append(f(params, stats, None, x, key))
+  for mode in ("switch", "mask"):
+    # The mask mode runs every op anyway: plain convolutions compile faster.
+    impl = "custom" if mode == "switch" else "plain"
+    cfg = mc.MicroChildConfig(**TINY, op_select=mode, conv_impl=impl)
+    if mode == "switch":
+      f = jax.jit(jax.value_and_grad(_loss_fn(cfg), has_aux=True))
+    else:
+      f = jax.jit(_loss_fn(cfg))
+    out[mode] = f
+    out[mode + "_res"] = [f(params, stats, jnp.asarray(a), x, key) for a in arcs]
+  return out
+
+
+def _assert_trees_close(a, b, atol=1e-4, rtol=1e-4):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for u, v in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=atol, rtol=rtol)
+
+
+def _assert_grads_close(a, b, tol=1e-3):
+  """Per leaf: ||a - b|| <= tol * ||b|| (+ a tiny floor for all-zero leaves)."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    u, v = np.asarray(u), np.asarray(v)
+    err, ref = np.linalg.norm(u - v), np.linalg.norm(v)
+    assert err <= tol * ref + 1e-7, (jax.tree_util.keystr(path), err, ref)
+
+
+@pytest.mark.parametrize("mode", ["switch", "mask"])
+def test_traced_arc_equals_baked_arc(shared, mode):
+  for i, arc in enumerate(shared["arcs"]):
+    res = shared[mode + "_res"][i]
+    traced = res[0] if mode == "switch" else res  # (loss, (logits, aux, stats))
+    baked = shared["baked"][i][0]
+    assert traced[1][0].shape == (N, 10) and traced[1][1].shape == (N, 10)
+    np.testing.assert_allclose(traced[0], baked[0], atol=1e-4, rtol=1e-4)
+    _assert_trees_close(traced[1], baked[1])
+
+
+def test_grads_traced_equal_baked_and_unused_weights_get_zero(shared):
+  for i, arc in enumerate(shared["arcs"]):
+    g_traced = shared["switch_res"][i][1]
+    g_baked = shared["baked"][i][1]
+    _assert_grads_close(g_traced, g_baked)
+    for g in (g_traced, g_baked):
+      assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(g))
+  # The hand-made arc: normal-cell node 2 (cell 2) is avg(0) + max(1), so both of
+  # its branches' sep weights get exactly zero gradient; so do the sep rows of
+  # input indices that no branch reads, and the final-conv blocks of used nodes.
+  g = shared["switch_res"][-1][1]
+  normal = g["cells"][2]
+  for name in ("x", "y"):
+    for leaf in jax.tree.leaves(normal["nodes"][0][name]):
+      assert np.all(np.asarray(leaf) == 0.0)
+  # Node 3 = sep3(2) + id(2): branch x's sep3 row 2 is used, rows 0 and 1 are not.
+  w = np.asarray(normal["nodes"][1]["x"]["sep3"][0]["w_depth"])
+  assert np.any(w[2] != 0) and np.all(w[:2] == 0)
+  assert all(np.all(np.asarray(v) == 0) for v in jax.tree.leaves(normal["nodes"][1]["x"]["sep5"]))
+  # Loose ends of the normal cell: {3}; final-conv blocks 0, 1, 2 are zero.
+  wf = np.asarray(normal["final"]["w"])
+  assert np.all(wf[:3] == 0) and np.any(wf[3] != 0)
+  # Reduction cell (cell 1): input 0 is loose, so its final-conv block is used.
+  wf = np.asarray(g["cells"][1]["final"]["w"])
+  assert np.any(wf[0] != 0) and np.all(wf[1:3] == 0) and np.any(wf[3] != 0)
+
+
+def test_one_compilation_for_many_arcs(shared):
+  f = shared["mask"]  # forward only: cheap to run
+  c = _codec()
+  for i in range(20):
+    arc = c.sample_uniform(jax.random.key(500 + i))
+    loss, _ = f(shared["params"], shared["stats"], arc, shared["x"], jax.random.key(i))
+    assert np.isfinite(float(loss))
+  assert f._cache_size() == 1
+  assert shared["switch"]._cache_size() == 1
+
+
+def test_eval_mode_has_no_aux_and_ignores_moving_averages(shared):
+  cfg = mc.MicroChildConfig(**TINY, op_select="mask", conv_impl="plain")
+  arc = shared["arcs"][0]
+  p, x = shared["params"], shared["x"]
+  f = jax.jit(lambda s: mc.apply_shared(p, s, arc, x, train=False, key=None, cfg=cfg)[:2])
+  logits, aux = f(shared["stats"])
+  assert aux is None and logits.shape == (N, 10)
+  # Search BN always normalises with batch statistics: other moving averages
+  # give the same output, and no dropout: the same output twice.
+  logits2, _ = f(jax.tree.map(lambda v: v + 3.0, shared["stats"]))
+  np.testing.assert_allclose(logits, logits2, atol=1e-5)
+  assert f._cache_size() == 1
+
+
+# ----------------------------------------------------------------- fixed child
+def test_paper_arc_parameter_count():
+  arc = cifar_micro.MicroCodec(5).parse(cifar_micro.PAPER_ARC)
+  cfg = mc.MicroChildConfig(num_layers=15, out_filters=36)
+  params, _ = jax.eval_shape(lambda k: mc.init_fixed(k, cfg, arc), jax.random.key(0))
+  total, trunk, aux = (mc.count_params(params), mc.count_params(params, exclude_aux=True),
+                       mc.count_params(params["aux"]))
+  print(f"paper micro arc, final sizes: {trunk:,} trainable + {aux:,} aux = {total:,}")
+  # Reference §6.3: 3.89M trainable + 0.50M aux head = 4.39M (the paper says 4.6M).
+  assert trunk == 3_894_372 and aux == 494_848 and total == trunk + aux
+
+
+@pytest.fixture(scope="module")
+def fixed():
+  # Reduction cell: node 2 = id(0) + sep3(1) (a strided identity: an FR), node 3
+  # = avg(1) + max(2): input 0 is used, loose ends {3}; normal cell: node 2 =
+  # sep5(0) + avg(0), node 3 = id(2) + sep3(0): input 1 is loose, loose {1, 3}.
+  arc = cifar_micro.MicroCodec(B).validate(
+      [0, 1, 0, 2, 2, 4, 0, 0, 0, 4, 1, 0, 1, 2, 2, 3])
+  cfg = mc.MicroChildConfig(**TINY, conv_impl="plain")
+  params, stats = mc.init_fixed(jax.random.key(0), cfg, arc)
+  x = _images(2)
+
+  def loss(p, s, progress, key):
+    logits, aux, ns = mc.apply_fixed(p, s, arc, x, train=True, key=key, cfg=cfg,
+                                     progress=progress)
+    return jnp.sum(logits ** 2) + 0.4 * jnp.sum(aux ** 2), (logits, aux, ns)
+
+  f = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (l, (logits, aux, ns)), g = f(params, stats, jnp.float32(0.5), jax.random.key(3))
+  return {"arc": arc, "cfg": cfg, "params": params, "stats": stats, "x": x, "logits": logits,
+          "aux": aux, "new_stats": ns, "grads": g, "loss": l}
+
+
+def test_fixed_child_shapes_grads_and_params(fixed):
+  cfg, p = fixed["cfg"], fixed["params"]
+  assert fixed["logits"].shape == (N, 10) and fixed["aux"].shape == (N, 10)
+  assert np.isfinite(float(fixed["loss"]))
+  leaves = jax.tree.leaves(fixed["grads"])
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in leaves)
+  assert any(np.any(np.asarray(v) != 0) for v in leaves)
+  assert jax.tree.structure(fixed["new_stats"]) == jax.tree.structure(fixed["stats"])
+  # Only the arc's ops have parameters.
+  red, normal = p["cells"][0], p["cells"][2]
+  assert "fr" in red["nodes"][0]["x"] and "stacks" in red["nodes"][0]["y"]
+  assert red["nodes"][1]["x"] == {} and red["nodes"][1]["y"] == {}
+  assert red["combine"] == {}
+  assert normal["nodes"][1]["x"] == {}  # identity at stride 1
+  # The head reads the concat of the last (normal) cell's loose ends {1, 3}: 2 x 4C.
+  c_last = 2 * 4 * cfg.out_filters
+  assert p["fc"]["w"].shape == (c_last, 10)
+  # Eval mode: moving averages, no aux, deterministic.
+  a = mc.apply_fixed(p, fixed["stats"], fixed["arc"], fixed["x"], train=False, key=None, cfg=cfg)
+  assert a[1] is None and a[0].shape == (N, 10)
+  assert np.all(np.isfinite(np.asarray(a[0])))
+
+
+def test_fixed_child_loose_input_of_reduction_cell_is_reduced():
+  # Reduction cell with input 0 loose: node 2 = sep3(1) + max(1), node 3 = id(2) +
+  # avg(1); its output concatenates FR(input 0) and node 3.
+  arc = cifar_micro.MicroCodec(B).validate(
+      [0, 0, 1, 2, 2, 4, 0, 3, 1, 0, 1, 3, 2, 4, 1, 2])
+  cfg = mc.MicroChildConfig(num_layers=1, num_nodes=B, out_filters=2, use_aux_heads=False,
+                            conv_impl="plain")
+  codec = cifar_micro.MicroCodec(B)
+  assert codec.loose_ends(arc, 1) == [0, 3] and codec.loose_ends(arc, 0) == [3]
+  params, stats = jax.eval_shape(lambda k: mc.init_fixed(k, cfg, arc), jax.random.key(0))
+  assert set(params["cells"][0]["combine"]) == {"0"}
+  assert "aux" not in params
+  out = jax.eval_shape(lambda p, s: mc.apply_fixed(p, s, arc, _images(), train=True,
+                                                   key=jax.random.key(0), cfg=cfg),
+                       params, stats)
+  assert out[0].shape == (N, 10) and out[1] is None
+
+
+def test_drop_path_schedule():
+  cfg = mc.MicroChildConfig(num_layers=15, drop_path_keep_prob=0.6)
+  # progress 0: keep 1 everywhere; progress >= 1: 1 - (i+1)/17 * 0.4, 0.6 at the last cell.
+  for i in (0, 8, 16):
+    assert float(mc.drop_path_keep(i, 0.0, cfg)) == pytest.approx(1.0)
+    want = 1.0 - (i + 1) / 17 * 0.4
+    assert float(mc.drop_path_keep(i, 1.0, cfg)) == pytest.approx(want, abs=1e-6)
+    assert float(mc.drop_path_keep(i, 3.0, cfg)) == pytest.approx(want, abs=1e-6)
+    assert float(mc.drop_path_keep(i, 0.5, cfg)) == pytest.approx(1 - 0.5 * (1 - want), abs=1e-6)
+  assert float(mc.drop_path_keep(16, 1.0, cfg)) == pytest.approx(0.6)
+
+
+def test_drop_path_zeroes_whole_examples(fixed):
+  # At progress 1 with keep 0.6-ish, training outputs differ between keys, and
+  # eval outputs do not depend on the key at all.
+  cfg = mc.MicroChildConfig(**TINY, conv_impl="plain", keep_prob=1.0, drop_path_keep_prob=0.2)
+  p, s, arc, x = fixed["params"], fixed["stats"], fixed["arc"], fixed["x"]
+  f = jax.jit(lambda k, prog: mc.apply_fixed(p, s, arc, x, train=True, key=k, cfg=cfg,
+                                             progress=prog)[0])
+  a, b = f(jax.random.key(0), 1.0), f(jax.random.key(1), 1.0)
+  assert not np.allclose(a, b)
+  # progress 0: keep 1, no drop path; head dropout off (keep_prob 1): keys agree.
+  np.testing.assert_allclose(f(jax.random.key(0), 0.0), f(jax.random.key(1), 0.0), atol=1e-6)
+
+
+# ------------------------------------------------------------------- config
+def _config(**child):
+  c = ml_collections.ConfigDict()
+  c.space = ml_collections.ConfigDict({"name": "cifar_micro", "num_layers": 6, "num_nodes": 5})
+  c.child = ml_collections.ConfigDict(dict({"out_filters": 20}, **child))
+  return c
+
+
+def test_from_config_defaults_and_auto():
+  cfg = mc.MicroChildConfig.from_config(_config(op_select="auto", conv_impl="auto"))
+  assert cfg.num_layers == 6 and cfg.num_nodes == 5 and cfg.out_filters == 20
+  assert cfg.op_select == "switch"
+  assert cfg.conv_impl == ("custom" if jax.default_backend() == "cpu" else "plain")
+  assert cfg.keep_prob == 0.9 and cfg.drop_path_keep_prob == 0.6 and cfg.use_aux_heads
+  assert cfg.reduction_cells == (2, 5) and cfg.aux_cell == 6 and cfg.num_cells == 8
+
+
+@pytest.mark.parametrize("child,match", [
+    ({"op_select": "gather"}, "op_select"),
+    ({"conv_impl": "fft"}, "conv_impl"),
+    ({"keep_prob": 0.0}, "keep_prob"),
+    ({"drop_path_keep_prob": 1.5}, "drop_path_keep_prob"),
+    ({"bn_decay": 1.0}, "bn_decay"),
+    ({"bn_eps": 0.0}, "bn_eps"),
+    ({"out_filters": 0}, "out_filters"),
+])
+def test_bad_config_values_raise(child, match):
+  with pytest.raises(ValueError, match=match):
+    mc.MicroChildConfig.from_config(_config(**child))
+
+
+def test_bad_sizes_and_arcs_raise():
+  with pytest.raises(ValueError, match="num_layers"):
+    mc.MicroChildConfig(num_layers=0)
+  with pytest.raises(ValueError, match="num_nodes"):
+    mc.MicroChildConfig(num_layers=3, num_nodes=0)
+  c = _config()
+  del c.child["out_filters"]
+  with pytest.raises(ValueError, match="out_filters"):
+    mc.MicroChildConfig.from_config(c)
+  cfg = mc.MicroChildConfig(**TINY)
+  bad = np.zeros(8 * B, np.int32)
+  bad[0] = 5  # node 2 cannot read node 5
+  with pytest.raises(ValueError, match="token 0"):
+    mc.init_fixed(jax.random.key(0), cfg, bad)
+  params, stats = jax.eval_shape(lambda k: mc.init_shared(k, cfg), jax.random.key(0))
+  with pytest.raises(ValueError, match="multiples of 4"):
+    jax.eval_shape(lambda p, s: mc.apply_shared(p, s, np.zeros(8 * B, np.int32),
+                                                jnp.zeros((1, 10, 10, 3)), train=False,
+                                                key=None, cfg=cfg), params, stats)
