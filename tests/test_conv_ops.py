@@ -101,3 +101,14 @@ def test_bad_settings_are_named():
   with pytest.raises(ValueError, match="op_select"):
     ops.resolve_op_select("one_hot")
   assert ops.resolve_conv_impl("auto") == "custom"  # tests run on CPU
+
+
+@pytest.mark.parametrize("c", [4, 36])
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_depthwise_custom_gradient_matches_plain(k, c):
+  x, w = _rand(11, (2, 7, 6, c)), _rand(12, (k, k, c))
+  g = _rand(13, (2, 7, 6, c))
+  fc = jax.grad(lambda x, w: jnp.sum(ops.depthwise_conv2d(x, w, 1, "custom") * g), (0, 1))
+  fp = jax.grad(lambda x, w: jnp.sum(ops.depthwise_conv2d(x, w, 1, "plain") * g), (0, 1))
+  for a, b in zip(fc(x, w), fp(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -12,11 +12,16 @@ and the children use them through this one helper so each backend can choose:
 1. :func:`conv2d` with ``impl="custom"``: a ``jax.custom_vjp`` whose backward
    convolutions are written in the canonical NHWC/HWIO form (input gradient =
    convolution of the output gradient with the flipped, in/out-swapped kernel;
-   kernel gradient = one matrix product per tap);
+   kernel gradient = convolution of the input, transposed to [C_in, H, W, N], with
+   the output gradient, transposed to [H, W, N, C_out], as the kernel: what XLA
+   itself emits outside a conditional);
 2. :func:`select_branch` wraps each switch branch in ``jax.checkpoint``, so that
    autodiff does not emit the zero-filled residuals of every branch;
 3. :func:`depthwise_conv2d` as a sum of shifted slices (XLA:CPU's grouped
-   convolution is about 30x slower than that).
+   convolution is about 30x slower than that), with a custom gradient at stride 1:
+   per-tap reductions for the kernel gradient made XLA:CPU materialise a shifted
+   copy of the input per tap; the diagonal of the (block-wise) full kernel gradient,
+   one canonical convolution per block of 16 channels, is 5-10x faster.
 
 ``impl="auto"`` picks ``custom`` on CPU and ``plain`` (``lax.conv_general_dilated``)
 elsewhere, until a GPU/TPU measurement says otherwise; the benchmark reports
@@ -74,23 +79,22 @@ def _custom_conv_fwd(x_NHWC, w_HWIO):
 
 def _custom_conv_bwd(res, g_NHWO):
   x_NHWC, w_HWIO = res
-  kh, kw, cin, cout = w_HWIO.shape
+  kh, kw = w_HWIO.shape[:2]
   (pt, pb), (pl, pr) = _same_pads(kh), _same_pads(kw)
   # dx: correlate dy with the spatially flipped kernel, in/out swapped. The
   # forward padding (pt, pb) becomes (pb, pt) for the transposed correlation.
   w_flip = jnp.flip(w_HWIO, (0, 1)).transpose(0, 1, 3, 2)
   dx = jax.lax.conv_general_dilated(g_NHWO, w_flip, (1, 1), ((pb, pt), (pr, pl)),
                                     dimension_numbers=_DN)
-  # dw[a, b] = sum_{n,h,w} xpad[n, h+a, w+b, :]^T dy[n, h, w, :]: one matmul per tap.
-  n, h, w, _ = x_NHWC.shape
-  xp = jnp.pad(x_NHWC, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  g2 = g_NHWO.reshape(n * h * w, cout)
-  taps = []
-  for a in range(kh):
-    for b in range(kw):
-      xs = jax.lax.slice(xp, (0, a, b, 0), (n, a + h, b + w, cin)).reshape(n * h * w, cin)
-      taps.append(jnp.dot(xs.T, g2, preferred_element_type=jnp.float32).astype(w_HWIO.dtype))
-  dw = jnp.stack(taps).reshape(kh, kw, cin, cout)
+  # dw[a, b, i, o] = sum_{n,h,w} xpad[n, h+a, w+b, i] dy[n, h, w, o]: a correlation of x
+  # (C_in as the batch, N as the features) with dy (N in, C_out out) as the kernel, written
+  # in the canonical NHWC/HWIO form so that XLA:CPU runs its fast convolution inside a
+  # conditional too (per-tap matrix products were ~10x slower: a copy of x per tap).
+  x_t = x_NHWC.transpose(3, 1, 2, 0)  # [C_in, H, W, N]
+  g_t = g_NHWO.transpose(1, 2, 0, 3)  # [H, W, N, C_out]
+  dw = jax.lax.conv_general_dilated(x_t, g_t, (1, 1), ((pt, pb), (pl, pr)),
+                                    dimension_numbers=_DN)  # [C_in, kh, kw, C_out]
+  dw = dw.transpose(1, 2, 0, 3).astype(w_HWIO.dtype)
   return dx.astype(x_NHWC.dtype), dw
 
 
@@ -132,18 +136,70 @@ def _shifted_windows(x_NHWC, k: int, stride: int, pad_value: float):
           (1, stride, stride, 1))
 
 
+def _depthwise_slices(x_NHWC, w_HWC, stride: int = 1):
+  out = None
+  for a, b, xs in _shifted_windows(x_NHWC, w_HWC.shape[0], stride, 0.0):
+    t = xs * w_HWC[a, b]
+    out = t if out is None else out + t
+  return out
+
+
+_DW_BLOCK = 16  # channels per block of the depthwise kernel gradient (see below)
+
+
+@jax.custom_vjp
+def _custom_depthwise(x_NHWC, w_HWC):
+  return _depthwise_slices(x_NHWC, w_HWC)
+
+
+def _custom_depthwise_fwd(x_NHWC, w_HWC):
+  return _depthwise_slices(x_NHWC, w_HWC), (x_NHWC, w_HWC)
+
+
+def _custom_depthwise_bwd(res, g_NHWC):
+  x_NHWC, w_HWC = res
+  k, c = w_HWC.shape[0], w_HWC.shape[-1]
+  lo, hi = _same_pads(k)
+  # dx: the same sum of shifted slices over dy with the flipped kernel (pads swapped).
+  if lo == hi:
+    dx = _depthwise_slices(g_NHWC, jnp.flip(w_HWC, (0, 1)))
+  else:  # even k: transposed padding
+    gp = jnp.pad(g_NHWC, ((0, 0), (hi - lo, 0), (hi - lo, 0), (0, 0)))
+    dx = _depthwise_slices(gp, jnp.flip(w_HWC, (0, 1)))[:, :x_NHWC.shape[1], :x_NHWC.shape[2]]
+  # dw[a, b, c] = sum_{n,h,w} xpad[n, h+a, w+b, c] dy[n, h, w, c]. Per-tap reductions
+  # made XLA:CPU copy a shifted x per tap (~10x slower). Instead: the diagonal of the full
+  # kernel gradient (canonical convolution, fast inside a conditional too), computed per
+  # block of <= _DW_BLOCK channels so the extra FLOPs stay bounded.
+  nb = -(-c // _DW_BLOCK)
+  while c % nb:
+    nb += 1
+  cb = c // nb
+  x_t = x_NHWC.transpose(3, 1, 2, 0)  # [C, H, W, N]
+  g_t = g_NHWC.transpose(1, 2, 0, 3)  # [H, W, N, C]
+  idx = jnp.arange(cb)
+  parts = []
+  for i in range(nb):
+    full = jax.lax.conv_general_dilated(
+        x_t[i * cb:(i + 1) * cb], g_t[..., i * cb:(i + 1) * cb], (1, 1), ((lo, hi), (lo, hi)),
+        dimension_numbers=_DN)  # [cb, k, k, cb]
+    parts.append(full[idx, :, :, idx])  # [cb, k, k]
+  dw = jnp.concatenate(parts, 0).transpose(1, 2, 0)
+  return dx.astype(x_NHWC.dtype), dw.astype(w_HWC.dtype)
+
+
+_custom_depthwise.defvjp(_custom_depthwise_fwd, _custom_depthwise_bwd)
+
+
 def depthwise_conv2d(x_NHWC: jax.Array, w_HWC: jax.Array, stride: int = 1, impl: str = "plain"):
   """SAME depthwise convolution with a ``[k, k, C]`` kernel (channel multiplier 1).
 
-  ``custom`` sums shifted slices (fast on XLA:CPU, exact); ``plain`` uses a
-  grouped ``conv_general_dilated``."""
+  ``custom`` sums shifted slices (fast on XLA:CPU, exact), with a custom gradient at
+  stride 1; ``plain`` uses a grouped ``conv_general_dilated``."""
   k = w_HWC.shape[0]
   if impl == "custom":
-    out = None
-    for a, b, xs in _shifted_windows(x_NHWC, k, stride, 0.0):
-      t = xs * w_HWC[a, b]
-      out = t if out is None else out + t
-    return out
+    if stride == 1:
+      return _custom_depthwise(x_NHWC, w_HWC)
+    return _depthwise_slices(x_NHWC, w_HWC, stride)
   c = x_NHWC.shape[-1]
   return jax.lax.conv_general_dilated(
       x_NHWC, w_HWC.reshape(k, k, 1, c), (stride, stride), "SAME",
