@@ -48,6 +48,8 @@ VARIANTS = {
                       "checkpoint_branches": False},
     "mask": {"op_select": "mask", "conv_impl": "custom", "checkpoint_branches": True},
     "static": {"op_select": "switch", "conv_impl": "custom", "checkpoint_branches": True},
+    "static_nockpt": {"op_select": "switch", "conv_impl": "custom",
+                      "checkpoint_branches": False},
 }
 
 
@@ -280,40 +282,52 @@ def main(argv=None):
   kx, ky = jax.random.split(jax.random.key(args.seed))
   x = jax.random.normal(kx, (args.batch, args.image, args.image, 3), jnp.float32)
   y = jax.random.randint(ky, (args.batch,), 0, 10)
-  rows = []
+  # Compile every variant first, then time them in interleaved rounds (one step
+  # of each per round): on a shared machine the load drifts, and the ratios
+  # should compare steps taken under the same conditions.
+  runs = []
   for name in args.variants.split(","):
     cfg = mc.MicroChildConfig(num_layers=args.num_layers, num_nodes=args.num_nodes,
                               out_filters=args.out_filters, use_aux_heads=not args.no_aux,
                               **VARIANTS[name])
     params, stats = mc.init_shared(jax.random.key(args.seed), cfg)
-    step = make_step(cfg, static_arc if name == "static" else None)
+    step = make_step(cfg, static_arc if name.startswith("static") else None)
     t0 = time.perf_counter()
     compiled = step.lower(params, stats, jnp.asarray(static_arc), x, y,
                           jax.random.key(1)).compile()
     row = {"variant": name, "batch": args.batch, "fast_ops": args.fast_ops,
            "compile_s": round(time.perf_counter() - t0, 1)}
     print(f"  {name}: compiled in {row['compile_s']}s", file=sys.stderr, flush=True)
-    for mode in (["same_arc"] if name == "static" else ["same_arc", "fresh"]):
-      if mode == "fresh" and row.get("slow"):
-        continue
-      times = []
-      for i in range(args.steps + 1):
+    modes = ["same_arc"] if name.startswith("static") else ["same_arc", "fresh"]
+    runs.append({"row": row, "fn": compiled, "state": [params, stats], "modes": modes,
+                 "times": {m: [] for m in modes}})
+  for i in range(args.steps + 1):
+    for run in runs:
+      row = run["row"]
+      for mode in run["modes"]:
+        if row.get("slow") and (i > 0 or mode == "fresh"):
+          continue
         arc = sample(jax.random.key(1000 + i)) if mode == "fresh" else jnp.asarray(static_arc)
         jax.block_until_ready(arc)
         t = time.perf_counter()
-        params, stats, loss = compiled(params, stats, arc, x, y, jax.random.key(i))
+        params, stats, loss = run["fn"](*run["state"], arc, x, y, jax.random.key(i))
         jax.block_until_ready(loss)
-        print(f"  {name} {mode} step {i}: {time.perf_counter() - t:.2f}s", file=sys.stderr,
-              flush=True)
+        dt = time.perf_counter() - t
+        run["state"] = [params, stats]
+        print(f"  {row['variant']} {mode} step {i}: {dt:.2f}s", file=sys.stderr, flush=True)
         if i > 0:  # the first call pays one-off allocation costs
-          times.append(time.perf_counter() - t)
-        elif time.perf_counter() - t > args.slow_s:  # too slow to repeat: one step
-          times.append(time.perf_counter() - t)
+          run["times"][mode].append(dt)
+        elif dt > args.slow_s:  # too slow to repeat: this step is the measurement
+          run["times"][mode].append(dt)
           row["slow"] = True
-          break
-      med = float(np.median(times))
-      row[f"{mode}_step_s"] = round(med, 3)
-      row[f"{mode}_img_s"] = round(args.batch / med, 1)
+  rows = []
+  for run in runs:
+    row = run["row"]
+    for mode, times in run["times"].items():
+      if times:
+        med = float(np.median(times))
+        row[f"{mode}_step_s"] = round(med, 3)
+        row[f"{mode}_img_s"] = round(args.batch / med, 1)
     rows.append(row)
     print(json.dumps(row), flush=True)
   st = next((r for r in rows if r["variant"] == "static"), None)

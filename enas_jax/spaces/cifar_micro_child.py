@@ -440,6 +440,10 @@ def _shared_cell(p, s, layers, cell_arc, cfg, static):
   x0, x1 = _calibrate(p, s, layers, cfg, True, new_s)
   nodes = [x0, x1]
   branches = _shared_branches(cfg)
+  if static and cfg.checkpoint_branches:
+    # The baked arc calls its op directly; under the same per-op checkpoint
+    # it is the switch path's computation without the conditional.
+    branches = [jax.checkpoint(f) for f in branches]
   for b in range(B):
     outs = []
     stacked = None if static else jnp.stack(nodes)  # one stack for both branches
