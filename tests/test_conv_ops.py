@@ -12,10 +12,13 @@ def _rand(key, shape):
   return jax.random.normal(jax.random.key(key), shape, jnp.float32)
 
 
+# Batch 19: the kernel gradient's loop over chunks of images (4 for full
+# convolutions, 8 for depthwise) runs several chunks plus a remainder of 3.
+@pytest.mark.parametrize("n", [2, 19])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_custom_conv_matches_plain_forward_and_backward(k):
-  x, w = _rand(0, (2, 8, 8, 3)), _rand(1, (k, k, 3, 4))
-  g = _rand(2, (2, 8, 8, 4))
+def test_custom_conv_matches_plain_forward_and_backward(k, n):
+  x, w = _rand(0, (n, 8, 8, 3)), _rand(1, (k, k, 3, 4))
+  g = _rand(2, (n, 8, 8, 4))
 
   def loss(impl):
     return lambda x, w: jnp.sum(ops.conv2d(x, w, impl=impl) * g)
@@ -103,12 +106,59 @@ def test_bad_settings_are_named():
   assert ops.resolve_conv_impl("auto") == "custom"  # tests run on CPU
 
 
+@pytest.mark.parametrize("n", [2, 19])
 @pytest.mark.parametrize("c", [4, 36])
 @pytest.mark.parametrize("k", [2, 3, 5])
-def test_depthwise_custom_gradient_matches_plain(k, c):
-  x, w = _rand(11, (2, 7, 6, c)), _rand(12, (k, k, c))
-  g = _rand(13, (2, 7, 6, c))
+def test_depthwise_custom_gradient_matches_plain(k, c, n):
+  x, w = _rand(11, (n, 7, 6, c)), _rand(12, (k, k, c))
+  g = _rand(13, (n, 7, 6, c))
   fc = jax.grad(lambda x, w: jnp.sum(ops.depthwise_conv2d(x, w, 1, "custom") * g), (0, 1))
   fp = jax.grad(lambda x, w: jnp.sum(ops.depthwise_conv2d(x, w, 1, "plain") * g), (0, 1))
   for a, b in zip(fc(x, w), fp(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _ref_pool(x, kind):
+  """stride-1 SAME 3x3 pools from lax.reduce_window (XLA's own gradients)."""
+  dims, strides, pad = (1, 3, 3, 1), (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+  if kind == "max":
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, pad)
+  tot = jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, pad)
+  cnt = jax.lax.reduce_window(jnp.ones_like(x[:1, ..., :1]), 0.0, jax.lax.add, dims, strides,
+                              pad)
+  return tot / cnt
+
+
+@pytest.mark.parametrize("kind", ["avg", "max"])
+def test_stride1_pools_hand_written_gradients_match_xla(kind):
+  # After a ReLU most windows hold tied zeros: the max-pool gradient must go to
+  # the first maximum only, as XLA's (and TF's) does.
+  x = jax.nn.relu(_rand(20, (3, 7, 6, 5)))
+  x = x.at[0, 2:5, 2:5, 0].set(1.5)  # a plateau of tied maxima above zero too
+  g = _rand(21, (3, 7, 6, 5))
+  f = ops.max_pool if kind == "max" else ops.avg_pool
+  np.testing.assert_allclose(f(x, 3, 1), _ref_pool(x, kind), rtol=1e-6, atol=1e-6)
+  got = jax.grad(lambda x: jnp.sum(f(x, 3, 1) * g))(x)
+  want = jax.grad(lambda x: jnp.sum(_ref_pool(x, kind) * g))(x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_params", [True, False])
+def test_batch_norm_hand_written_gradient_matches_autodiff(with_params):
+  x = _rand(22, (4, 5, 3, 6)) * 3.0 + 2.0
+  g = _rand(23, (4, 5, 3, 6))
+  p = {"scale": _rand(24, (6,)), "offset": _rand(25, (6,))} if with_params else None
+
+  def ref(x, p):
+    mean = jnp.mean(x, (0, 1, 2))
+    y = (x - mean) * jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), (0, 1, 2)) + 1e-5)
+    return y * p["scale"] + p["offset"] if p is not None else y
+
+  def ours(x, p):
+    return ops.batch_norm(x, p, ops.bn_stats(6), train=True)[0]
+
+  np.testing.assert_allclose(ours(x, p), ref(x, p), rtol=1e-5, atol=1e-5)
+  got = jax.grad(lambda x, p: jnp.sum(ours(x, p) * g), (0, 1))(x, p)
+  want = jax.grad(lambda x, p: jnp.sum(ref(x, p) * g), (0, 1))(x, p)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

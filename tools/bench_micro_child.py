@@ -285,20 +285,26 @@ def main(argv=None):
   # Compile every variant first, then time them in interleaved rounds (one step
   # of each per round): on a shared machine the load drifts, and the ratios
   # should compare steps taken under the same conditions.
+  # A variant name ending in "+fast" is traced with patch_conv_ops() applied.
   runs = []
   for name in args.variants.split(","):
+    base, fast = name.removesuffix("+fast"), name.endswith("+fast") or args.fast_ops
     cfg = mc.MicroChildConfig(num_layers=args.num_layers, num_nodes=args.num_nodes,
                               out_filters=args.out_filters, use_aux_heads=not args.no_aux,
-                              **VARIANTS[name])
+                              **VARIANTS[base])
     params, stats = mc.init_shared(jax.random.key(args.seed), cfg)
-    step = make_step(cfg, static_arc if name.startswith("static") else None)
+    step = make_step(cfg, static_arc if base.startswith("static") else None)
     t0 = time.perf_counter()
+    orig = patch_conv_ops() if fast and not args.fast_ops else None
     compiled = step.lower(params, stats, jnp.asarray(static_arc), x, y,
                           jax.random.key(1)).compile()
-    row = {"variant": name, "batch": args.batch, "fast_ops": args.fast_ops,
+    if orig:
+      for k, v in orig.items():
+        setattr(conv_ops, k, v)
+    row = {"variant": name, "batch": args.batch, "fast_ops": fast,
            "compile_s": round(time.perf_counter() - t0, 1)}
     print(f"  {name}: compiled in {row['compile_s']}s", file=sys.stderr, flush=True)
-    modes = ["same_arc"] if name.startswith("static") else ["same_arc", "fresh"]
+    modes = ["same_arc"] if base.startswith("static") else ["same_arc", "fresh"]
     runs.append({"row": row, "fn": compiled, "state": [params, stats], "modes": modes,
                  "times": {m: [] for m in modes}})
   for i in range(args.steps + 1):
@@ -330,9 +336,11 @@ def main(argv=None):
         row[f"{mode}_img_s"] = round(args.batch / med, 1)
     rows.append(row)
     print(json.dumps(row), flush=True)
-  st = next((r for r in rows if r["variant"] == "static"), None)
   for r in rows:
-    if st and r is not st:
+    # The ratio's baseline: the static row with the same conv_ops.
+    st = next((q for q in rows if q["variant"].startswith("static")
+               and q["fast_ops"] == r["fast_ops"]), None)
+    if st and not r["variant"].startswith("static"):
       r["ratio_same_arc"] = round(r["same_arc_step_s"] / st["same_arc_step_s"], 2)
       if "fresh_step_s" in r:
         r["ratio_fresh"] = round(r["fresh_step_s"] / st["same_arc_step_s"], 2)

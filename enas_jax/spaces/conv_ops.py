@@ -21,7 +21,7 @@ and the children use them through this one helper so each backend can choose:
    convolution is about 30x slower than that), with a custom gradient at stride 1:
    per-tap reductions for the kernel gradient made XLA:CPU materialise a shifted
    copy of the input per tap; the diagonal of the (block-wise) full kernel gradient,
-   one canonical convolution per block of 16 channels, is 5-10x faster.
+   one canonical convolution per block of 8 channels and chunk of 8 images, is 5-10x faster.
 
 ``impl="auto"`` picks ``custom`` on CPU and ``plain`` (``lax.conv_general_dilated``)
 elsewhere, until a GPU/TPU measurement says otherwise; the benchmark reports
@@ -30,6 +30,7 @@ which one ran.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -68,6 +69,45 @@ def _plain_conv(x_NHWC, w_HWIO, stride: int = 1):
       x_NHWC, w_HWIO, (stride, stride), "SAME", dimension_numbers=_DN)
 
 
+# Images per step of the kernel gradients' loops over the batch (see
+# _sum_over_batch_chunks); measured best at 12/36/128 and the micro sizes.
+_GRAD_CHUNK = 4  # full convolutions
+_DW_GRAD_CHUNK = 8  # depthwise convolutions
+
+
+def _full_kernel_grad(x_NHWC, g_NHWO, pads_h, pads_w):
+  """``[C_in, kh, kw, C_out]``: ``sum_{n,h,w} xpad[n, h+a, w+b, i] dy[n, h, w, o]``,
+  the kernel gradient of a stride-1 convolution, as a correlation of x
+  (transposed to [C_in, H, W, N]: C_in as the batch, N as the features) with dy
+  (transposed to [H, W, N, C_out]) as the kernel, in the canonical NHWC/HWIO
+  form, so XLA:CPU runs its fast convolution inside a conditional too (per-tap
+  matrix products were ~10x slower: a copy of x per tap)."""
+  return jax.lax.conv_general_dilated(
+      x_NHWC.transpose(3, 1, 2, 0), g_NHWO.transpose(1, 2, 0, 3), (1, 1),
+      (pads_h, pads_w), dimension_numbers=_DN)
+
+
+def _sum_over_batch_chunks(fn: Callable, x_NHWC, g_NHWO, max_chunk: int):
+  """``sum_chunks fn(x[chunk], g[chunk])`` over chunks of at most ``max_chunk`` images.
+
+  XLA:CPU runs the kernel-gradient convolution 3-4x faster over a few images at
+  a time than over the whole batch (the contraction over N stays in cache; at
+  batch 128, 32x32, 36 channels: 3x3 83-110 ms whole vs 26 ms in chunks of 4,
+  5x5 144-218 ms vs 50 ms), so the gradient loops over the batch.
+  """
+  n = x_NHWC.shape[0]
+  m = n // max_chunk  # full chunks; a remainder of n % max_chunk images is added once
+  if m <= 1:
+    return fn(x_NHWC, g_NHWO)
+  full = m * max_chunk
+  xs = x_NHWC[:full].reshape(m, max_chunk, *x_NHWC.shape[1:])
+  gs = g_NHWO[:full].reshape(m, max_chunk, *g_NHWO.shape[1:])
+  acc = fn(xs[0], gs[0])
+  if full < n:
+    acc = acc + fn(x_NHWC[full:], g_NHWO[full:])
+  return jax.lax.fori_loop(1, m, lambda i, acc: acc + fn(xs[i], gs[i]), acc)
+
+
 @jax.custom_vjp
 def _custom_conv(x_NHWC, w_HWIO):
   return _plain_conv(x_NHWC, w_HWIO)
@@ -86,14 +126,9 @@ def _custom_conv_bwd(res, g_NHWO):
   w_flip = jnp.flip(w_HWIO, (0, 1)).transpose(0, 1, 3, 2)
   dx = jax.lax.conv_general_dilated(g_NHWO, w_flip, (1, 1), ((pb, pt), (pr, pl)),
                                     dimension_numbers=_DN)
-  # dw[a, b, i, o] = sum_{n,h,w} xpad[n, h+a, w+b, i] dy[n, h, w, o]: a correlation of x
-  # (C_in as the batch, N as the features) with dy (N in, C_out out) as the kernel, written
-  # in the canonical NHWC/HWIO form so that XLA:CPU runs its fast convolution inside a
-  # conditional too (per-tap matrix products were ~10x slower: a copy of x per tap).
-  x_t = x_NHWC.transpose(3, 1, 2, 0)  # [C_in, H, W, N]
-  g_t = g_NHWO.transpose(1, 2, 0, 3)  # [H, W, N, C_out]
-  dw = jax.lax.conv_general_dilated(x_t, g_t, (1, 1), ((pt, pb), (pl, pr)),
-                                    dimension_numbers=_DN)  # [C_in, kh, kw, C_out]
+  # dw[a, b, i, o] = sum_{n,h,w} xpad[n, h+a, w+b, i] dy[n, h, w, o]: see _kernel_grad.
+  dw = _sum_over_batch_chunks(
+      lambda x, g: _full_kernel_grad(x, g, (pt, pb), (pl, pr)), x_NHWC, g_NHWO, _GRAD_CHUNK)
   dw = dw.transpose(1, 2, 0, 3).astype(w_HWIO.dtype)
   return dx.astype(x_NHWC.dtype), dw
 
@@ -144,7 +179,8 @@ def _depthwise_slices(x_NHWC, w_HWC, stride: int = 1):
   return out
 
 
-_DW_BLOCK = 16  # channels per block of the depthwise kernel gradient (see below)
+_DW_FUSED_MAX_K = 5  # kernel sizes whose depthwise kernel gradient uses _fused_sums
+_DW_BLOCK = 8  # channels per block of the depthwise kernel gradient (see below)
 
 
 @jax.custom_vjp
@@ -169,21 +205,25 @@ def _custom_depthwise_bwd(res, g_NHWC):
   # dw[a, b, c] = sum_{n,h,w} xpad[n, h+a, w+b, c] dy[n, h, w, c]. Per-tap reductions
   # made XLA:CPU copy a shifted x per tap (~10x slower). Instead: the diagonal of the full
   # kernel gradient (canonical convolution, fast inside a conditional too), computed per
-  # block of <= _DW_BLOCK channels so the extra FLOPs stay bounded.
+  # block of <= _DW_BLOCK channels so the extra FLOPs stay bounded, and over chunks of
+  # _DW_GRAD_CHUNK images (measured best together at 32x32x36, 32x32x20, 16x16x40, 8x8x80).
+  if k <= _DW_FUSED_MAX_K:
+    # Small kernels: all taps' products in one variadic reduce over (N, H), then
+    # over W (measured 1.4-2x faster than the diagonal below at 3x3, slower at 5x5).
+    part = _fused_sums([xs * g_NHWC for xs in _windows_s1(x_NHWC, k, (lo, hi))], (0, 1))
+    dw = jnp.stack([q.sum(0) for q in part]).reshape(k, k, c)
+    return dx.astype(x_NHWC.dtype), dw.astype(w_HWC.dtype)
   nb = -(-c // _DW_BLOCK)
   while c % nb:
     nb += 1
   cb = c // nb
-  x_t = x_NHWC.transpose(3, 1, 2, 0)  # [C, H, W, N]
-  g_t = g_NHWC.transpose(1, 2, 0, 3)  # [H, W, N, C]
   idx = jnp.arange(cb)
-  parts = []
-  for i in range(nb):
-    full = jax.lax.conv_general_dilated(
-        x_t[i * cb:(i + 1) * cb], g_t[..., i * cb:(i + 1) * cb], (1, 1), ((lo, hi), (lo, hi)),
-        dimension_numbers=_DN)  # [cb, k, k, cb]
-    parts.append(full[idx, :, :, idx])  # [cb, k, k]
-  dw = jnp.concatenate(parts, 0).transpose(1, 2, 0)
+
+  def diagonals(x, g):  # [C, k, k]: per channel block, the diagonal of its full gradient
+    return jnp.concatenate([
+        _full_kernel_grad(x[..., i * cb:(i + 1) * cb], g[..., i * cb:(i + 1) * cb],
+                          (lo, hi), (lo, hi))[idx, :, :, idx] for i in range(nb)], 0)
+  dw = _sum_over_batch_chunks(diagonals, x_NHWC, g_NHWC, _DW_GRAD_CHUNK).transpose(1, 2, 0)
   return dx.astype(x_NHWC.dtype), dw.astype(w_HWC.dtype)
 
 
@@ -212,8 +252,102 @@ def separable_conv2d(x_NHWC, w_depth_HWC, w_point_IO, stride: int = 1, impl: str
   return jnp.einsum("nhwc,co->nhwo", y, w_point_IO)
 
 
+def _fused_sums(xs: Sequence[jax.Array], dims: tuple[int, ...]):
+  """Sums of several same-shape arrays over ``dims`` in ONE variadic reduce: XLA
+  emits one loop that reads its inputs once (separate reductions each re-read
+  them, and materialise a shifted copy first when an input is a shifted slice)."""
+  xs = tuple(xs)
+  return jax.lax.reduce(xs, tuple(jnp.zeros((), x.dtype) for x in xs),
+                        lambda u, v: tuple(p + q for p, q in zip(u, v)), dims)
+
+
+def _pool_count(h: int, w: int, k: int, dtype):
+  """[1, h, w, 1]: how many real (unpadded) pixels each stride-1 SAME window holds."""
+  lo, hi = _same_pads(k)
+  ones = np.pad(np.ones((h, w), np.float32), ((lo, hi), (lo, hi)))
+  cnt = sum(ones[a:a + h, b:b + w] for a in range(k) for b in range(k))
+  return jnp.asarray(cnt[None, :, :, None], dtype)
+
+
+def _windows_s1(x_NHWC, k: int, pads: tuple[int, int], pad_value: float = 0.0):
+  """The k*k shifted [N, H, W, C] views of x padded by ``pads`` on H and W."""
+  _, h, w, _ = x_NHWC.shape
+  xp = jnp.pad(x_NHWC, ((0, 0), pads, pads, (0, 0)), constant_values=pad_value)
+  return [xp[:, a:a + h, b:b + w, :] for a in range(k) for b in range(k)]
+
+
+# Pools at stride 1 (the ops inside search branches) have hand-written gradients:
+# XLA:CPU's autodiff gradients of the shifted-slice pools were 5-7x slower than
+# these (fwd+bwd on [160, 32, 32, 20]); they are the same functions.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _avg_pool_s1(x_NHWC, k: int):
+  pads = _same_pads(k)
+  return sum(_windows_s1(x_NHWC, k, pads)) / _pool_count(x_NHWC.shape[1], x_NHWC.shape[2], k,
+                                                        x_NHWC.dtype)
+
+
+def _avg_pool_s1_fwd(x_NHWC, k):
+  return _avg_pool_s1(x_NHWC, k), x_NHWC.shape
+
+
+def _avg_pool_s1_bwd(k, shape, g):
+  # Each input pixel receives g / count of every window holding it: a sum of
+  # shifted slices of g / count with the padding transposed.
+  lo, hi = _same_pads(k)
+  gc = g / _pool_count(shape[1], shape[2], k, g.dtype)
+  return (sum(_windows_s1(gc, k, (hi, lo))),)
+
+
+_avg_pool_s1.defvjp(_avg_pool_s1_fwd, _avg_pool_s1_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_s1(x_NHWC, k: int):
+  return _max_pool_s1_fwd(x_NHWC, k)[0]
+
+
+def _max_pool_s1_fwd(x_NHWC, k):
+  # Also records which tap of each window won (the first maximum in row-major
+  # window order, as XLA's and TF's max-pool gradients pick it on ties; ties are
+  # common after a ReLU).
+  out = tap = None
+  for t, xs in enumerate(_windows_s1(x_NHWC, k, _same_pads(k), -jnp.inf)):
+    if out is None:
+      out, tap = xs, jnp.zeros(xs.shape, jnp.int8)
+    else:
+      win = xs > out
+      out, tap = jnp.where(win, xs, out), jnp.where(win, jnp.int8(t), tap)
+  return out, tap
+
+
+def _max_pool_s1_bwd(k, tap, g):
+  # Gather form: input pixel p collects g[q] from every window q whose winning
+  # tap sits on p (window q's tap t reads the pixel at q + offset(t)).
+  lo, hi = _same_pads(k)
+  n, h, w, c = g.shape
+  gp = jnp.pad(g, ((0, 0), (hi, lo), (hi, lo), (0, 0)))
+  tp = jnp.pad(tap, ((0, 0), (hi, lo), (hi, lo), (0, 0)), constant_values=-1)
+  dx = None
+  for t in range(k * k):
+    a, b = divmod(t, k)
+    # Pixel (i, j) is tap (a, b) of the window at (i - a + lo, j - b + lo).
+    sa, sb = k - 1 - a, k - 1 - b
+    gs = gp[:, sa:sa + h, sb:sb + w, :]
+    ts = tp[:, sa:sa + h, sb:sb + w, :]
+    term = jnp.where(ts == t, gs, 0.0)
+    dx = term if dx is None else dx + term
+  return (dx,)
+
+
+_max_pool_s1.defvjp(lambda x, k: _max_pool_s1_fwd(x, k), _max_pool_s1_bwd)
+
+
 def avg_pool(x_NHWC: jax.Array, k: int = 3, stride: int = 1):
   """SAME average pool whose divisor excludes the padding (as TF's)."""
+  if stride == 1:
+    return _avg_pool_s1(x_NHWC, k)
   n, h, w, _ = x_NHWC.shape
   total = count = None
   ones = jnp.ones((1, h, w, 1), x_NHWC.dtype)
@@ -225,7 +359,10 @@ def avg_pool(x_NHWC: jax.Array, k: int = 3, stride: int = 1):
 
 
 def max_pool(x_NHWC: jax.Array, k: int = 3, stride: int = 1):
-  """SAME max pool (padding never wins: it is -inf)."""
+  """SAME max pool (padding never wins: it is -inf). Its gradient goes to the
+  first maximum of each window, as XLA's and TF's."""
+  if stride == 1:
+    return _max_pool_s1(x_NHWC, k)
   out = None
   for _, _, xs in _shifted_windows(x_NHWC, k, stride, -jnp.inf):
     out = xs if out is None else jnp.maximum(out, xs)
@@ -261,8 +398,10 @@ def batch_norm(x_NHWC, params: dict | None, stats: dict | None, *, train: bool,
   ``params=None`` means no learned scale/offset.
   """
   if train or stats is None:
-    mean = jnp.mean(x_NHWC, axis=(0, 1, 2))
-    var = jnp.mean(jnp.square(x_NHWC - mean), axis=(0, 1, 2))
+    c = x_NHWC.shape[-1]
+    scale = params["scale"] if params is not None else jnp.ones((c,), x_NHWC.dtype)
+    offset = params["offset"] if params is not None else jnp.zeros((c,), x_NHWC.dtype)
+    y, mean, var = _bn_batch(x_NHWC, scale, offset, jnp.asarray(eps, x_NHWC.dtype))
     new_stats = stats
     if stats is not None and train:
       n = x_NHWC.shape[0] * x_NHWC.shape[1] * x_NHWC.shape[2]
@@ -270,12 +409,52 @@ def batch_norm(x_NHWC, params: dict | None, stats: dict | None, *, train: bool,
       d = jnp.asarray(decay, x_NHWC.dtype)
       new_stats = {"mean": d * stats["mean"] + (1 - d) * jax.lax.stop_gradient(mean),
                    "var": d * stats["var"] + (1 - d) * jax.lax.stop_gradient(unbiased)}
-  else:
-    mean, var, new_stats = stats["mean"], stats["var"], stats
+    return y, new_stats
+  mean, var = stats["mean"], stats["var"]
   y = (x_NHWC - mean) * jax.lax.rsqrt(var + eps)
   if params is not None:
     y = y * params["scale"] + params["offset"]
-  return y, new_stats
+  return y, stats
+
+
+def _bn_batch_impl(x, scale, offset, eps):
+  r = x.shape[0] * x.shape[1] * x.shape[2]
+  mean = jnp.sum(x, (0, 1, 2)) / r
+  var = jnp.sum(jnp.square(x - mean), (0, 1, 2)) / r  # two passes: no cancellation
+  return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + offset, mean, var
+
+
+@jax.custom_vjp
+def _bn_batch(x_NHWC, scale, offset, eps):
+  """Batch-statistics normalisation: ``(y, mean, biased var)`` over (N, H, W).
+
+  A hand-written gradient: XLA:CPU's autodiff of the same formula took several
+  times longer (it materialises the centred input and reduces it in separate
+  passes); this one reads x and dy once for both reductions (one variadic
+  reduce) and once more for dx."""
+  return _bn_batch_impl(x_NHWC, scale, offset, eps)
+
+
+def _bn_batch_fwd(x, scale, offset, eps):
+  y, mean, var = _bn_batch_impl(x, scale, offset, eps)
+  return (y, mean, var), (x, scale, mean, var, eps)
+
+
+def _bn_batch_bwd(res, cts):
+  x, scale, mean, var, eps = res
+  g, g_mean, g_var = cts
+  r = x.shape[0] * x.shape[1] * x.shape[2]
+  rstd = jax.lax.rsqrt(var + eps)
+  xc = x - mean
+  sg, sgx = _fused_sums((g, g * xc), (0, 1, 2))
+  dx = (scale * rstd) * (g - sg / r - xc * (sgx * rstd * rstd / r))
+  # The mean and variance outputs feed the moving averages under stop_gradient
+  # (zero cotangents); kept exact for any other use.
+  dx = dx + g_mean / r + g_var * (2.0 / r) * xc
+  return dx, sgx * rstd, sg, jnp.zeros_like(eps)
+
+
+_bn_batch.defvjp(_bn_batch_fwd, _bn_batch_bwd)
 
 
 def bn_params(c: int) -> dict:
@@ -304,8 +483,9 @@ def select_branch(index, branches: Sequence[Callable], operand, *, mode: str,
 
   * ``index`` a Python/numpy integer: the branch is called directly (a fixed
     network: the arc baked in, nothing else is built).
-  * ``mode="switch"``: ``lax.switch``; each branch wrapped in ``jax.checkpoint``
-    when ``checkpoint`` (see the module docstring).
+  * ``mode="switch"``: ``lax.switch``; with ``checkpoint``, a switch whose
+    gradient is a second switch that recomputes the taken branch (see
+    :func:`_checkpointed_switch`).
   * ``mode="mask"``: every branch runs and the chosen output is picked with
     ``jnp.where`` (never a multiply: 0 * inf = NaN from max-pool padding). Every
     branch must return the same pytree structure.
@@ -313,8 +493,9 @@ def select_branch(index, branches: Sequence[Callable], operand, *, mode: str,
   if isinstance(index, (int, np.integer)) or (isinstance(index, np.ndarray) and index.ndim == 0):
     return branches[int(index)](operand)
   if mode == "switch":
-    fns = [jax.checkpoint(b) for b in branches] if checkpoint else list(branches)
-    return jax.lax.switch(index, fns, operand)
+    if checkpoint:
+      return _checkpointed_switch(index, tuple(branches), operand)
+    return jax.lax.switch(index, list(branches), operand)
   if mode == "mask":
     outs = [b(operand) for b in branches]
     result = outs[0]
@@ -322,6 +503,43 @@ def select_branch(index, branches: Sequence[Callable], operand, *, mode: str,
       result = jax.tree.map(lambda r, o, k=k: jnp.where(index == k, o, r), result, outs[k])
     return result
   raise ValueError(f"op_select mode must be 'switch' or 'mask', got {mode!r}.")
+
+
+def _checkpointed_switch(index, branches: tuple, operand):
+  """``lax.switch(index, branches, operand)`` with a gradient that saves only
+  ``(index, operand)`` and, in a second ``lax.switch``, recomputes the taken
+  branch and pulls the cotangent back through it.
+
+  ``jax.checkpoint`` around each branch did the same recomputation, but the
+  forward conditional still had to return one joint residual tuple for all
+  branches: every branch zero-filled the slots of the others (a full activation
+  for a pool branch, every weight of the separable branches), 550 zero
+  broadcasts per micro search step. Branches must not close over traced values
+  that need gradients (pass them in ``operand``).
+  """
+  def run(index, operand):
+    return jax.lax.switch(index, list(branches), operand)
+
+  def pullback(branch):
+    def f(args):
+      op, g = args
+      return jax.vjp(branch, op)[1](g)[0]
+    return f
+
+  @jax.custom_vjp
+  def switch(index, operand):
+    return run(index, operand)
+
+  def fwd(index, operand):
+    return run(index, operand), (index, operand)
+
+  def bwd(res, g):
+    index, operand = res
+    d_operand = jax.lax.switch(index, [pullback(b) for b in branches], (operand, g))
+    return None, d_operand
+
+  switch.defvjp(fwd, bwd)
+  return switch(index, operand)
 
 
 def l2_sum(tree) -> jax.Array:
