@@ -84,8 +84,10 @@ def base(space: str) -> ml_collections.ConfigDict:
   # depthwise as shifted slices: fast inside switch branches on XLA:CPU),
   # "plain" (XLA's convolutions), "auto" (custom on CPU, plain on GPU/TPU).
   c.child.conv_impl = "auto"
-  # Wrap each switch branch in jax.checkpoint (without it, autodiff keeps the
-  # zero-filled residuals of every branch; about 10x slower on CPU).
+  # Switch gradient by recomputation: the forward switch saves only the chosen
+  # op's input and the backward pass recomputes that op in a second switch.
+  # Without it, autodiff keeps the zero-filled residuals of every branch (about
+  # 10x slower on CPU, and more memory).
   c.child.checkpoint_branches = True
 
   # ------------------------------------------------------------ controller

@@ -15,13 +15,15 @@ and the children use them through this one helper so each backend can choose:
    kernel gradient = convolution of the input, transposed to [C_in, H, W, N], with
    the output gradient, transposed to [H, W, N, C_out], as the kernel: what XLA
    itself emits outside a conditional);
-2. :func:`select_branch` wraps each switch branch in ``jax.checkpoint``, so that
-   autodiff does not emit the zero-filled residuals of every branch;
+2. :func:`select_branch` gives the switch a recomputing gradient (the forward
+   switch saves only the operand; the backward switch reruns the taken branch),
+   so that autodiff does not emit the zero-filled residuals of every branch;
 3. :func:`depthwise_conv2d` as a sum of shifted slices (XLA:CPU's grouped
-   convolution is about 30x slower than that), with a custom gradient at stride 1:
-   per-tap reductions for the kernel gradient made XLA:CPU materialise a shifted
-   copy of the input per tap; the diagonal of the (block-wise) full kernel gradient,
-   one canonical convolution per block of 8 channels and chunk of 8 images, is 5-10x faster.
+   convolution is about 30x slower than that), with a custom gradient at stride 1.
+
+Batch norm and the stride-1 pools also have hand-written gradients (several
+times faster than XLA:CPU's autodiff of the same formulas), and kernel gradients
+are computed over a few images at a time (see :func:`_sum_over_batch_chunks`).
 
 ``impl="auto"`` picks ``custom`` on CPU and ``plain`` (``lax.conv_general_dilated``)
 elsewhere, until a GPU/TPU measurement says otherwise; the benchmark reports

@@ -153,7 +153,10 @@ def run_child_epoch_part(setup, state, end_step: int, writer, progress, ckpt, co
       if task.random_bptt:
         m[f"{prefix}/tokens_per_step"] = items / max(n_acc, 1)
       if common.is_main_process():
-        shown = {k: m[f"{prefix}/{k}"] for k in ("loss", task.metric) if f"{prefix}/{k}" in m}
+        # The loss includes the L2 term (large for the micro child's shared
+        # weights), so the cross-entropy is shown too where the task has it.
+        shown = {k: m[f"{prefix}/{k}"] for k in ("loss", "ce", task.metric)
+                 if f"{prefix}/{k}" in m}
         print(progress.line(step, {f"{prefix}/{k}": v for k, v in shown.items()}, items=items),
               flush=True)
       sums, n_acc, items = {k: 0.0 for k in sums}, 0, 0
