@@ -140,8 +140,7 @@ class MacroChildConfig:
       v = getattr(self, name)
       if not _is_num(v) or not v > 0.0:
         raise ValueError(f"child.{name} must be a number > 0, got {v!r}.")
-    is_bool = isinstance(self.checkpoint_branches, (bool, np.bool_))
-    if not is_bool:  # a config value: ValueError like the others
+    if not isinstance(self.checkpoint_branches, (bool, np.bool_)):
       raise ValueError(
           f"child.checkpoint_branches must be True or False, got {self.checkpoint_branches!r}.")
     object.__setattr__(self, "op_select", conv_ops.resolve_op_select(self.op_select))

@@ -71,10 +71,7 @@ def _plain_conv(x_NHWC, w_HWIO, stride: int = 1):
       x_NHWC, w_HWIO, (stride, stride), "SAME", dimension_numbers=_DN)
 
 
-# Images per step of the kernel gradients' loops over the batch (see
-# _sum_over_batch_chunks); measured best at 12/36/128 and the micro sizes.
-_GRAD_CHUNK = 4  # full convolutions
-_DW_GRAD_CHUNK = 8  # depthwise convolutions
+_GRAD_CHUNK = 4  # images per step of the kernel gradient's loop (see _sum_over_batch_chunks)
 
 
 def _full_kernel_grad(x_NHWC, g_NHWO, pads_h, pads_w):
@@ -89,8 +86,8 @@ def _full_kernel_grad(x_NHWC, g_NHWO, pads_h, pads_w):
       (pads_h, pads_w), dimension_numbers=_DN)
 
 
-def _sum_over_batch_chunks(fn: Callable, x_NHWC, g_NHWO, max_chunk: int):
-  """``sum_chunks fn(x[chunk], g[chunk])`` over chunks of at most ``max_chunk`` images.
+def _sum_over_batch_chunks(fn: Callable, x_NHWC, g_NHWO):
+  """``sum_chunks fn(x[chunk], g[chunk])`` over chunks of ``_GRAD_CHUNK`` images.
 
   XLA:CPU runs the kernel-gradient convolution 3-4x faster over a few images at
   a time than over the whole batch (the contraction over N stays in cache; at
@@ -98,12 +95,12 @@ def _sum_over_batch_chunks(fn: Callable, x_NHWC, g_NHWO, max_chunk: int):
   5x5 144-218 ms vs 50 ms), so the gradient loops over the batch.
   """
   n = x_NHWC.shape[0]
-  m = n // max_chunk  # full chunks; a remainder of n % max_chunk images is added once
+  m = n // _GRAD_CHUNK  # full chunks; a remainder of n % _GRAD_CHUNK images is added once
   if m <= 1:
     return fn(x_NHWC, g_NHWO)
-  full = m * max_chunk
-  xs = x_NHWC[:full].reshape(m, max_chunk, *x_NHWC.shape[1:])
-  gs = g_NHWO[:full].reshape(m, max_chunk, *g_NHWO.shape[1:])
+  full = m * _GRAD_CHUNK
+  xs = x_NHWC[:full].reshape(m, _GRAD_CHUNK, *x_NHWC.shape[1:])
+  gs = g_NHWO[:full].reshape(m, _GRAD_CHUNK, *g_NHWO.shape[1:])
   acc = fn(xs[0], gs[0])
   if full < n:
     acc = acc + fn(x_NHWC[full:], g_NHWO[full:])
@@ -128,9 +125,8 @@ def _custom_conv_bwd(res, g_NHWO):
   w_flip = jnp.flip(w_HWIO, (0, 1)).transpose(0, 1, 3, 2)
   dx = jax.lax.conv_general_dilated(g_NHWO, w_flip, (1, 1), ((pb, pt), (pr, pl)),
                                     dimension_numbers=_DN)
-  # dw[a, b, i, o] = sum_{n,h,w} xpad[n, h+a, w+b, i] dy[n, h, w, o]: see _kernel_grad.
   dw = _sum_over_batch_chunks(
-      lambda x, g: _full_kernel_grad(x, g, (pt, pb), (pl, pr)), x_NHWC, g_NHWO, _GRAD_CHUNK)
+      lambda x, g: _full_kernel_grad(x, g, (pt, pb), (pl, pr)), x_NHWC, g_NHWO)
   dw = dw.transpose(1, 2, 0, 3).astype(w_HWIO.dtype)
   return dx.astype(x_NHWC.dtype), dw
 
@@ -181,10 +177,6 @@ def _depthwise_slices(x_NHWC, w_HWC, stride: int = 1):
   return out
 
 
-_DW_FUSED_MAX_K = 5  # kernel sizes whose depthwise kernel gradient uses _fused_sums
-_DW_BLOCK = 8  # channels per block of the depthwise kernel gradient (see below)
-
-
 @jax.custom_vjp
 def _custom_depthwise(x_NHWC, w_HWC):
   return _depthwise_slices(x_NHWC, w_HWC)
@@ -196,36 +188,19 @@ def _custom_depthwise_fwd(x_NHWC, w_HWC):
 
 def _custom_depthwise_bwd(res, g_NHWC):
   x_NHWC, w_HWC = res
-  k, c = w_HWC.shape[0], w_HWC.shape[-1]
+  k = w_HWC.shape[0]
   lo, hi = _same_pads(k)
-  # dx: the same sum of shifted slices over dy with the flipped kernel (pads swapped).
-  if lo == hi:
-    dx = _depthwise_slices(g_NHWC, jnp.flip(w_HWC, (0, 1)))
-  else:  # even k: transposed padding
-    gp = jnp.pad(g_NHWC, ((0, 0), (hi - lo, 0), (hi - lo, 0), (0, 0)))
-    dx = _depthwise_slices(gp, jnp.flip(w_HWC, (0, 1)))[:, :x_NHWC.shape[1], :x_NHWC.shape[2]]
-  # dw[a, b, c] = sum_{n,h,w} xpad[n, h+a, w+b, c] dy[n, h, w, c]. Per-tap reductions
-  # made XLA:CPU copy a shifted x per tap (~10x slower). Instead: the diagonal of the full
-  # kernel gradient (canonical convolution, fast inside a conditional too), computed per
-  # block of <= _DW_BLOCK channels so the extra FLOPs stay bounded, and over chunks of
-  # _DW_GRAD_CHUNK images (measured best together at 32x32x36, 32x32x20, 16x16x40, 8x8x80).
-  if k <= _DW_FUSED_MAX_K:
-    # Small kernels: all taps' products in one variadic reduce over (N, H), then
-    # over W (measured 1.4-2x faster than the diagonal below at 3x3, slower at 5x5).
-    part = _fused_sums([xs * g_NHWC for xs in _windows_s1(x_NHWC, k, (lo, hi))], (0, 1))
-    dw = jnp.stack([q.sum(0) for q in part]).reshape(k, k, c)
-    return dx.astype(x_NHWC.dtype), dw.astype(w_HWC.dtype)
-  nb = -(-c // _DW_BLOCK)
-  while c % nb:
-    nb += 1
-  cb = c // nb
-  idx = jnp.arange(cb)
-
-  def diagonals(x, g):  # [C, k, k]: per channel block, the diagonal of its full gradient
-    return jnp.concatenate([
-        _full_kernel_grad(x[..., i * cb:(i + 1) * cb], g[..., i * cb:(i + 1) * cb],
-                          (lo, hi), (lo, hi))[idx, :, :, idx] for i in range(nb)], 0)
-  dw = _sum_over_batch_chunks(diagonals, x_NHWC, g_NHWC, _DW_GRAD_CHUNK).transpose(1, 2, 0)
+  # dx: dy correlated with the flipped kernel, the padding transposed.
+  w_flip = jnp.flip(w_HWC, (0, 1)).reshape(k * k, -1)
+  dx = None
+  for t, gs in enumerate(_windows_s1(g_NHWC, k, (hi, lo))):
+    dx = gs * w_flip[t] if dx is None else dx + gs * w_flip[t]
+  # dw[a, b, c] = sum_{n,h,w} xpad[n, h+a, w+b, c] dy[n, h, w, c]: all taps'
+  # products in one variadic reduce over (N, H), then over W. Separate per-tap
+  # reductions made XLA:CPU copy a shifted x per tap (~10x slower); the diagonal of
+  # a blocked full kernel gradient was 1.4-2x slower at 3x3 and no faster at 5x5.
+  part = _fused_sums([xs * g_NHWC for xs in _windows_s1(x_NHWC, k, (lo, hi))], (0, 1))
+  dw = jnp.stack([q.sum(0) for q in part]).reshape(w_HWC.shape)
   return dx.astype(x_NHWC.dtype), dw.astype(w_HWC.dtype)
 
 
@@ -325,20 +300,14 @@ def _max_pool_s1_fwd(x_NHWC, k):
 
 
 def _max_pool_s1_bwd(k, tap, g):
-  # Gather form: input pixel p collects g[q] from every window q whose winning
-  # tap sits on p (window q's tap t reads the pixel at q + offset(t)).
+  # Gather form: pixel p is tap t of the window at p - offset(t); with the padding
+  # transposed, that window's g and winning tap are the (k*k - 1 - t)-th shifted views.
   lo, hi = _same_pads(k)
-  n, h, w, c = g.shape
-  gp = jnp.pad(g, ((0, 0), (hi, lo), (hi, lo), (0, 0)))
-  tp = jnp.pad(tap, ((0, 0), (hi, lo), (hi, lo), (0, 0)), constant_values=-1)
+  gw, tw = _windows_s1(g, k, (hi, lo)), _windows_s1(tap, k, (hi, lo), -1)
+  last = k * k - 1
   dx = None
   for t in range(k * k):
-    a, b = divmod(t, k)
-    # Pixel (i, j) is tap (a, b) of the window at (i - a + lo, j - b + lo).
-    sa, sb = k - 1 - a, k - 1 - b
-    gs = gp[:, sa:sa + h, sb:sb + w, :]
-    ts = tp[:, sa:sa + h, sb:sb + w, :]
-    term = jnp.where(ts == t, gs, 0.0)
+    term = jnp.where(tw[last - t] == t, gw[last - t], 0.0)
     dx = term if dx is None else dx + term
   return (dx,)
 
