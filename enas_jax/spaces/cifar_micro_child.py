@@ -28,9 +28,11 @@ per *input index*, picked by the sampled index; and ``final`` (``w [B+2, C, C]``
 calibrations, ``final``); the sep-conv BNs use batch statistics only.
 
 * The arc is a traced int32 array (one compilation serves every arc): a node's
-  input is picked by dynamic index from the stack of earlier nodes; its op by
-  :func:`conv_ops.select_branch` (``lax.switch`` with every branch under
-  ``jax.checkpoint``, or all ops and a ``jnp.where`` mask: ``op_select``); the
+  input is a dynamic slice of a ``[B + 1, N, H, W, C]`` buffer that each node is
+  written into as it is computed (a fresh ``jnp.stack`` of the earlier nodes per
+  node cost ~1.2x more per step); its op by :func:`conv_ops.select_branch`
+  (``lax.switch`` whose gradient recomputes the taken branch, or all ops and a
+  ``jnp.where`` mask: ``op_select``); the
   loose ends (nodes that no node of the cell reads, inputs 0/1 included) are a
   0/1 vector, so the cell output "concat of loose ends -> ReLU -> gathered
   ``[k C, C]`` 1x1 -> BN" is computed with a fixed shape as
@@ -401,12 +403,12 @@ def _index(t, i, static):
   return t[int(i)] if static else jax.lax.dynamic_index_in_dim(t, i, 0, keepdims=False)
 
 
-def _pick_node(nodes, stacked, i, static):
+def _pick_node(nodes, buf, i, static):
   """Node ``i``: Python indexing for a baked arc, else a dynamic index into the
-  stack of the earlier nodes (a chain of ``jnp.where`` measured no faster)."""
+  buffer of the earlier nodes (a chain of ``jnp.where`` measured no faster)."""
   if static:
     return nodes[int(i)]
-  return jax.lax.dynamic_index_in_dim(stacked, i, 0, keepdims=False)
+  return jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False)
 
 
 def _sep_stack(x, st, cfg, train, stride=1, stats=None):
@@ -444,16 +446,21 @@ def _shared_cell(p, s, layers, cell_arc, cfg, static):
     # The baked arc calls its op directly; under the same per-op checkpoint
     # it is the switch path's computation without the conditional.
     branches = [jax.checkpoint(f) for f in branches]
+  # Traced arc: the pickable nodes also live in one [B + 1, N, H, W, C] buffer, written in
+  # place as they are computed; a node's input is a dynamic slice of it.
+  buf = None if static else jnp.concatenate(
+      [x0[None], x1[None], jnp.zeros((B - 1,) + x0.shape, x0.dtype)])
   for b in range(B):
     outs = []
-    stacked = None if static else jnp.stack(nodes)  # one stack for both branches
     for t, name in ((0, "x"), (2, "y")):
       idx, op = cell_arc[4 * b + t], cell_arc[4 * b + t + 1]
-      h = _pick_node(nodes, stacked, idx, static)
+      h = _pick_node(nodes, buf, idx, static)
       w = jax.tree.map(lambda a, idx=idx: _index(a, idx, static), p["nodes"][b][name])
       outs.append(ops.select_branch(op, branches, (h, w), mode=cfg.op_select,
                                     checkpoint=cfg.checkpoint_branches))
     nodes.append(outs[0] + outs[1])
+    if not static and b + 1 < B:
+      buf = jax.lax.dynamic_update_index_in_dim(buf, nodes[-1], b + 2, 0)
   w_final = p["final"]["w"]
   C = w_final.shape[-1]
   if static:
