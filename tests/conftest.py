@@ -13,7 +13,11 @@ import jax  # noqa: E402
 
 # Compiles dominate the suite's time on 2 cores; a cache shared by the tests of
 # one run (and by reruns) cuts repeated compilations to a fraction of a second.
-_CACHE = os.environ.get("ENAS_JAX_TEST_CACHE", os.path.join(ROOT, ".pytest_cache", "jax"))
+# Each pytest-xdist worker gets its own folder: jax writes cache entries in place
+# (no lock without eviction), so a worker could read another's half-written file.
+_CACHE = os.path.join(
+    os.environ.get("ENAS_JAX_TEST_CACHE", os.path.join(ROOT, ".pytest_cache", "jax")),
+    os.environ.get("PYTEST_XDIST_WORKER", "main"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 # Only long compiles are cached: a clean-clone CI run once crashed (SIGSEGV inside
 # jax's compilation_cache.put_executable_and_time) writing a small controller

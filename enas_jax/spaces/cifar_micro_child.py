@@ -182,6 +182,7 @@ def _relu(x):
   return jnp.maximum(x, 0.0)
 
 
+@ops.scoped("conv1x1")
 def _conv1x1(x_NHWC, w_IO):
   # A 2-D matrix product: XLA:CPU runs it (and its gradient) ~3x faster than the
   # equivalent 4-D einsum.
@@ -292,6 +293,7 @@ def _init_calib(key, in_shapes, C):
   return p, s
 
 
+@ops.scoped("calibrate")
 def _calibrate(p, s, layers, cfg, train, new_s):
   """Brings both inputs to C channels at input 1's resolution (writes the
   calibration BN statistics into ``new_s``)."""
@@ -403,6 +405,7 @@ def _index(t, i, static):
   return t[int(i)] if static else jax.lax.dynamic_index_in_dim(t, i, 0, keepdims=False)
 
 
+@ops.scoped("pick_node")
 def _pick_node(nodes, buf, i, static):
   """Node ``i``: Python indexing for a baked arc, else a dynamic index into the
   buffer of the earlier nodes (a chain of ``jnp.where`` measured no faster)."""
@@ -455,32 +458,38 @@ def _shared_cell(p, s, layers, cell_arc, cfg, static):
     for t, name in ((0, "x"), (2, "y")):
       idx, op = cell_arc[4 * b + t], cell_arc[4 * b + t + 1]
       h = _pick_node(nodes, buf, idx, static)
-      w = jax.tree.map(lambda a, idx=idx: _index(a, idx, static), p["nodes"][b][name])
+      with jax.named_scope("pick_weights"):
+        w = jax.tree.map(lambda a, idx=idx: _index(a, idx, static), p["nodes"][b][name])
       outs.append(ops.select_branch(op, branches, (h, w), mode=cfg.op_select,
                                     checkpoint=cfg.checkpoint_branches))
     nodes.append(outs[0] + outs[1])
     if not static and b + 1 < B:
-      buf = jax.lax.dynamic_update_index_in_dim(buf, nodes[-1], b + 2, 0)
-  w_final = p["final"]["w"]
+      with jax.named_scope("node_write"):
+        buf = jax.lax.dynamic_update_index_in_dim(buf, nodes[-1], b + 2, 0)
+  with jax.named_scope("combine"):
+    y = _combine(nodes, cell_arc, p["final"]["w"], B, static)
+  y, new_s["final"] = ops.batch_norm(y, p["final"]["bn"], s["final"], train=True,
+                                     decay=cfg.bn_decay, eps=cfg.bn_eps)
+  return y, new_s
+
+
+def _combine(nodes, cell_arc, w_final, B, static):
+  """The cell output before its BN: concat of the loose ends -> ReLU -> 1x1."""
   C = w_final.shape[-1]
   if static:
     loose = _static_loose(cell_arc, B)
     cat = jnp.concatenate([_relu(nodes[j]) for j in loose], axis=-1)
-    y = _conv1x1(cat, w_final[np.asarray(loose)].reshape(len(loose) * C, C))
-  else:
-    used = jnp.zeros((B + 2,), jnp.int32)
-    for t in range(0, 4 * B, 2):
-      used = used + jax.nn.one_hot(cell_arc[t], B + 2, dtype=jnp.int32)
-    loose = used == 0
-    # Not-loose nodes get a zero weight block: concat of loose ends -> 1x1 with
-    # the gathered [k C, C] weights, at a fixed shape.
-    # (A sum of per-node products measured no faster than the concat.)
-    w = jnp.where(loose[:, None, None], w_final, 0.0).reshape((B + 2) * C, C)
-    cat = jnp.concatenate([_relu(n) for n in nodes], axis=-1)
-    y = _conv1x1(cat, w)
-  y, new_s["final"] = ops.batch_norm(y, p["final"]["bn"], s["final"], train=True,
-                                     decay=cfg.bn_decay, eps=cfg.bn_eps)
-  return y, new_s
+    return _conv1x1(cat, w_final[np.asarray(loose)].reshape(len(loose) * C, C))
+  used = jnp.zeros((B + 2,), jnp.int32)
+  for t in range(0, 4 * B, 2):
+    used = used + jax.nn.one_hot(cell_arc[t], B + 2, dtype=jnp.int32)
+  loose = used == 0
+  # Not-loose nodes get a zero weight block: concat of loose ends -> 1x1 with
+  # the gathered [k C, C] weights, at a fixed shape.
+  # (A sum of per-node products measured no faster than the concat.)
+  w = jnp.where(loose[:, None, None], w_final, 0.0).reshape((B + 2) * C, C)
+  cat = jnp.concatenate([_relu(n) for n in nodes], axis=-1)
+  return _conv1x1(cat, w)
 
 
 def apply_shared(params, batch_stats, arc, images_NHWC, *, train: bool, key, cfg):

@@ -44,6 +44,19 @@ OP_SELECT_MODES = ("auto", "switch", "mask")
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
+def scoped(name: str):
+  """Runs the function under ``jax.named_scope(name)``: its operations (and, as
+  ``transpose(jvp(name))``, their gradients) carry the name in profiles and HLO
+  metadata, so a ``jax.profiler`` trace can be summed per operation kind."""
+  def wrap(fn):
+    @functools.wraps(fn)
+    def scoped(*args, **kwargs):
+      with jax.named_scope(name):
+        return fn(*args, **kwargs)
+    return scoped
+  return wrap
+
+
 def resolve_conv_impl(impl: str) -> str:
   """``auto`` -> ``custom`` on CPU, ``plain`` on GPU/TPU."""
   if impl not in CONV_IMPLS:
@@ -139,6 +152,7 @@ def _custom_conv_bwd(res, g_NHWO):
 _custom_conv.defvjp(_custom_conv_fwd, _custom_conv_bwd)
 
 
+@scoped("conv")
 def conv2d(x_NHWC: jax.Array, w_HWIO: jax.Array, stride: int = 1, impl: str = "plain"):
   """SAME convolution, no bias. ``impl``: ``plain`` or ``custom`` (resolved
   already; see :func:`resolve_conv_impl`). 1x1 kernels are a matrix product;
@@ -217,6 +231,7 @@ def _custom_depthwise_bwd(res, g_NHWC):
 _custom_depthwise.defvjp(_custom_depthwise_fwd, _custom_depthwise_bwd)
 
 
+@scoped("depthwise")
 def depthwise_conv2d(x_NHWC: jax.Array, w_HWC: jax.Array, stride: int = 1, impl: str = "plain"):
   """SAME depthwise convolution with a ``[k, k, C]`` kernel (channel multiplier 1).
 
@@ -325,6 +340,7 @@ def _max_pool_s1_bwd(k, tap, g):
 _max_pool_s1.defvjp(lambda x, k: _max_pool_s1_fwd(x, k), _max_pool_s1_bwd)
 
 
+@scoped("avg_pool")
 def avg_pool(x_NHWC: jax.Array, k: int = 3, stride: int = 1):
   """SAME average pool whose divisor excludes the padding (as TF's)."""
   if stride == 1:
@@ -339,6 +355,7 @@ def avg_pool(x_NHWC: jax.Array, k: int = 3, stride: int = 1):
   return total / count
 
 
+@scoped("max_pool")
 def max_pool(x_NHWC: jax.Array, k: int = 3, stride: int = 1):
   """SAME max pool (padding never wins: it is -inf). Its gradient goes to the
   first maximum of each window, as XLA's and TF's."""
@@ -350,6 +367,7 @@ def max_pool(x_NHWC: jax.Array, k: int = 3, stride: int = 1):
   return out
 
 
+@scoped("factorized_reduce")
 def factorized_reduce(x_NHWC, w1_IO, w2_IO, stride: int = 2):
   """The original's factorized reduction without its BN: path 1 = stride-2
   subsample -> 1x1 conv; path 2 = shift by one pixel (drop the first row and
@@ -368,6 +386,7 @@ def factorized_reduce(x_NHWC, w1_IO, w2_IO, stride: int = 2):
 # Batch norm (functional): parameters {"scale", "offset"}, statistics {"mean", "var"}.
 
 
+@scoped("batch_norm")
 def batch_norm(x_NHWC, params: dict | None, stats: dict | None, *, train: bool,
                decay: float = 0.9, eps: float = 1e-5):
   """Returns ``(y, new_stats)``.
