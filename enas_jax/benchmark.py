@@ -33,6 +33,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps per row (>= 50 for the compile-count check).")
+_KEEP_HEAP = flags.DEFINE_bool(
+    "keep_compiler_heap", False, "Skip enas_jax.memory's malloc_trim after each long compile "
+    "(on by default here and in `python -m enas_jax.main`), to measure what it saves.")
 _ROW = flags.DEFINE_string("row", "", "Internal: run one row in this process "
                            "(shared, shared_fixed_arc, fixed, final).")
 
@@ -233,7 +236,11 @@ def main(argv):
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/ptb.py:search")
   if _ROW.value:
-    print(json.dumps(run_row(config, _ROW.value, _STEPS.value)), flush=True)
+    from enas_jax import memory
+    released = not _KEEP_HEAP.value and memory.release_after_compiles()
+    row = run_row(config, _ROW.value, _STEPS.value)
+    row["compiler_heap_released"] = bool(released)
+    print(json.dumps(row), flush=True)
     return
   if config.mode == "search":
     shared = _run_subprocess("shared")

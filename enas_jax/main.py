@@ -32,10 +32,12 @@ def main(argv):
   logger.setLevel(logging.INFO)
   logger.propagate = False
   workdir = _WORKDIR.value or os.path.join("runs", f"{config.name}_{config.variant}")
-  from enas_jax.checkpoint import CheckpointError  # heavy imports after flag parsing
+  from enas_jax import memory  # heavy imports after flag parsing
+  from enas_jax.checkpoint import CheckpointError
   from enas_jax.train import run as run_lib
   from enas_jax.train.common import NonFiniteError
   print(f"workdir: {workdir}", flush=True)
+  memory.release_after_compiles()
   try:
     run_lib.run(config, workdir)
   except (ValueError, FileNotFoundError) as e:  # bad input: nothing was lost
