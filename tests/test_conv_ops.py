@@ -162,3 +162,29 @@ def test_batch_norm_hand_written_gradient_matches_autodiff(with_params):
   want = jax.grad(lambda x, p: jnp.sum(ref(x, p) * g), (0, 1))(x, p)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_init_with_one_draw_same_values_eager_and_jitted_with_he_normal_statistics():
+  from enas_jax.spaces import cifar_micro_child as mc
+  cfg = mc.MicroChildConfig(num_layers=1, num_nodes=2, out_filters=8)
+  init = lambda k: mc.init_shared(k, cfg)  # noqa: E731
+  eager = ops.init_with_one_draw(init, jax.random.key(0))
+  jitted = jax.jit(lambda k: ops.init_with_one_draw(init, k))(jax.random.key(0))
+  plain = jax.eval_shape(init, jax.random.key(0))
+  assert jax.tree.structure(eager) == jax.tree.structure(plain)
+  for a, b, c in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), jax.tree.leaves(plain)):
+    assert a.shape == c.shape and a.dtype == c.dtype
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  other = ops.init_with_one_draw(init, jax.random.key(1))
+  w0 = eager[0]["stem"]["w"]
+  assert not np.allclose(w0, other[0]["stem"]["w"])
+  # BN parameters are not drawn; weights have the he_normal scale and +-2 std cut.
+  np.testing.assert_array_equal(eager[0]["stem"]["bn"]["scale"], 1.0)
+  w = np.asarray(eager[0]["cells"][0]["final"]["w"])  # fan_in = B + 2 = 4 rows
+  std = np.sqrt(2.0 / 4)
+  assert abs(w.std() / std - 1.0) < 0.1
+  assert np.abs(w).max() <= 2.0 * std / 0.87962566103423978 + 1e-6
+  # Different weights of one initialisation are not copies of each other.
+  a = np.asarray(eager[0]["cells"][0]["nodes"][0]["x"]["sep3"][0]["w_point"]).ravel()
+  b = np.asarray(eager[0]["cells"][0]["nodes"][0]["y"]["sep3"][0]["w_point"]).ravel()
+  assert abs(np.corrcoef(a, b)[0, 1]) < 0.2

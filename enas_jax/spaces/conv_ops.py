@@ -32,7 +32,9 @@ which one ran.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from typing import Callable, Sequence
 
 import jax
@@ -467,11 +469,82 @@ def bn_stats(c: int) -> dict:
 
 
 def he_normal(key, shape, fan_in: int | None = None):
-  """Keras ``he_normal``: truncated normal (2 std), std = sqrt(2 / fan_in)."""
+  """Keras ``he_normal``: truncated normal (2 std), std = sqrt(2 / fan_in).
+
+  Inside :func:`init_with_one_draw` the values come from that function's single
+  sample and ``key`` is not used."""
   if fan_in is None:
     fan_in = int(np.prod(shape[:-1]))
   std = np.sqrt(2.0 / fan_in) / 0.87962566103423978  # truncation correction
+  if _draws.stream is not None:
+    return _draws.stream.take(tuple(shape), std)
   return (std * jax.random.truncated_normal(key, -2.0, 2.0, shape)).astype(jnp.float32)
+
+
+class _Stream:
+  """He-normal draws of one initialisation: ``buf=None`` records the sizes
+  (values are zeros), else each draw is the next slice of ``buf``."""
+
+  def __init__(self, buf=None):
+    self.buf, self.sizes, self.offset = buf, [], 0
+
+  def take(self, shape, std):
+    size = int(np.prod(shape))
+    if self.buf is None:
+      self.sizes.append(size)
+      return jnp.zeros(shape, jnp.float32)
+    part = self.buf[self.offset:self.offset + size]
+    self.offset += size
+    if isinstance(part, np.ndarray):  # eager: cut on the host, no compile per weight
+      return jnp.asarray((np.float32(std) * part).reshape(shape))
+    return (std * part).reshape(shape).astype(jnp.float32)
+
+
+class _Draws(threading.local):
+  stream: _Stream | None = None
+
+
+_draws = _Draws()
+
+
+@contextlib.contextmanager
+def _stream(stream):
+  prev, _draws.stream = _draws.stream, stream
+  try:
+    yield stream
+  finally:
+    _draws.stream = prev
+
+
+def init_with_one_draw(init_fn: Callable, key: jax.Array, *args):
+  """``init_fn(key, *args)`` with every :func:`he_normal` weight cut from ONE
+  truncated-normal sample (then scaled by its std): the same distribution.
+
+  Why: each ``jax.random`` call is its own Threefry and inverse-CDF code, which
+  XLA:CPU compiles at ~50-70 ms per call; the micro search child has ~700
+  weight tensors, and jitting its initialiser took 74 s and 2 GB. Here the
+  sizes are recorded first (an abstract trace: nothing is compiled), then one
+  sample of their total size is drawn. Called eagerly (the fast way: ~1 s for
+  the micro search child), the weights are cut from the sample on the host;
+  under ``jit`` they are slices of it (``init_fn``'s own key splits are then dead
+  code, but each slice is still a small kernel to compile). Deterministic in
+  ``key``, and the same values either way."""
+  rec = _Stream()
+  with _stream(rec):
+    jax.eval_shape(lambda k: init_fn(k, *args), key)
+  k_draw, k_init = jax.random.split(key)
+  sample = jax.random.truncated_normal(k_draw, -2.0, 2.0, (max(sum(rec.sizes), 1),),
+                                       jnp.float32)
+  if not isinstance(sample, jax.core.Tracer):
+    sample = np.asarray(sample)  # called eagerly: the weights are cut on the host
+  draw = _Stream(sample)
+  with _stream(draw):
+    out = init_fn(k_init, *args)
+  if draw.offset != sum(rec.sizes):
+    raise AssertionError("init_with_one_draw: init_fn drew differently on its two passes "
+                         f"({draw.offset} vs {sum(rec.sizes)} values); it must not branch "
+                         "on traced values.")
+  return out
 
 
 # ---------------------------------------------------------------------------

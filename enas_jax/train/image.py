@@ -218,11 +218,16 @@ class ImageTask(common.DeviceData):
             "batch_stats": self._rep}
 
   def init_child(self, key: jax.Array) -> dict:
-    def make(key):
-      params, stats = self.fns.init(key)
+    # Eagerly, with one truncated-normal sample for all weights (~1 s; a jitted
+    # initialiser with a draw per weight compiled for 74 s for the micro search
+    # child), then placed with the optimizer state.
+    # Host arrays (identical on every process) are valid inputs of a multi-process jit.
+    params, stats = jax.tree.map(np.asarray, conv_ops.init_with_one_draw(self.fns.init, key))
+
+    def make(params, stats):
       return {"params": params, "batch_stats": stats, "opt_state": self.tx.init(params),
               "step": jnp.int32(0)}
-    return jax.jit(make, out_shardings=self.state_shardings())(key)
+    return jax.jit(make, out_shardings=self.state_shardings())(params, stats)
 
   def count_params(self, params) -> int:
     return self.fns.count_params(params)
