@@ -70,13 +70,18 @@ def make_step(cfg, arc_static=None, lr=0.01, aux_weight=0.4):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_size_args(ap: argparse.ArgumentParser):
+  """The search child's sizes (defaults: the paper's search: 6 layers, C=20, B=5)."""
   ap.add_argument("--batch", type=int, default=160)
   ap.add_argument("--num_layers", type=int, default=6)
   ap.add_argument("--out_filters", type=int, default=20)
   ap.add_argument("--num_nodes", type=int, default=5)
   ap.add_argument("--image", type=int, default=32)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_size_args(ap)
   ap.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
   ap.add_argument("--variants", default="switch,static")
   ap.add_argument("--no_aux", action="store_true")
