@@ -52,10 +52,10 @@ def scoped(name: str):
   metadata, so a ``jax.profiler`` trace can be summed per operation kind."""
   def wrap(fn):
     @functools.wraps(fn)
-    def scoped(*args, **kwargs):
+    def run(*args, **kwargs):
       with jax.named_scope(name):
         return fn(*args, **kwargs)
-    return scoped
+    return run
   return wrap
 
 
@@ -190,12 +190,18 @@ def _shifted_windows(x_NHWC, k: int, stride: int, pad_value: float):
           (1, stride, stride, 1))
 
 
-def _depthwise_slices(x_NHWC, w_HWC, stride: int = 1):
+def _tap_sum(views, w_TC):
+  """``sum_t views[t] * w_TC[t]``: a depthwise correlation from its k*k shifted views."""
   out = None
-  for a, b, xs in _shifted_windows(x_NHWC, w_HWC.shape[0], stride, 0.0):
-    t = xs * w_HWC[a, b]
-    out = t if out is None else out + t
+  for t, xs in enumerate(views):
+    out = xs * w_TC[t] if out is None else out + xs * w_TC[t]
   return out
+
+
+def _depthwise_slices(x_NHWC, w_HWC, stride: int = 1):
+  k = w_HWC.shape[0]
+  views = [xs for _, _, xs in _shifted_windows(x_NHWC, k, stride, 0.0)]
+  return _tap_sum(views, w_HWC.reshape(k * k, -1))
 
 
 @jax.custom_vjp
@@ -212,10 +218,7 @@ def _custom_depthwise_bwd(res, g_NHWC):
   k = w_HWC.shape[0]
   lo, hi = _same_pads(k)
   # dx: dy correlated with the flipped kernel, the padding transposed.
-  w_flip = jnp.flip(w_HWC, (0, 1)).reshape(k * k, -1)
-  dx = None
-  for t, gs in enumerate(_windows_s1(g_NHWC, k, (hi, lo))):
-    dx = gs * w_flip[t] if dx is None else dx + gs * w_flip[t]
+  dx = _tap_sum(_windows_s1(g_NHWC, k, (hi, lo)), jnp.flip(w_HWC, (0, 1)).reshape(k * k, -1))
   # dw[a, b, c] = sum_{n,h,w} xpad[n, h+a, w+b, c] dy[n, h, w, c]: all taps'
   # products in one variadic reduce over (N, H), then over W, a few images at a
   # time. Separate per-tap reductions made XLA:CPU copy a shifted x per tap (~10x
@@ -495,8 +498,8 @@ class _Stream:
       return jnp.zeros(shape, jnp.float32)
     part = self.buf[self.offset:self.offset + size]
     self.offset += size
-    if isinstance(part, np.ndarray):  # eager: cut on the host, no compile per weight
-      return jnp.asarray((np.float32(std) * part).reshape(shape))
+    if isinstance(part, np.ndarray):  # eager: a host array, no compile per weight
+      return (np.float32(std) * part).reshape(shape)
     return (std * part).reshape(shape).astype(jnp.float32)
 
 
@@ -525,24 +528,24 @@ def init_with_one_draw(init_fn: Callable, key: jax.Array, *args):
   weight tensors, and jitting its initialiser took 74 s and 2 GB. Here the
   sizes are recorded first (an abstract trace: nothing is compiled), then one
   sample of their total size is drawn. Called eagerly (the fast way: ~1 s for
-  the micro search child), the weights are cut from the sample on the host;
-  under ``jit`` they are slices of it (``init_fn``'s own key splits are then dead
-  code, but each slice is still a small kernel to compile). Deterministic in
-  ``key``, and the same values either way."""
+  the micro search child), the weights are cut from the sample on the host and
+  returned as numpy arrays; under ``jit`` they are slices of it (``init_fn``'s
+  own key splits are then dead code, but each slice is still a small kernel to
+  compile). Deterministic in ``key``, and the same values either way."""
   rec = _Stream()
   with _stream(rec):
     jax.eval_shape(lambda k: init_fn(k, *args), key)
+  total = sum(rec.sizes)
   k_draw, k_init = jax.random.split(key)
-  sample = jax.random.truncated_normal(k_draw, -2.0, 2.0, (max(sum(rec.sizes), 1),),
-                                       jnp.float32)
+  sample = jax.random.truncated_normal(k_draw, -2.0, 2.0, (max(total, 1),), jnp.float32)
   if not isinstance(sample, jax.core.Tracer):
     sample = np.asarray(sample)  # called eagerly: the weights are cut on the host
   draw = _Stream(sample)
   with _stream(draw):
     out = init_fn(k_init, *args)
-  if draw.offset != sum(rec.sizes):
+  if draw.offset != total:
     raise AssertionError("init_with_one_draw: init_fn drew differently on its two passes "
-                         f"({draw.offset} vs {sum(rec.sizes)} values); it must not branch "
+                         f"({draw.offset} vs {total} values); it must not branch "
                          "on traced values.")
   return out
 
