@@ -138,6 +138,21 @@ def test_grads_traced_equal_baked_and_unused_weights_get_zero(shared):
   assert np.any(wf[0] != 0) and np.all(wf[1:3] == 0) and np.any(wf[3] != 0)
 
 
+@pytest.mark.parametrize("variant", [{"op_select": "mask", "conv_impl": "plain"},
+                                     {"checkpoint_branches": False}])
+def test_grads_of_other_variants_equal_baked(shared, variant):
+  """The mask mode's gradient (all ops recomputed in the cell's backward) and
+  plain autodiff through the switch (``checkpoint_branches=False``)."""
+  cfg = mc.MicroChildConfig(**TINY, **variant)
+  f = jax.jit(jax.value_and_grad(_loss_fn(cfg), has_aux=True))
+  for i in (0, len(shared["arcs"]) - 1):
+    (loss, _), g = f(shared["params"], shared["stats"], jnp.asarray(shared["arcs"][i]),
+                     shared["x"], jax.random.key(7))
+    (loss_b, _), g_b = shared["baked"][i]
+    np.testing.assert_allclose(loss, loss_b, atol=1e-4, rtol=1e-4)
+    _assert_grads_close(g, g_b)
+
+
 def test_one_compilation_for_many_arcs(shared):
   f = shared["mask"]  # forward only: cheap to run
   c = _codec()
