@@ -118,6 +118,21 @@ def test_depthwise_custom_gradient_matches_plain(k, c, n):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("impl", ["custom", "plain"])
+def test_depthwise_relu_input_is_depthwise_of_relu(impl, stride):
+  """``relu_input`` (the custom gradient keeps x, not ReLU(x)) is the same
+  function, values and gradients, as a depthwise convolution of ReLU(x)."""
+  x, w, g = _rand(14, (3, 8, 6, 5)), _rand(15, (3, 3, 5)), _rand(16, (3, 8 // stride, 6 // stride, 5))
+  fused = lambda x, w: jnp.sum(ops.depthwise_conv2d(x, w, stride, impl, relu_input=True) * g)
+  ref = lambda x, w: jnp.sum(ops.depthwise_conv2d(jnp.maximum(x, 0.0), w, stride, "plain") * g)
+  np.testing.assert_allclose(fused(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  ga, gb = jax.grad(fused, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w)
+  assert np.any(np.asarray(ga[0]) == 0.0)  # the ReLU's gradient mask is applied
+  for a, b in zip(ga, gb):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def _ref_pool(x, kind):
   """stride-1 SAME 3x3 pools from lax.reduce_window (XLA's own gradients)."""
   dims, strides, pad = (1, 3, 3, 1), (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0))

@@ -418,7 +418,7 @@ def _pick_node(nodes, buf, i, static):
 def _sep_stack(x, st, cfg, train, stride=1, stats=None):
   """ReLU -> depthwise k x k -> pointwise -> BN (one stack of a sep conv)."""
   # conv_ops.separable_conv2d with the pointwise step as a 2-D matrix product.
-  y = _conv1x1(ops.depthwise_conv2d(_relu(x), st["w_depth"], stride, cfg.conv_impl),
+  y = _conv1x1(ops.depthwise_conv2d(x, st["w_depth"], stride, cfg.conv_impl, relu_input=True),
                st["w_point"])
   return ops.batch_norm(y, st["bn"], stats, train=train, decay=cfg.bn_decay, eps=cfg.bn_eps)
 
@@ -590,15 +590,15 @@ def _traced_cell_bwd(cfg, res, d_y):
 
   def pullback(f):
     def run(op):
-      idx, w, g = op
-      return jax.vjp(lambda h, w: f((h, w)), _slot(buf, idx), w)[1](g)
+      idx, w, d_buf, node = op
+      return jax.vjp(lambda h, w: f((h, w)), _slot(buf, idx), w)[1](_slot(d_buf, node))
     return run
 
   pullbacks = [pullback(f) for f in _shared_branches(cfg)]
 
   def branch(d_buf, step):
     w, idx, op, node = step
-    d_h, d_w = ops.select_branch(op, pullbacks, (idx, w, _slot(d_buf, node)),
+    d_h, d_w = ops.select_branch(op, pullbacks, (idx, w, d_buf, node),
                                  mode=cfg.op_select, checkpoint=False)
     with jax.named_scope("grad_write"):
       return _add_to_slot(d_buf, idx, d_h), d_w

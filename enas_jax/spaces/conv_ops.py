@@ -204,27 +204,36 @@ def _depthwise_slices(x_NHWC, w_HWC, stride: int = 1):
   return _tap_sum(views, w_HWC.reshape(k * k, -1))
 
 
-@jax.custom_vjp
-def _custom_depthwise(x_NHWC, w_HWC):
-  return _depthwise_slices(x_NHWC, w_HWC)
+def _relu_if(x, relu: bool):
+  return jnp.maximum(x, 0.0) if relu else x
 
 
-def _custom_depthwise_fwd(x_NHWC, w_HWC):
-  return _depthwise_slices(x_NHWC, w_HWC), (x_NHWC, w_HWC)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _custom_depthwise(x_NHWC, w_HWC, relu: bool):
+  return _depthwise_slices(_relu_if(x_NHWC, relu), w_HWC)
 
 
-def _custom_depthwise_bwd(res, g_NHWC):
+def _custom_depthwise_fwd(x_NHWC, w_HWC, relu):
+  # Saves x itself: with ``relu`` the rectified input is recomputed where it is
+  # read (inside the backward's fusions) instead of being stored.
+  return _depthwise_slices(_relu_if(x_NHWC, relu), w_HWC), (x_NHWC, w_HWC)
+
+
+def _custom_depthwise_bwd(relu, res, g_NHWC):
   x_NHWC, w_HWC = res
   k = w_HWC.shape[0]
   lo, hi = _same_pads(k)
   # dx: dy correlated with the flipped kernel, the padding transposed.
   dx = _tap_sum(_windows_s1(g_NHWC, k, (hi, lo)), jnp.flip(w_HWC, (0, 1)).reshape(k * k, -1))
+  if relu:
+    dx = jnp.where(x_NHWC > 0, dx, 0.0)
   # dw[a, b, c] = sum_{n,h,w} xpad[n, h+a, w+b, c] dy[n, h, w, c]: all taps'
   # products in one variadic reduce over (N, H), then over W, a few images at a
   # time. Separate per-tap reductions made XLA:CPU copy a shifted x per tap (~10x
   # slower); the diagonal of a blocked full kernel gradient was 1.4-2x slower.
   def taps(x, g):
-    part = _fused_sums([xs * g for xs in _windows_s1(x, k, (lo, hi))], (0, 1))
+    windows = _windows_s1(_relu_if(x, relu), k, (lo, hi))
+    part = _fused_sums([xs * g for xs in windows], (0, 1))
     return jnp.stack([q.sum(0) for q in part])
 
   per_image = int(np.prod(x_NHWC.shape[1:]))
@@ -237,15 +246,19 @@ _custom_depthwise.defvjp(_custom_depthwise_fwd, _custom_depthwise_bwd)
 
 
 @scoped("depthwise")
-def depthwise_conv2d(x_NHWC: jax.Array, w_HWC: jax.Array, stride: int = 1, impl: str = "plain"):
-  """SAME depthwise convolution with a ``[k, k, C]`` kernel (channel multiplier 1).
+def depthwise_conv2d(x_NHWC: jax.Array, w_HWC: jax.Array, stride: int = 1, impl: str = "plain",
+                     relu_input: bool = False):
+  """SAME depthwise convolution with a ``[k, k, C]`` kernel (channel multiplier 1)
+  of ``x`` (of ``ReLU(x)`` with ``relu_input``).
 
   ``custom`` sums shifted slices (fast on XLA:CPU, exact), with a custom gradient at
-  stride 1; ``plain`` uses a grouped ``conv_general_dilated``."""
+  stride 1 (which, with ``relu_input``, keeps x instead of ReLU(x) for the
+  backward pass); ``plain`` uses a grouped ``conv_general_dilated``."""
   k = w_HWC.shape[0]
+  if impl == "custom" and stride == 1:
+    return _custom_depthwise(x_NHWC, w_HWC, relu_input)
+  x_NHWC = _relu_if(x_NHWC, relu_input)
   if impl == "custom":
-    if stride == 1:
-      return _custom_depthwise(x_NHWC, w_HWC)
     return _depthwise_slices(x_NHWC, w_HWC, stride)
   c = x_NHWC.shape[-1]
   return jax.lax.conv_general_dilated(
