@@ -27,16 +27,19 @@ per *input index*, picked by the sampled index; and ``final`` (``w [B+2, C, C]``
 + BN). ``batch_stats`` mirrors the BNs that keep moving averages (stem, FR,
 calibrations, ``final``); the sep-conv BNs use batch statistics only.
 
-* The arc is a traced int32 array (one compilation serves every arc): a node's
-  input is a dynamic slice of a ``[B + 1, N, H, W, C]`` buffer that each node is
-  written into as it is computed (a fresh ``jnp.stack`` of the earlier nodes per
-  node cost ~1.2x more per step); its op by :func:`conv_ops.select_branch`
-  (``lax.switch`` whose gradient recomputes the taken branch, or all ops and a
-  ``jnp.where`` mask: ``op_select``); the
-  loose ends (nodes that no node of the cell reads, inputs 0/1 included) are a
-  0/1 vector, so the cell output "concat of loose ends -> ReLU -> gathered
-  ``[k C, C]`` 1x1 -> BN" is computed with a fixed shape as
-  ``BN(sum_j loose_j * ReLU(node_j) @ w[j])``: the same function.
+* The arc is a traced int32 array (one compilation serves every arc). With
+  ``checkpoint_branches`` (the default) each cell is one custom VJP
+  (:func:`_traced_cell`): its 2B branches run as a ``lax.scan`` that reads each
+  branch's input from, and adds its output into, one ``[B + 2, N, H, W, C]``
+  buffer of the cell's nodes; the op is chosen by :func:`conv_ops.select_branch`
+  (``lax.switch``, or every op and a ``jnp.where`` mask: ``op_select``); the
+  loose ends (nodes that no node of the cell reads, inputs 0/1 included) form a
+  0/1 vector, and the cell output "concat of loose ends -> ReLU -> gathered
+  ``[k C, C]`` 1x1 -> BN" is computed at a fixed shape as ``BN(sum_j [loose_j]
+  ReLU(node_j) @ w[j])`` (a ``lax.cond`` skips the other nodes): the same
+  function. The backward pass saves only the node buffer and recomputes each
+  taken op from its input. With ``checkpoint_branches=False``, JAX
+  differentiates the same forward (written without the scan) directly.
 * A numpy arc bakes the arc in (Python indexing, direct op calls, static loose
   ends): the same network, used as the benchmark's "fixed" row and by the tests
   as the reference of the traced path.
