@@ -88,7 +88,7 @@ def base(space: str) -> ml_collections.ConfigDict:
   # op's input and the backward pass recomputes that op in a second switch (micro:
   # one custom gradient per cell that saves only the cell's node buffer).
   # Without it, autodiff keeps the zero-filled residuals of every branch (about
-  # 10x slower on CPU for macro, 1.3x for micro, and more memory).
+  # 10x slower on CPU for macro, slower for micro too, and more memory).
   c.child.checkpoint_branches = True
 
   # ------------------------------------------------------------ controller
