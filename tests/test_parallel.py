@@ -54,3 +54,54 @@ def test_two_fake_devices_match_one_device():
   np.testing.assert_allclose(np.asarray(two["emb"]), np.asarray(one["emb"]), atol=1e-5)
   np.testing.assert_allclose(two["reward"], one["reward"], rtol=1e-4)
   np.testing.assert_allclose(two["ppl"], one["ppl"], rtol=1e-4)
+
+
+_MICRO_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, ".")
+    sys.path.insert(0, "tests")
+    import jax, jax.numpy as jnp, numpy as np
+    from conftest import tiny_cifar_config
+    from enas_jax import data as data_lib, parallel
+    from enas_jax.train.image import ImageTask
+    from enas_jax.train.run import build_space
+    from enas_jax.train.search import SearchSetup
+
+    assert len(jax.devices()) == 2, jax.devices()
+    # 3 cells of 2 nodes: the per-cell custom gradient, its scans and conditionals.
+    cfg = tiny_cifar_config("cifar_micro", "search", **{"space.num_nodes": 2})
+    images = data_lib.load_images(cfg.data)
+    out = {}
+    for n in (1, 2):
+      mesh = parallel.make_mesh(n)
+      setup = SearchSetup(cfg, build_space(cfg), ImageTask(cfg, images, mesh, shared=True))
+      st = setup.init_state()
+      child, acc = setup.child_chunk(st["child"], st["ctrl"]["params"], setup.keys["child"],
+                                     jnp.int32(3))
+      ctx = {"params": child["params"], "batch_stats": child["batch_stats"],
+             "data": setup.task.data_arrays}
+      ctrl_state, cm = setup.controller_phase(st["ctrl"], ctx, setup.keys["ctrl"])
+      w = child["params"]["cells"][2]["nodes"][1]["x"]["sep3"][0]["w_point"]
+      out[n] = {"loss": float(acc["loss"]), "w": np.asarray(w).tolist(),
+                "stem": np.asarray(child["params"]["stem"]["w"]).tolist(),
+                "reward": float(cm["controller/reward"]), "devices": len(w.sharding.device_set)}
+    print(json.dumps(out))
+""")
+
+
+def test_micro_search_on_two_fake_devices_matches_one_device():
+  """The micro search step (per-cell custom VJP, scans, conditionals) with the
+  batch split over two devices: the same loss, weights and controller reward."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", _MICRO_SCRIPT], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  one, two = out["1"], out["2"]
+  assert two["devices"] == 2
+  import numpy as np
+  np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(two["w"]), np.asarray(one["w"]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(two["stem"]), np.asarray(one["stem"]), atol=1e-5)
+  np.testing.assert_allclose(two["reward"], one["reward"], rtol=1e-4)
