@@ -29,9 +29,9 @@ calibrations, ``final``); the sep-conv BNs use batch statistics only.
 
 * The arc is a traced int32 array (one compilation serves every arc). With
   ``checkpoint_branches`` (the default) each cell is one custom VJP
-  (:func:`_traced_cell`): its 2B branches run as a ``lax.scan`` that reads each
-  branch's input from, and adds its output into, one ``[B + 2, N, H, W, C]``
-  buffer of the cell's nodes; the op is chosen by :func:`conv_ops.select_branch`
+  (:func:`_traced_cell`): its B nodes run as a ``lax.scan`` over one
+  ``[B + 2, N, H, W, C]`` buffer of the cell's nodes (each branch reads its input
+  from it, the sum of a node's two branches is written into its slot); the op is chosen by :func:`conv_ops.select_branch`
   (``lax.switch``, or every op and a ``jnp.where`` mask: ``op_select``); the
   loose ends (nodes that no node of the cell reads, inputs 0/1 included) form a
   0/1 vector, and the cell output "concat of loose ends -> ReLU -> gathered
@@ -493,9 +493,10 @@ def _autodiff_cell(x0, x1, ws, w_final, cell_arc, cfg, static):
 
 
 # The search cell with a traced arc and checkpoint_branches (the default): one
-# custom VJP per cell. Its forward runs the 2B branches as a lax.scan that reads
-# each branch's input from, and adds its output into, one [B + 2, N, H, W, C]
-# buffer of the cell's nodes, then adds the loose ends' 1x1 products; it saves
+# custom VJP per cell. Its forward runs the B nodes as a lax.scan over one
+# [B + 2, N, H, W, C] buffer of the cell's nodes (each branch reads its input
+# from it; a node's two branch outputs are summed into its slot), then adds the
+# loose ends' 1x1 products; it saves
 # only that buffer (and the picked weights). Its backward first pulls the cell's
 # output gradient back through the loose ends, then scans the branches in
 # reverse: each one recomputes its op from its input (a slice of the saved
@@ -542,13 +543,19 @@ def _cell_forward(x0, x1, ws, w_final, cell_arc, cfg):
   run = [lambda op, f=f: f((_slot(op[0], op[1]), op[2])) for f in _shared_branches(cfg)]
   buf = jnp.concatenate([x0[None], x1[None], jnp.zeros((B,) + x0.shape, x0.dtype)])
 
-  def branch(buf, step):
+  def node_step(buf, step):  # both branches of a node, then one write of its slot
     w, idx, op, node = step
-    y = ops.select_branch(op, run, (buf, idx, w), mode=cfg.op_select, checkpoint=False)
+    y = None
+    for t in (0, 1):
+      yt = ops.select_branch(op[t], run, (buf, idx[t], jax.tree.map(lambda a: a[t], w)),
+                             mode=cfg.op_select, checkpoint=False)
+      y = yt if y is None else y + yt
     with jax.named_scope("node_write"):
-      return _add_to_slot(buf, node, y), None
+      return jax.lax.dynamic_update_index_in_dim(buf, y, node[0], 0), None
 
-  buf, _ = jax.lax.scan(branch, buf, _branch_steps(ws, cell_arc, B))
+  per_node = jax.tree.map(lambda a: a.reshape((B, 2) + a.shape[1:]),
+                          _branch_steps(ws, cell_arc, B))
+  buf, _ = jax.lax.scan(node_step, buf, per_node)
 
   def loose_end(acc, step):
     j, loose, w = step
