@@ -4,10 +4,11 @@ One jitted SGD step (CE + 0.4 aux CE, grads, ``params - lr * grads``, new BN
 statistics) per variant, at the search sizes by default (6 layers, C=20, B=5,
 32x32):
 
-* ``switch``: ``lax.switch`` op choice, custom-VJP conv, checkpointed branches;
+* ``switch``: ``lax.switch`` op choice, custom-VJP conv, the per-cell custom
+  gradient (``checkpoint_branches``);
 * ``switch_plain``: ``lax.switch`` with plain XLA convolutions;
 * ``switch_nockpt``: ``lax.switch``, custom conv, no per-branch checkpoint;
-* ``mask``: all ops computed, ``jnp.where`` selection;
+* ``mask``: all ops computed, ``jnp.where`` selection (same per-cell gradient);
 * ``static``: the arc baked in (a numpy arc: no switch, no input gather).
 
 Shared variants get a fresh uniform arc (an argument) every step (``fresh``)

@@ -38,7 +38,8 @@ from enas_jax.spaces import cifar_micro  # noqa: E402
 from enas_jax.spaces import cifar_micro_child as mc  # noqa: E402
 
 SCOPES = ("conv1x1", "conv", "depthwise", "avg_pool", "max_pool", "factorized_reduce",
-          "batch_norm", "pick_node", "pick_weights", "calibrate", "combine", "node_write")
+          "batch_norm", "pick_node", "pick_weights", "calibrate", "combine", "node_write",
+          "grad_write")
 
 
 def _scope_of(op_name: str) -> str:
