@@ -40,14 +40,19 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_two_fake_devices_match_one_device():
+def _one_and_two_devices(script: str, timeout: int):
+  """Runs ``script`` with two fake CPU devices; returns its results on one and on two."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                     text=True, timeout=600)
+  r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=timeout)
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
-  one, two = out["1"], out["2"]
+  return out["1"], out["2"]
+
+
+def test_two_fake_devices_match_one_device():
+  one, two = _one_and_two_devices(_SCRIPT, timeout=600)
   assert two["devices_h"] == 2  # the batch really is split over both devices
   import numpy as np
   np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)
@@ -92,13 +97,7 @@ _MICRO_SCRIPT = textwrap.dedent("""
 def test_micro_search_on_two_fake_devices_matches_one_device():
   """The micro search step (per-cell custom VJP, scans, conditionals) with the
   batch split over two devices: the same loss, weights and controller reward."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", _MICRO_SCRIPT], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
-  out = json.loads(r.stdout.strip().splitlines()[-1])
-  one, two = out["1"], out["2"]
+  one, two = _one_and_two_devices(_MICRO_SCRIPT, timeout=900)
   assert two["devices"] == 2
   import numpy as np
   np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)

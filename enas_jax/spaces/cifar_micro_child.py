@@ -496,10 +496,9 @@ def _autodiff_cell(x0, x1, ws, w_final, cell_arc, cfg, static):
 # custom VJP per cell. Its forward runs the B nodes as a lax.scan over one
 # [B + 2, N, H, W, C] buffer of the cell's nodes (each branch reads its input
 # from it; a node's two branch outputs are summed into its slot), then adds the
-# loose ends' 1x1 products; it saves
-# only that buffer (and the picked weights). Its backward first pulls the cell's
-# output gradient back through the loose ends, then scans the branches in
-# reverse: each one recomputes its op from its input (a slice of the saved
+# loose ends' 1x1 products; it saves only that buffer (and the picked weights).
+# Its backward first pulls the cell's output gradient back through the loose
+# ends, then scans the branches in reverse: each one recomputes its op from its input (a slice of the saved
 # buffer) and adds its input gradient into a gradient buffer of the same shape.
 # Against JAX's autodiff of the same forward (a checkpointed switch per branch)
 # this saves a copy of every branch input (a residual each), a copy of the
@@ -517,12 +516,11 @@ def _loose_mask(cell_arc, B):
   return used == 0
 
 
-def _branch_steps(ws, cell_arc, B):
+def _branch_steps(ws, cell_arc):
   """The cell's 2B branches as scan inputs: (picked weights stacked [2B, ...],
-  input index, op, node slot), in arc order (node 0 x, node 0 y, node 1 x, ...)."""
+  input index, op), in arc order (node 0 x, node 0 y, node 1 x, ...)."""
   w = jax.tree.map(lambda *a: jnp.stack(a), *[w for pair in ws for w in pair])
-  node = jnp.repeat(jnp.arange(2, B + 2, dtype=jnp.int32), 2)
-  return w, cell_arc[0::2], cell_arc[1::2], node
+  return w, cell_arc[0::2], cell_arc[1::2]
 
 
 def _slot(buf, i):
@@ -544,18 +542,17 @@ def _cell_forward(x0, x1, ws, w_final, cell_arc, cfg):
   buf = jnp.concatenate([x0[None], x1[None], jnp.zeros((B,) + x0.shape, x0.dtype)])
 
   def node_step(buf, step):  # both branches of a node, then one write of its slot
-    w, idx, op, node = step
+    (w, idx, op), node = step
     y = None
     for t in (0, 1):
       yt = ops.select_branch(op[t], run, (buf, idx[t], jax.tree.map(lambda a: a[t], w)),
                              mode=cfg.op_select, checkpoint=False)
       y = yt if y is None else y + yt
     with jax.named_scope("node_write"):
-      return jax.lax.dynamic_update_index_in_dim(buf, y, node[0], 0), None
+      return jax.lax.dynamic_update_index_in_dim(buf, y, node, 0), None
 
-  per_node = jax.tree.map(lambda a: a.reshape((B, 2) + a.shape[1:]),
-                          _branch_steps(ws, cell_arc, B))
-  buf, _ = jax.lax.scan(node_step, buf, per_node)
+  per_node = jax.tree.map(lambda a: a.reshape((B, 2) + a.shape[1:]), _branch_steps(ws, cell_arc))
+  buf, _ = jax.lax.scan(node_step, buf, (per_node, jnp.arange(2, B + 2)))
 
   def loose_end(acc, step):
     j, loose, w = step
@@ -607,13 +604,14 @@ def _traced_cell_bwd(cfg, res, d_y):
   pullbacks = [pullback(f) for f in _shared_branches(cfg)]
 
   def branch(d_buf, step):
-    w, idx, op, node = step
+    (w, idx, op), node = step
     d_h, d_w = ops.select_branch(op, pullbacks, (idx, w, d_buf, node),
                                  mode=cfg.op_select, checkpoint=False)
     with jax.named_scope("grad_write"):
       return _add_to_slot(d_buf, idx, d_h), d_w
 
-  d_buf, d_w = jax.lax.scan(branch, d_buf, _branch_steps(ws, cell_arc, B), reverse=True)
+  node = jnp.repeat(jnp.arange(2, B + 2), 2)  # the node each branch belongs to
+  d_buf, d_w = jax.lax.scan(branch, d_buf, (_branch_steps(ws, cell_arc), node), reverse=True)
   d_ws = [[jax.tree.map(lambda a, i=2 * b + t: a[i], d_w) for t in (0, 1)] for b in range(B)]
   return d_buf[0], d_buf[1], d_ws, d_w_final, None
 
