@@ -179,6 +179,44 @@ def test_batch_norm_hand_written_gradient_matches_autodiff(with_params):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("outlier_first", [False, True])
+def test_batch_norm_statistics_accurate_far_from_zero_and_all_cotangents(outlier_first):
+  # One-pass moments of x shifted by its first pixel: a mean 100 std away from
+  # zero (and, second case, a first pixel 20 std away from the mean) must not
+  # cost the variance its accuracy. Reference in float64.
+  x = np.asarray(_rand(30, (16, 8, 8, 4)), np.float64) * 0.5 + 50.0
+  if outlier_first:
+    x[0, 0, 0] += 10.0
+  scale, offset = np.asarray(_rand(31, (4,))), np.asarray(_rand(32, (4,)))
+  y, mean, var = ops._bn_batch(jnp.asarray(x, jnp.float32), jnp.asarray(scale),
+                               jnp.asarray(offset), jnp.float32(1e-5))
+  m64, v64 = x.mean((0, 1, 2)), x.var((0, 1, 2))
+  np.testing.assert_allclose(mean, m64, rtol=1e-6)
+  np.testing.assert_allclose(var, v64, rtol=2e-4)
+  np.testing.assert_allclose(y, (x - m64) / np.sqrt(v64 + 1e-5) * scale + offset,
+                             rtol=2e-3, atol=2e-3)
+  # The gradient through y, mean and var together against autodiff of the
+  # two-pass formula (float32: both sides see the same rounding of x).
+  g, a, b = _rand(33, x.shape), _rand(34, (4,)), _rand(35, (4,))
+
+  def ref(x, s, o):
+    m = jnp.mean(x, (0, 1, 2))
+    v = jnp.mean(jnp.square(x - m), (0, 1, 2))
+    return (x - m) * jax.lax.rsqrt(v + 1e-5) * s + o, m, v
+
+  def loss(fn):
+    def f(x, s, o):
+      y, m, v = fn(x, s, o)
+      return jnp.sum(y * g) + jnp.sum(m * a) + jnp.sum(v * b)
+    return jax.grad(f, (0, 1, 2))
+
+  args = (jnp.asarray(x - 50.0, jnp.float32), jnp.asarray(scale), jnp.asarray(offset))
+  got = loss(lambda x, s, o: ops._bn_batch(x, s, o, jnp.float32(1e-5)))(*args)
+  want = loss(ref)(*args)
+  for u, w in zip(got, want):
+    np.testing.assert_allclose(u, w, rtol=1e-4, atol=1e-4)
+
+
 def test_init_with_one_draw_same_values_eager_and_jitted_with_he_normal_statistics():
   from enas_jax.spaces import cifar_micro_child as mc
   cfg = mc.MicroChildConfig(num_layers=1, num_nodes=2, out_filters=8)

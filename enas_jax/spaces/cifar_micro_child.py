@@ -183,7 +183,7 @@ class MicroChildConfig:
 
 # ----------------------------------------------------------------- building blocks
 def _relu(x):
-  return jnp.maximum(x, 0.0)
+  return jax.nn.relu(x)
 
 
 @ops.scoped("conv1x1")
@@ -560,9 +560,12 @@ def _cell_forward(x0, x1, ws, w_final, cell_arc, cfg):
                         lambda a: a, acc), None
 
   with jax.named_scope("combine"):
-    acc = jnp.zeros((int(np.prod(x0.shape[:-1])), w_final.shape[-1]), x0.dtype)
-    acc, _ = jax.lax.scan(loose_end, acc,
-                          (jnp.arange(B + 2), _loose_mask(cell_arc, B), w_final))
+    # Starts from input 0's term (or zeros): a zero constant as the scan's
+    # start would be shared by the cells, copied once per cell and scheduled
+    # early by XLA (see _traced_cell_bwd).
+    loose = _loose_mask(cell_arc, B)
+    acc = jnp.where(loose[0], _rows(_relu(x0)) @ w_final[0], 0.0)
+    acc, _ = jax.lax.scan(loose_end, acc, (jnp.arange(1, B + 2), loose[1:], w_final[1:]))
   return acc.reshape(x0.shape[:-1] + w_final.shape[-1:]), buf
 
 
@@ -582,18 +585,31 @@ def _traced_cell_bwd(cfg, res, d_y):
   B = cfg.num_nodes
   g = _rows(d_y)
 
-  def loose_end(_, step):
-    j, loose, w = step
+  def loose_grads(j, loose, w):
     def grads(_):
       n = _slot(buf, j)
       return (jnp.where(n > 0, (g @ w.T).reshape(n.shape), 0.0), _rows(_relu(n)).T @ g)
     def zeros(_):
       return jnp.zeros(buf.shape[1:], buf.dtype), jnp.zeros_like(w)
-    return None, jax.lax.cond(loose, grads, zeros, None)
+    return jax.lax.cond(loose, grads, zeros, None)
+
+  def loose_end(d_buf, step):
+    j, loose, w = step
+    d_n, d_w = loose_grads(j, loose, w)
+    return jax.lax.dynamic_update_index_in_dim(d_buf, d_n, j, 0), d_w
 
   with jax.named_scope("combine"):
-    _, (d_buf, d_w_final) = jax.lax.scan(
-        loose_end, None, (jnp.arange(B + 2), _loose_mask(cell_arc, B), w_final))
+    # The gradient buffer starts as node 0's gradient and zeros (one fusion
+    # that needs this cell's gradient), then the scan writes nodes 1..B+1 in
+    # place. Not a scan's stacked output: those start from a zero constant
+    # that XLA shares between the cells (a copy per cell) and schedules early,
+    # which kept ~0.4 GB of such buffers alive from the forward pass on.
+    loose = _loose_mask(cell_arc, B)
+    d_0, d_w_0 = loose_grads(0, loose[0], w_final[0])
+    d_buf = jnp.concatenate([d_0[None], jnp.zeros((B + 1,) + d_0.shape, d_0.dtype)])
+    d_buf, d_w_rest = jax.lax.scan(loose_end, d_buf,
+                                   (jnp.arange(1, B + 2), loose[1:], w_final[1:]))
+    d_w_final = jnp.concatenate([d_w_0[None], d_w_rest])
 
   def pullback(f):
     def run(op):

@@ -437,9 +437,18 @@ def batch_norm(x_NHWC, params: dict | None, stats: dict | None, *, train: bool,
 
 def _bn_batch_impl(x, scale, offset, eps):
   r = x.shape[0] * x.shape[1] * x.shape[2]
-  mean = jnp.sum(x, (0, 1, 2)) / r
-  var = jnp.sum(jnp.square(x - mean), (0, 1, 2)) / r  # two passes: no cancellation
-  return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + offset, mean, var
+  # One pass over x for both moments, of x shifted by its first pixel (a value
+  # of the batch: var = E[d^2] - E[d]^2 with d = x - shift then cancels only
+  # as far as that pixel is from the mean, not as far as the mean is from 0).
+  # And no ``x - mean`` in the forward: XLA merged it with the backward's own
+  # ``x - mean`` and kept that centred copy alive from the forward pass to
+  # the backward (micro search step: ~0.15 GB of the peak).
+  shift = jax.lax.stop_gradient(x[0, 0, 0])
+  d = x - shift
+  s1, s2 = jnp.sum(d, (0, 1, 2)) / r, jnp.sum(jnp.square(d), (0, 1, 2)) / r
+  mean, var = shift + s1, jnp.maximum(s2 - jnp.square(s1), 0.0)
+  a = jax.lax.rsqrt(var + eps) * scale
+  return x * a + (offset - mean * a), mean, var
 
 
 @jax.custom_vjp
@@ -462,14 +471,18 @@ def _bn_batch_bwd(res, cts):
   g, g_mean, g_var = cts
   r = x.shape[0] * x.shape[1] * x.shape[2]
   rstd = jax.lax.rsqrt(var + eps)
-  xc = x - mean
   # Two plain reductions: 1.3-3x faster on XLA:CPU than one variadic reduce of
   # both (measured at [160, 32, 32, 20], [160, 16, 16, 40], [128, 32, 32, 36]).
-  sg, sgx = jnp.sum(g, (0, 1, 2)), jnp.sum(g * xc, (0, 1, 2))
-  dx = (scale * rstd) * (g - sg / r - xc * (sgx * rstd * rstd / r))
-  # The mean and variance outputs feed the moving averages under stop_gradient
-  # (zero cotangents); kept exact for any other use.
-  dx = dx + g_mean / r + g_var * (2.0 / r) * xc
+  sg, sgx = jnp.sum(g, (0, 1, 2)), jnp.sum(g * (x - mean), (0, 1, 2))
+  # dx = k1 g + k2 (x - mean) + k3, written with x itself: a standalone
+  # ``x - mean`` needs only forward values, and XLA computed it during the
+  # forward pass and kept it until here (one more activation-sized buffer per
+  # batch norm). The mean and variance outputs feed the moving averages under
+  # stop_gradient (zero cotangents); kept exact for any other use.
+  k1 = scale * rstd
+  k2 = g_var * (2.0 / r) - k1 * sgx * rstd * rstd / r
+  k3 = g_mean / r - k1 * sg / r - k2 * mean
+  dx = k1 * g + k2 * x + k3
   return dx, sgx * rstd, sg, jnp.zeros_like(eps)
 
 
