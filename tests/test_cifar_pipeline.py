@@ -84,3 +84,20 @@ def test_missing_cifar_data_is_one_clear_message(tmp_path):
     run_lib.run(c, str(tmp_path / "run"))
   msg = str(e.value)
   assert "cifar-10-batches-py" in msg and str(tmp_path / "none") in msg
+
+
+@pytest.mark.parametrize("bound", [0.5, 100.0])
+def test_child_global_norm_clip_matches_optax(bound):
+  import jax
+  import optax
+  from enas_jax.train.image import clip_by_global_norm
+  rng = np.random.default_rng(0)
+  g = {"w": rng.normal(size=(4, 3)).astype(np.float32),
+       "b": [rng.normal(size=(5,)).astype(np.float32)]}
+  ours, _ = clip_by_global_norm(bound).update(g, optax.EmptyState())
+  ref_tx = optax.clip_by_global_norm(bound)
+  ref, _ = ref_tx.update(g, ref_tx.init(g))
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  norm = np.sqrt(sum(float(np.sum(x ** 2)) for x in jax.tree.leaves(g)))
+  assert (norm > bound) == (bound == 0.5)  # one case clips, the other does not

@@ -241,3 +241,14 @@ def test_init_with_one_draw_same_values_eager_and_jitted_with_he_normal_statisti
   a = np.asarray(eager[0]["cells"][0]["nodes"][0]["x"]["sep3"][0]["w_point"]).ravel()
   b = np.asarray(eager[0]["cells"][0]["nodes"][0]["y"]["sep3"][0]["w_point"]).ravel()
   assert abs(np.corrcoef(a, b)[0, 1]) < 0.2
+
+
+def test_sum_of_squares_value_and_gradient_match_per_leaf_sums():
+  tree = {"a": _rand(40, (3, 4)), "b": [_rand(41, (5,)), _rand(42, (2, 2, 3))]}
+  want = sum(float(jnp.sum(jnp.square(x))) for x in jax.tree.leaves(tree))
+  np.testing.assert_allclose(ops.sum_of_squares(tree), want, rtol=1e-6)
+  np.testing.assert_allclose(ops.global_norm(tree), np.sqrt(want), rtol=1e-6)
+  grads = jax.grad(lambda t: 3.0 * ops.l2_sum(t))(tree)
+  for g, x in zip(jax.tree.leaves(grads), jax.tree.leaves(tree)):
+    np.testing.assert_allclose(g, 6.0 * x, rtol=1e-6)
+  assert float(ops.sum_of_squares({})) == 0.0

@@ -645,6 +645,39 @@ def _checkpointed_switch(index, branches: tuple, operand):
   return switch(index, operand)
 
 
+@jax.custom_vjp
+def sum_of_squares(tree) -> jax.Array:
+  """``sum(x ** 2)`` over every element of every leaf, as one reduction.
+
+  The micro search child has 1,340 weight tensors. A reduction per leaf (and,
+  under autodiff, the slices that transpose a concatenation) is a kernel per
+  leaf for XLA to compile: the L2 term, the gradient norm and the global-norm
+  clip together added ~30 s and ~0.7 GB to compiling the search step. Here the
+  leaves are concatenated into one reduction, and the gradient (``2 x g``) is
+  written per leaf, where it fuses with the optimizer's own element-wise work."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  flat = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
+  return jnp.sum(jnp.square(flat))
+
+
+def _sum_of_squares_fwd(tree):
+  return sum_of_squares(tree), tree
+
+
+def _sum_of_squares_bwd(tree, g):
+  return (jax.tree.map(lambda x: (2.0 * g * x).astype(x.dtype), tree),)
+
+
+sum_of_squares.defvjp(_sum_of_squares_fwd, _sum_of_squares_bwd)
+
+
+def global_norm(tree) -> jax.Array:
+  """The L2 norm of all leaves together (``optax.tree.norm``, one reduction)."""
+  return jnp.sqrt(sum_of_squares(tree))
+
+
 def l2_sum(tree) -> jax.Array:
   """The original's L2 term: sum of squares of every leaf (no 1/2)."""
-  return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
+  return sum_of_squares(tree)

@@ -69,6 +69,21 @@ def _clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """``optax.clip_by_global_norm`` (same rule: if the norm of all gradients
+  together is at least ``max_norm``, each is scaled by ``max_norm / norm``), with
+  the norm as one reduction over the concatenated leaves (see
+  :func:`conv_ops.sum_of_squares`)."""
+  def update(updates, state, params=None):
+    del params
+    norm = conv_ops.global_norm(updates)
+    trigger = norm < max_norm
+    return jax.tree.map(
+        lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm),
+        updates), state
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
 def child_optimizer(child_cfg, schedule) -> optax.GradientTransformation:
   """Clipping (``child.grad_clip_mode``, bound ``child.grad_clip``), then SGD with
   Nesterov momentum (``child.momentum``) on the SGDR schedule."""
@@ -79,7 +94,7 @@ def child_optimizer(child_cfg, schedule) -> optax.GradientTransformation:
   if mode == "none" or bound <= 0:
     clip = optax.identity()
   elif mode == "global":
-    clip = optax.clip_by_global_norm(bound)
+    clip = clip_by_global_norm(bound)
   else:
     clip = _clip_per_tensor(bound)
   momentum = float(child_cfg.get("momentum", 0.9))
@@ -279,7 +294,7 @@ class ImageTask(common.DeviceData):
       (loss, (ce, acc, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
       if nan_step >= 0:  # fault injection for tests (config.debug)
         loss = jnp.where(state["step"] == nan_step, jnp.nan, loss)
-      gnorm = optax.tree.norm(grads)
+      gnorm = conv_ops.global_norm(grads)
       updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       new_state = dict(state, params=params, opt_state=opt_state, batch_stats=stats,
