@@ -123,13 +123,13 @@ def test_grads_traced_equal_baked_and_unused_weights_get_zero(shared):
   # input indices that no branch reads, and the final-conv blocks of used nodes.
   g = shared["switch_res"][-1][1]
   normal = g["cells"][2]
-  for name in ("x", "y"):
-    for leaf in jax.tree.leaves(normal["nodes"][0][name]):
-      assert np.all(np.asarray(leaf) == 0.0)
-  # Node 3 = sep3(2) + id(2): branch x's sep3 row 2 is used, rows 0 and 1 are not.
-  w = np.asarray(normal["nodes"][1]["x"]["sep3"][0]["w_depth"])
-  assert np.any(w[2] != 0) and np.all(w[:2] == 0)
-  assert all(np.all(np.asarray(v) == 0) for v in jax.tree.leaves(normal["nodes"][1]["x"]["sep5"]))
+  for leaf in jax.tree.leaves(normal["nodes"][0]):  # both inputs, every index
+    assert np.all(np.asarray(leaf) == 0.0)
+  # Node 3 = sep3(2) + id(2): input x's sep3 row 2 is used, rows 0 and 1 are not.
+  w = np.asarray(normal["nodes"][1]["sep3"]["w_depth"])  # [input, index, stack, ...]
+  assert np.all(np.any(w[0, 2] != 0, axis=(1, 2, 3))) and np.all(w[0, :2] == 0)
+  assert np.all(w[1] == 0)  # input y is the identity: no sep weights used
+  assert all(np.all(np.asarray(v) == 0) for v in jax.tree.leaves(normal["nodes"][1]["sep5"]))
   # Loose ends of the normal cell: {3}; final-conv blocks 0, 1, 2 are zero.
   wf = np.asarray(normal["final"]["w"])
   assert np.all(wf[:3] == 0) and np.any(wf[3] != 0)

@@ -238,8 +238,8 @@ def test_init_with_one_draw_same_values_eager_and_jitted_with_he_normal_statisti
   assert abs(w.std() / std - 1.0) < 0.1
   assert np.abs(w).max() <= 2.0 * std / 0.87962566103423978 + 1e-6
   # Different weights of one initialisation are not copies of each other.
-  a = np.asarray(eager[0]["cells"][0]["nodes"][0]["x"]["sep3"][0]["w_point"]).ravel()
-  b = np.asarray(eager[0]["cells"][0]["nodes"][0]["y"]["sep3"][0]["w_point"]).ravel()
+  w_point = np.asarray(eager[0]["cells"][0]["nodes"][0]["sep3"]["w_point"])
+  a, b = w_point[0, 0, 0].ravel(), w_point[1, 0, 0].ravel()  # inputs x and y
   assert abs(np.corrcoef(a, b)[0, 1]) < 0.2
 
 

@@ -86,8 +86,8 @@ _MICRO_SCRIPT = textwrap.dedent("""
       ctx = {"params": child["params"], "batch_stats": child["batch_stats"],
              "data": setup.task.data_arrays}
       ctrl_state, cm = setup.controller_phase(st["ctrl"], ctx, setup.keys["ctrl"])
-      w = child["params"]["cells"][2]["nodes"][1]["x"]["sep3"][0]["w_point"]
-      out[n] = {"loss": float(acc["loss"]), "w": np.asarray(w).tolist(),
+      w = child["params"]["cells"][2]["nodes"][1]["sep3"]["w_point"]
+      out[n] = {"loss": float(acc["loss"]), "w": np.asarray(w)[0, :, 0].tolist(),
                 "stem": np.asarray(child["params"]["stem"]["w"]).tolist(),
                 "reward": float(cm["controller/reward"]), "devices": len(w.sharding.device_set)}
     print(json.dumps(out))

@@ -19,12 +19,13 @@ ReLU -> 1x1 -> BN when its channels differ. FR = stride-2 subsample -> 1x1
 Weight-shared child (search, §6.2): :func:`init_shared`, :func:`apply_shared`
 ------------------------------------------------------------------------------
 ``params["cells"][i]``: ``reduce`` (FR before a reduction cell, reduction
-cells only), ``calib_x`` / ``calib_y`` (only where needed), ``nodes[b]["x"|"y"]``
-(``b = 0 .. B-1`` is graph node ``b + 2``) with ``{"sep3", "sep5"}``, each a
-list of two stacks ``{"w_depth": [b+2, k, k, C], "w_point": [b+2, C, C],
-"bn": {"scale", "offset"}: [b+2, C]}``: as in the original, one set of weights
-per *input index*, picked by the sampled index; and ``final`` (``w [B+2, C, C]``
-+ BN). ``batch_stats`` mirrors the BNs that keep moving averages (stem, FR,
+cells only), ``calib_x`` / ``calib_y`` (only where needed), ``nodes[b]``
+(``b = 0 .. B-1`` is graph node ``b + 2``) with ``{"sep3", "sep5"}``, each
+``{"w_depth": [2, b+2, 2, k, k, C], "w_point": [2, b+2, 2, C, C], "bn":
+{"scale", "offset"}: [2, b+2, 2, C]}``, indexed ``[input (0: x, 1: y), input
+index, stack]``: as in the original, one set of weights per input and *input
+index*, picked by the sampled index (the original's variables, stacked into
+fewer arrays); and ``final`` (``w [B+2, C, C]`` + BN). ``batch_stats`` mirrors the BNs that keep moving averages (stem, FR,
 calibrations, ``final``); the sep-conv BNs use batch statistics only.
 
 * The arc is a traced int32 array (one compilation serves every arc). With
@@ -85,7 +86,8 @@ pool window is ``min(5, H)`` so that images smaller than 32x32 (tests) work; at
 Initialisation (reference §1): Keras ``he_normal`` (truncated, std
 ``sqrt(2 / fan_in)``) with the fan-in of the *original variable's shape*; for
 the shared child's 2-D tables (``w_depth [b+2, k k C]``, ``w_point [b+2, C C]``,
-``final_conv/w [B+2, C C]``) that fan-in is the number of rows (``b + 2``,
+``final_conv/w [B+2, C C]``; the first two stacked here) that fan-in is the
+number of rows (``b + 2``,
 ``B + 2``), as Keras computes it, not the receptive field: a quirk kept on
 purpose (BN follows each of them, so only the update scale is affected). BN
 scale 1, offset 0; moving mean 0, variance 1.
@@ -351,19 +353,21 @@ def count_params(params, exclude_aux: bool = False) -> int:
 
 
 # ------------------------------------------------------------------ shared child
-def _init_shared_branch(key, b, C):
+def _init_shared_node(key, b, C):
+  """Node ``b``'s sep weights: per op, tables ``[2 (input x, y), b + 2 (input
+  index), 2 (stack), ...]``. One array per weight kind instead of one per
+  (input, stack): the micro search child then has ~370 weight tensors, not
+  1,340 (every tensor is a gather, a gradient scatter and optimizer work that
+  XLA compiles as its own kernels)."""
   n_in = b + 2  # the original's num_possible_inputs: weights per input index
   out = {}
-  for name, k in zip(("sep3", "sep5"), SEP_KERNELS):
-    stacks = []
-    for _ in range(2):
-      key, kd, kp = jax.random.split(key, 3)
-      stacks.append({
-          "w_depth": ops.he_normal(kd, (n_in, k, k, C), fan_in=n_in),
-          "w_point": ops.he_normal(kp, (n_in, C, C), fan_in=n_in),
-          "bn": {"scale": jnp.ones((n_in, C), jnp.float32),
-                 "offset": jnp.zeros((n_in, C), jnp.float32)}})
-    out[name] = stacks
+  for name, k, kn in zip(("sep3", "sep5"), SEP_KERNELS, jax.random.split(key)):
+    kd, kp = jax.random.split(kn)
+    out[name] = {
+        "w_depth": ops.he_normal(kd, (2, n_in, 2, k, k, C), fan_in=n_in),
+        "w_point": ops.he_normal(kp, (2, n_in, 2, C, C), fan_in=n_in),
+        "bn": {"scale": jnp.ones((2, n_in, 2, C), jnp.float32),
+               "offset": jnp.zeros((2, n_in, 2, C), jnp.float32)}}
   return out
 
 
@@ -387,9 +391,8 @@ def init_shared(key: jax.Array, cfg: MicroChildConfig):
     cp, cs = _init_calib(kc[1], layers, C)
     p.update(cp)
     s.update(cs)
-    kn = jax.random.split(kc[2], 2 * B)
-    p["nodes"] = [{"x": _init_shared_branch(kn[2 * b], b, C),
-                   "y": _init_shared_branch(kn[2 * b + 1], b, C)} for b in range(B)]
+    kn = jax.random.split(kc[2], B)
+    p["nodes"] = [_init_shared_node(kn[b], b, C) for b in range(B)]
     p["final"] = {"w": ops.he_normal(kc[3], (B + 2, C, C), fan_in=B + 2),
                   "bn": ops.bn_params(C)}
     s["final"] = ops.bn_stats(C)
@@ -443,10 +446,16 @@ def _shared_branches(cfg):
 
 
 def _pick_weights(p_nodes, cell_arc, static):
-  """``[[w_x, w_y] per node]``: each branch's sep weights picked for its input index."""
+  """``[[w_x, w_y] per node]``: each branch's sep weights picked for its input
+  index, as ``{"sep3": [stack 0, stack 1], "sep5": [...]}``."""
+  def pick(nd, side, i):
+    rows = {name: jax.tree.map(lambda a: _index(a[side], i, static), nd[name])
+            for name in ("sep3", "sep5")}
+    return {name: [jax.tree.map(lambda a, j=j: a[j], w) for j in range(2)]
+            for name, w in rows.items()}
   with jax.named_scope("pick_weights"):
-    return [[jax.tree.map(lambda a, i=cell_arc[4 * b + t]: _index(a, i, static), nd[name])
-             for t, name in ((0, "x"), (2, "y"))] for b, nd in enumerate(p_nodes)]
+    return [[pick(nd, side, cell_arc[4 * b + 2 * side]) for side in (0, 1)]
+            for b, nd in enumerate(p_nodes)]
 
 
 def _shared_cell(p, s, layers, cell_arc, cfg, static):
