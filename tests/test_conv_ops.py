@@ -181,12 +181,12 @@ def test_batch_norm_hand_written_gradient_matches_autodiff(with_params):
 
 @pytest.mark.parametrize("outlier_first", [False, True])
 def test_batch_norm_statistics_accurate_far_from_zero_and_all_cotangents(outlier_first):
-  # One-pass moments of x shifted by its first pixel: a mean 100 std away from
-  # zero (and, second case, a first pixel 20 std away from the mean) must not
-  # cost the variance its accuracy. Reference in float64.
+  # One-pass moments of x shifted by the batch mean of its first pixel: a mean
+  # 100 std away from zero (and, second case, first pixels 20 std away from the
+  # mean) must not cost the variance its accuracy. Reference in float64.
   x = np.asarray(_rand(30, (16, 8, 8, 4)), np.float64) * 0.5 + 50.0
   if outlier_first:
-    x[0, 0, 0] += 10.0
+    x[:, 0, 0] += 10.0
   scale, offset = np.asarray(_rand(31, (4,))), np.asarray(_rand(32, (4,)))
   y, mean, var = ops._bn_batch(jnp.asarray(x, jnp.float32), jnp.asarray(scale),
                                jnp.asarray(offset), jnp.float32(1e-5))

@@ -437,13 +437,15 @@ def batch_norm(x_NHWC, params: dict | None, stats: dict | None, *, train: bool,
 
 def _bn_batch_impl(x, scale, offset, eps):
   r = x.shape[0] * x.shape[1] * x.shape[2]
-  # One pass over x for both moments, of x shifted by its first pixel (a value
-  # of the batch: var = E[d^2] - E[d]^2 with d = x - shift then cancels only
-  # as far as that pixel is from the mean, not as far as the mean is from 0).
+  # One pass over x for both moments, of x shifted by the batch mean of its
+  # first pixel (close to the mean: var = E[d^2] - E[d]^2 with d = x - shift
+  # then cancels only as far as that shift is from the mean, not as far as the
+  # mean is from 0). A reduction over the batch, not one image's pixel: with
+  # the batch split over devices, the shift must be the same on all of them.
   # And no ``x - mean`` in the forward: XLA merged it with the backward's own
   # ``x - mean`` and kept that centred copy alive from the forward pass to
   # the backward (micro search step: ~0.15 GB of the peak).
-  shift = jax.lax.stop_gradient(x[0, 0, 0])
+  shift = jax.lax.stop_gradient(jnp.mean(x[:, 0, 0], axis=0))
   d = x - shift
   s1, s2 = jnp.sum(d, (0, 1, 2)) / r, jnp.sum(jnp.square(d), (0, 1, 2)) / r
   mean, var = shift + s1, jnp.maximum(s2 - jnp.square(s1), 0.0)
