@@ -86,6 +86,21 @@ def _time_chunk(chunk, state, ctrl_params, steps: int, spd: int):
   return state, acc, compile_s, dt, rss_before
 
 
+def synthetic_images(n: int):
+  """``n`` random 32x32 training images (uint8) and labels, no validation or
+  test split: the benchmark's data (real shapes, no disk)."""
+  import numpy as np
+  from enas_jax.data.cifar10 import ImageData
+  rng = np.random.default_rng(0)
+  empty = np.zeros((0, 32, 32, 3), np.uint8)
+  return ImageData(
+      train_x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+      train_y=rng.integers(0, 10, n).astype(np.int32),
+      valid_x=empty, valid_y=np.zeros((0,), np.int32),
+      test_x=empty, test_y=np.zeros((0,), np.int32),
+      mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.25, np.float32), source="benchmark")
+
+
 def _chunk_for_row(task, space, row, arc, config, mesh):
   """The jitted chunk and controller params of a row: ``shared`` samples a
   fresh arc from the controller each step; ``shared_fixed_arc`` passes one arc
@@ -110,7 +125,6 @@ def _image_row(config, row: str, steps: int) -> dict:
   import jax
   import numpy as np
   from enas_jax import parallel
-  from enas_jax.data.cifar10 import ImageData
   from enas_jax.spaces import cifar_macro, cifar_micro
   from enas_jax.train.image import ImageTask
   from enas_jax.train.run import build_space, resolve_arc
@@ -126,14 +140,7 @@ def _image_row(config, row: str, steps: int) -> dict:
   else:
     arc = np.asarray(space.sample_uniform(jax.random.key(1)))
   b = int(config.data.batch_size)
-  rng = np.random.default_rng(0)
-  n = b * 4
-  images = ImageData(
-      train_x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-      train_y=rng.integers(0, 10, n).astype(np.int32),
-      valid_x=np.zeros((0, 32, 32, 3), np.uint8), valid_y=np.zeros((0,), np.int32),
-      test_x=np.zeros((0, 32, 32, 3), np.uint8), test_y=np.zeros((0,), np.int32),
-      mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.25, np.float32), source="benchmark")
+  images = synthetic_images(b * 4)
   shared = row in ("shared", "shared_fixed_arc", "fixed")
   task = ImageTask(config, images, mesh, shared=shared, arc=None if shared else arc)
   chunk, ctrl_params = _chunk_for_row(task, space, row, arc, config, mesh)

@@ -1,0 +1,111 @@
+"""Where a CIFAR search step's memory goes: the process's RSS at each stage.
+
+Builds the benchmark's ``shared`` search chunk (controller-sampled arc, child
+update with its optimizer, ``steps_per_dispatch`` steps per call) on synthetic
+images, compiles it ahead of time, then runs a few chunks, and prints one JSON
+object:
+
+* ``rss_*_mb``: resident memory after imports, after building the task, after
+  the child's first state, right after compiling (the compiler's freed heap
+  already handed back: ``enas_jax.memory``), and the highest while chunks run;
+* ``compile_peak_mb``: the highest RSS while compiling (sampled every 20 ms);
+* ``temp_mb`` / ``argument_mb`` / ``output_mb``: XLA's ``memory_analysis`` of
+  the compiled chunk (its temporaries are one block allocated per call);
+* ``weight_tensors``: the number of weight arrays (each one is its own gather,
+  gradient and optimizer work to compile).
+
+``peak_rss_mb`` of ``python -m enas_jax.benchmark`` is the maximum of these
+over the whole process. Examples:
+
+  python tools/search_memory.py --config=configs/cifar_micro.py
+  python tools/search_memory.py --config=configs/cifar_macro.py --config.child.out_filters=16
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A CIFAR config file (search mode).")
+_CHUNKS = flags.DEFINE_integer("chunks", 3, "chunks to run after compiling")
+
+
+def _rss_mb() -> float:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _Sampler:
+  """The highest RSS seen since the last :meth:`reset` (a daemon thread)."""
+
+  def __init__(self, period_s: float = 0.02):
+    self.high = _rss_mb()
+    self.period_s = period_s
+    threading.Thread(target=self._run, daemon=True).start()
+
+  def _run(self):
+    while True:
+      self.high = max(self.high, _rss_mb())
+      time.sleep(self.period_s)
+
+  def reset(self) -> float:
+    high, self.high = self.high, _rss_mb()
+    return high
+
+
+def main(argv):
+  del argv
+  sampler = _Sampler()
+  import jax
+  import jax.numpy as jnp
+
+  from enas_jax import benchmark, memory, parallel
+  from enas_jax.train.image import ImageTask
+  from enas_jax.train.run import build_space
+
+  memory.release_after_compiles()
+  config = _CONFIG.value
+  if config.mode != "search":
+    raise app.UsageError("search_memory measures the search step: pass a search config.")
+  out = {"rss_imports_mb": round(_rss_mb())}
+  mesh = parallel.make_mesh()
+  space = build_space(config)
+  task = ImageTask(config, benchmark.synthetic_images(int(config.data.batch_size) * 4), mesh,
+                   shared=True, arc=None)
+  chunk, ctrl_params = benchmark._chunk_for_row(task, space, "shared", None, config, mesh)
+  out["rss_task_mb"] = round(_rss_mb())
+  state = task.init_child(jax.random.key(0))
+  jax.block_until_ready(state)
+  out["rss_child_state_mb"] = round(_rss_mb())
+  out["weight_tensors"] = len(jax.tree.leaves(state["params"]))
+  arrays, key = task.__dict__["data_arrays"], jax.random.key(3)
+  sampler.reset()
+  t0 = time.perf_counter()
+  compiled = chunk.jitted.lower(arrays, state, ctrl_params, key, jnp.int32(1)).compile()
+  out["compile_s"] = round(time.perf_counter() - t0, 1)
+  out["compile_peak_mb"] = round(sampler.reset())
+  out["rss_after_compile_mb"] = round(_rss_mb())
+  m = compiled.memory_analysis()
+  for name in ("temp", "argument", "output"):
+    out[f"{name}_mb"] = round(getattr(m, f"{name}_size_in_bytes") / 2**20, 1)
+  n = int(config.search.steps_per_dispatch)
+  for _ in range(_CHUNKS.value):
+    state, acc = compiled(arrays, state, ctrl_params, key, jnp.int32(n))
+    jax.block_until_ready(acc)
+  out["rss_run_peak_mb"] = round(sampler.reset())
+  out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
