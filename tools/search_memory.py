@@ -33,9 +33,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A CIFAR config file (search mode).")
+from enas_jax import benchmark  # noqa: E402  (defines --config, as for the benchmark)
+
 _CHUNKS = flags.DEFINE_integer("chunks", 3, "chunks to run after compiling")
 
 
@@ -68,12 +68,12 @@ def main(argv):
   import jax
   import jax.numpy as jnp
 
-  from enas_jax import benchmark, memory, parallel
+  from enas_jax import memory, parallel
   from enas_jax.train.image import ImageTask
   from enas_jax.train.run import build_space
 
   memory.release_after_compiles()
-  config = _CONFIG.value
+  config = benchmark._CONFIG.value
   if config.mode != "search":
     raise app.UsageError("search_memory measures the search step: pass a search config.")
   out = {"rss_imports_mb": round(_rss_mb())}
