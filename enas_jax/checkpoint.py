@@ -204,8 +204,14 @@ class Checkpointer:
         log.warning('Could not read checkpoint step %d in %s (%s)%s', s,
                     self.directory, _why(e),
                     '; trying an older one' if s != steps[0] else '')
+    hint = ''
+    if any('structures do not match' in e for e in errors):
+      hint = (' -- the saved state is laid out differently from this run\'s (another config, '
+              'or an enas_jax version with another weight layout, e.g. a micro search '
+              'written before the shared sep weights were stacked per node): resume it with '
+              'the config and version that wrote it, or start a new --workdir.')
     raise CheckpointError(f'No readable checkpoint in {self.directory}: '
-                          + ' | '.join(errors))
+                          + ' | '.join(errors) + hint)
 
   def close(self) -> None:
     """Releases orbax resources."""

@@ -124,6 +124,16 @@ def test_restore_without_checkpoints_raises(tmp_path):
       ck.restore({'x': jnp.zeros(2)})
 
 
+def test_restore_into_another_layout_says_so_and_keeps_the_checkpoint(tmp_path):
+  with Checkpointer(tmp_path) as ck:
+    ck.save(1, {'w': [jnp.zeros(2), jnp.ones(2)]})
+  with Checkpointer(tmp_path) as ck:
+    with pytest.raises(CheckpointError, match='laid out differently.*new --workdir'):
+      ck.restore({'w': jnp.zeros((2, 2))})
+    state, _ = ck.restore({'w': [jnp.zeros(2), jnp.zeros(2)]})  # still there, still readable
+  np.testing.assert_array_equal(state['w'][1], [1.0, 1.0])
+
+
 def _enospc_on(predicate):
   """A replacement for orbax's ``async_path.write_text`` that fails like a full disk."""
   orig = async_path.write_text
