@@ -81,8 +81,12 @@ _MICRO_SCRIPT = textwrap.dedent("""
       mesh = parallel.make_mesh(n)
       setup = SearchSetup(cfg, build_space(cfg), ImageTask(cfg, images, mesh, shared=True))
       st = setup.init_state()
+      # One child step: the tiny child's training is chaotic (with one shift
+      # of batch norm's moments a 6e-8 difference between the two summation
+      # orders grew to 7e-5 after two steps and 4e-3 after three), so only the
+      # first step's weights can be compared tightly.
       child, acc = setup.child_chunk(st["child"], st["ctrl"]["params"], setup.keys["child"],
-                                     jnp.int32(3))
+                                     jnp.int32(1))
       ctx = {"params": child["params"], "batch_stats": child["batch_stats"],
              "data": setup.task.data_arrays}
       ctrl_state, cm = setup.controller_phase(st["ctrl"], ctx, setup.keys["ctrl"])
