@@ -440,8 +440,8 @@ def _bn_batch_impl(x, scale, offset, eps):
   # One pass over x for both moments, of x shifted by the batch mean of its
   # first pixel (close to the mean: var = E[d^2] - E[d]^2 with d = x - shift
   # then cancels only as far as that shift is from the mean, not as far as the
-  # mean is from 0). A reduction over the batch, not one image's pixel: with
-  # the batch split over devices, the shift must be the same on all of them.
+  # mean is from 0). A mean over the batch: a closer estimate than one
+  # image's pixel.
   # And no ``x - mean`` in the forward: XLA merged it with the backward's own
   # ``x - mean`` and kept that centred copy alive from the forward pass to
   # the backward (micro search step: ~0.15 GB of the peak; written as
