@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import threading
 import time
@@ -102,7 +101,7 @@ def main(argv):
     state, acc = compiled(arrays, state, ctrl_params, key, jnp.int32(n))
     jax.block_until_ready(acc)
   out["rss_run_peak_mb"] = round(sampler.reset())
-  out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+  out["peak_rss_mb"] = round(benchmark._peak_rss_mb())
   print(json.dumps(out))
 
 

@@ -60,13 +60,10 @@ def sgdr_lr(epoch, lr_max: float, lr_min: float, t0: int, t_mul: float):
 def _clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
   """Clips each gradient tensor to norm ``max_norm`` (the original's "norm" mode,
   done right: the clipped gradient is the one applied)."""
-  def update(updates, state, params=None):
-    del params
-    def clip(g):
-      n = jnp.sqrt(jnp.sum(jnp.square(g)))
-      return g * jnp.minimum(1.0, max_norm / jnp.maximum(n, 1e-12))
-    return jax.tree.map(clip, updates), state
-  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+  def clip(g):
+    n = jnp.sqrt(jnp.sum(jnp.square(g)))
+    return g * jnp.minimum(1.0, max_norm / jnp.maximum(n, 1e-12))
+  return optax.stateless(lambda updates, params: jax.tree.map(clip, updates))
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
@@ -74,14 +71,13 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   together is at least ``max_norm``, each is scaled by ``max_norm / norm``), with
   the norm as one reduction over the concatenated leaves (see
   :func:`conv_ops.sum_of_squares`)."""
-  def update(updates, state, params=None):
+  def clip(updates, params):
     del params
     norm = conv_ops.global_norm(updates)
     trigger = norm < max_norm
     return jax.tree.map(
-        lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm),
-        updates), state
-  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+        lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm), updates)
+  return optax.stateless(clip)
 
 
 def child_optimizer(child_cfg, schedule) -> optax.GradientTransformation:
