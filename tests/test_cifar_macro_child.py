@@ -261,6 +261,27 @@ def test_fixed_child_train_eval_and_gradients():
   assert not np.allclose(logits, ev)
 
 
+def test_fixed_child_remat_layers_same_gradients_fewer_temporaries():
+  arc = _fixed_arc()
+  x, y = _data(hw=16)
+  grads, temps = {}, {}
+  for r in ("none", "layers"):
+    cfg = M.MacroChildConfig(num_layers=FIXED_L, out_filters=C, keep_prob=1.0, remat=r)
+    params, stats = M.init_fixed(jax.random.key(0), cfg, arc)
+
+    def loss(p, cfg=cfg, stats=stats):
+      return _ce(M.apply_fixed(p, stats, arc, x, train=True, key=jax.random.key(1),
+                               cfg=cfg)[0], y)
+    grads[r] = jax.jit(jax.grad(loss))(params)
+    temps[r] = jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis(
+        ).temp_size_in_bytes
+  _assert_trees_close(grads["layers"], grads["none"], rtol=1e-4, atol=1e-6)
+  if jax.default_backend() == "cpu":
+    assert temps["layers"] < 0.8 * temps["none"], temps
+  with pytest.raises(ValueError, match="remat must be 'none' or 'layers'"):
+    M.MacroChildConfig(num_layers=2, out_filters=C, remat="cells")
+
+
 def test_fixed_pools_differ_and_run_eagerly():
   cfg = M.MacroChildConfig(num_layers=1, out_filters=C)
   x, _ = _data()

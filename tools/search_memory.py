@@ -69,18 +69,19 @@ def main(argv):
 
   from enas_jax import memory, parallel
   from enas_jax.train.image import ImageTask
-  from enas_jax.train.run import build_space
+  from enas_jax.train.run import build_space, resolve_arc
 
   memory.release_after_compiles()
   config = benchmark._CONFIG.value
-  if config.mode != "search":
-    raise app.UsageError("search_memory measures the search step: pass a search config.")
   out = {"rss_imports_mb": round(_rss_mb())}
   mesh = parallel.make_mesh()
-  space = build_space(config)
+  space, arc = build_space(config), None
+  if config.mode == "final":
+    space, arc = resolve_arc(config, space)
   task = ImageTask(config, benchmark.synthetic_images(int(config.data.batch_size) * 4), mesh,
-                   shared=True, arc=None)
-  chunk, ctrl_params = benchmark._chunk_for_row(task, space, "shared", None, config, mesh)
+                   shared=arc is None, arc=arc)
+  row = "final" if arc is not None else "shared"
+  chunk, ctrl_params = benchmark._chunk_for_row(task, space, row, arc, config, mesh)
   out["rss_task_mb"] = round(_rss_mb())
   state = task.init_child(jax.random.key(0))
   jax.block_until_ready(state)
@@ -96,7 +97,7 @@ def main(argv):
   m = compiled.memory_analysis()
   for name in ("temp", "argument", "output"):
     out[f"{name}_mb"] = round(getattr(m, f"{name}_size_in_bytes") / 2**20, 1)
-  n = int(config.search.steps_per_dispatch)
+  n = int(config.search.steps_per_dispatch if arc is None else config.final.steps_per_dispatch)
   for _ in range(_CHUNKS.value):
     state, acc = compiled(arrays, state, ctrl_params, key, jnp.int32(n))
     jax.block_until_ready(acc)

@@ -85,6 +85,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from enas_jax import remat
 from enas_jax.spaces import conv_ops
 from enas_jax.spaces.cifar_macro import OP_NAMES, MacroCodec
 
@@ -121,6 +122,7 @@ class MacroChildConfig:
   op_select: str = "switch"
   conv_impl: str = "custom"
   checkpoint_branches: bool = True
+  remat: str = "none"
 
   def __post_init__(self):
     if not _is_int(self.num_layers) or self.num_layers < 1:
@@ -143,6 +145,9 @@ class MacroChildConfig:
     if not isinstance(self.checkpoint_branches, (bool, np.bool_)):
       raise ValueError(
           f"child.checkpoint_branches must be True or False, got {self.checkpoint_branches!r}.")
+    if self.remat not in ("none", "layers"):
+      raise ValueError(f"child.remat must be 'none' or 'layers' for the macro space, got "
+                       f"{self.remat!r}.")
     object.__setattr__(self, "op_select", conv_ops.resolve_op_select(self.op_select))
     object.__setattr__(self, "conv_impl", conv_ops.resolve_conv_impl(self.conv_impl))
 
@@ -156,7 +161,8 @@ class MacroChildConfig:
         bn_decay=c.get("bn_decay", 0.9), bn_eps=c.get("bn_eps", 1e-5),
         sep_bn_eps=c.get("sep_bn_eps", 1e-3), op_select=c.get("op_select", "auto"),
         conv_impl=c.get("conv_impl", "auto"),
-        checkpoint_branches=c.get("checkpoint_branches", True))
+        checkpoint_branches=c.get("checkpoint_branches", True),
+        remat=c.get("remat", "none"))
 
   @property
   def pool_layers(self) -> tuple[int, ...]:
@@ -421,6 +427,21 @@ def init_fixed(key: jax.Array, cfg: MacroChildConfig, arc):
   return params, stats
 
 
+def _fixed_layer(diff, extra, *, op, first, train, cfg):
+  """One layer of the fixed child: its op on ``x``, then (after the first layer)
+  concat with the ``skip_inputs`` -> ReLU -> 1x1 -> BN. ``(output, new stats)``."""
+  del extra  # no randomness inside a layer (the head's dropout comes after)
+  lp, ls, x, skip_inputs = diff
+  out, st_op = _apply_op(op, lp["op"], ls["op"], x, train=train, cfg=cfg, fixed=True)
+  nls = {"op": st_op}
+  if not first:
+    cat = jnp.concatenate(list(skip_inputs) + [out], axis=-1)
+    out = _pointwise(jax.nn.relu(cat), lp["skip"]["w_IO"])
+    out, st = _bn(out, lp["skip"]["bn"], ls["skip"]["bn"], train=train, cfg=cfg)
+    nls["skip"] = {"bn": st}
+  return out, nls
+
+
 def apply_fixed(params, batch_stats, arc, images_NHWC, *, train: bool, key=None,
                 cfg: MacroChildConfig):
   """Logits and new ``batch_stats`` of the fixed child (``arc``: the numpy arc
@@ -431,15 +452,11 @@ def apply_fixed(params, batch_stats, arc, images_NHWC, *, train: bool, key=None,
   layers = [x]
   new_layers, new_reduce = [], []
   for l in range(cfg.num_layers):
-    lp, ls = params["layers"][l], batch_stats["layers"][l]
-    out, st_op = _apply_op(int(ops[l]), lp["op"], ls["op"], layers[-1], train=train, cfg=cfg,
-                           fixed=True)
-    nls = {"op": st_op}
-    if l > 0:
-      cat = jnp.concatenate([layers[j] for j in np.flatnonzero(bits[l])] + [out], axis=-1)
-      out = _pointwise(jax.nn.relu(cat), lp["skip"]["w_IO"])
-      out, st = _bn(out, lp["skip"]["bn"], ls["skip"]["bn"], train=train, cfg=cfg)
-      nls["skip"] = {"bn": st}
+    run = functools.partial(_fixed_layer, op=int(ops[l]), first=l == 0, train=train, cfg=cfg)
+    if cfg.remat == "layers" and train:
+      run = remat.recompute_in_backward(run)  # saves the layer's inputs, recomputes the rest
+    out, nls = run((params["layers"][l], batch_stats["layers"][l], layers[-1],
+                    [layers[j] for j in np.flatnonzero(bits[l])] if l > 0 else []), None)
     new_layers.append(nls)
     layers.append(out)
     if l in cfg.pool_layers:

@@ -102,6 +102,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from enas_jax import remat
 from enas_jax.spaces import cifar_micro
 from enas_jax.spaces import conv_ops as ops
 
@@ -128,6 +129,7 @@ class MicroChildConfig:
   op_select: str = "switch"
   conv_impl: str = "custom"
   checkpoint_branches: bool = True
+  remat: str = "none"
 
   def __post_init__(self):
     def need_int(name, lo):
@@ -146,6 +148,8 @@ class MicroChildConfig:
       raise ValueError(f"child.bn_decay must be in [0, 1), got {self.bn_decay!r}.")
     if not self.bn_eps > 0.0:
       raise ValueError(f"child.bn_eps must be > 0, got {self.bn_eps!r}.")
+    if self.remat not in ("none", "cells"):
+      raise ValueError(f"child.remat must be 'none' or 'cells', got {self.remat!r}.")
     object.__setattr__(self, "op_select", ops.resolve_op_select(self.op_select))
     object.__setattr__(self, "conv_impl", ops.resolve_conv_impl(self.conv_impl))
 
@@ -166,7 +170,7 @@ class MicroChildConfig:
         out_filters=c.out_filters, num_classes=num_classes,
         **{k: c.get(k, d[k].default) for k in (
             "keep_prob", "drop_path_keep_prob", "use_aux_heads", "bn_decay", "bn_eps",
-            "op_select", "conv_impl", "checkpoint_branches")})
+            "op_select", "conv_impl", "checkpoint_branches", "remat")})
 
   @property
   def reduction_cells(self) -> tuple[int, int]:
@@ -797,6 +801,41 @@ def _fixed_op(p, s, x, op, stride, cfg, train):
   return x, s
 
 
+def _fixed_cell(diff, extra, *, i, cell, cfg, train):
+  """Cell ``i`` of the fixed child: ``(output, new statistics)``. ``keep`` and
+  ``key``: the drop-path keep probability and the network's drop-path key (both
+  None without drop-path)."""
+  (p, s, x_older, x_newer), (keep, key) = diff, extra
+  red, cell_arc = cell["reduction"], cell["arc"]
+  ns = {}
+  x0, x1 = _calibrate(p, s, [x_older, x_newer], cfg, train, ns)
+  x1, ns["base"] = _conv_bn(p["base"], s["base"], x1, cfg, train)
+  nodes = [x0, x1]
+  ns["nodes"] = []
+  for b in range(cfg.num_nodes):
+    outs, nsb = [], {}
+    for t, name in ((0, "x"), (2, "y")):
+      idx, op = int(cell_arc[4 * b + t]), int(cell_arc[4 * b + t + 1])
+      stride = 2 if red and idx < 2 else 1
+      y, nsb[name] = _fixed_op(p["nodes"][b][name], s["nodes"][b][name], nodes[idx], op,
+                               stride, cfg, train)
+      if keep is not None and op < 4:
+        y = _drop_path(y, keep, jax.random.fold_in(key, (i * cfg.num_nodes + b) * 2 + t // 2))
+      outs.append(y)
+    ns["nodes"].append(nsb)
+    nodes.append(outs[0] + outs[1])
+  ns["combine"] = {}
+  parts = []
+  for j in cell["loose"]:
+    if red and j < 2:
+      y, ns["combine"][str(j)] = _fr_bn(p["combine"][str(j)], s["combine"][str(j)],
+                                        nodes[j], cfg, train)
+      parts.append(y)
+    else:
+      parts.append(nodes[j])
+  return (parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)), ns
+
+
 def apply_fixed(params, batch_stats, arc, images_NHWC, *, train: bool, key, cfg,
                 progress=0.0):
   """The fixed child of ``arc`` (numpy): ``(logits, aux_logits | None, new_batch_stats)``.
@@ -808,7 +847,6 @@ def apply_fixed(params, batch_stats, arc, images_NHWC, *, train: bool, key, cfg,
   """
   _check_images(images_NHWC, cfg)
   arc = _codec(cfg).validate(arc)
-  B = cfg.num_nodes
   plan, _, _ = _fixed_plan(cfg, arc)
   use_dp = train and cfg.drop_path_keep_prob < 1.0
   if train:
@@ -819,37 +857,15 @@ def apply_fixed(params, batch_stats, arc, images_NHWC, *, train: bool, key, cfg,
   aux_logits = None
   new_cells = []
   for i, cell in enumerate(plan):
-    p, s = params["cells"][i], batch_stats["cells"][i]
-    red, cell_arc = cell["reduction"], cell["arc"]
-    ns = {}
-    x0, x1 = _calibrate(p, s, layers, cfg, train, ns)
-    x1, ns["base"] = _conv_bn(p["base"], s["base"], x1, cfg, train)
     keep = drop_path_keep(i, progress, cfg) if use_dp else None
-    nodes = [x0, x1]
-    ns["nodes"] = []
-    for b in range(B):
-      outs, nsb = [], {}
-      for t, name in ((0, "x"), (2, "y")):
-        idx, op = int(cell_arc[4 * b + t]), int(cell_arc[4 * b + t + 1])
-        stride = 2 if red and idx < 2 else 1
-        y, nsb[name] = _fixed_op(p["nodes"][b][name], s["nodes"][b][name], nodes[idx], op,
-                                 stride, cfg, train)
-        if use_dp and op < 4:
-          y = _drop_path(y, keep, jax.random.fold_in(k_dp, (i * B + b) * 2 + t // 2))
-        outs.append(y)
-      ns["nodes"].append(nsb)
-      nodes.append(outs[0] + outs[1])
-    ns["combine"] = {}
-    parts = []
-    for j in cell["loose"]:
-      if red and j < 2:
-        y, ns["combine"][str(j)] = _fr_bn(p["combine"][str(j)], s["combine"][str(j)],
-                                          nodes[j], cfg, train)
-        parts.append(y)
-      else:
-        parts.append(nodes[j])
-    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
-    new_cells.append(ns)
+    run = functools.partial(_fixed_cell, i=i, cell=cell, cfg=cfg, train=train)
+    if cfg.remat == "cells" and train:
+      # Saves only the cell's inputs; its activations are recomputed in the
+      # backward pass.
+      run = remat.recompute_in_backward(run)
+    x, new_cell = run((params["cells"][i], batch_stats["cells"][i], layers[0], layers[1]),
+                      (keep, k_dp if use_dp else None))
+    new_cells.append(new_cell)
     layers = [layers[-1], x]
     if i == cfg.aux_cell and "aux" in params and train:
       aux_logits = _aux_head(params["aux"], x, cfg)
