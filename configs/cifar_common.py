@@ -60,7 +60,9 @@ def base(space: str) -> ml_collections.ConfigDict:
   c.child = ml_collections.ConfigDict()
   c.child.out_filters = 36  # channels C; set per space
   c.child.keep_prob = 0.9  # keep probability of the dropout before the classifier
-  c.child.l2_reg = 2.5e-4  # l2_reg * sum(w^2) over every child weight, added to the loss
+  # l2_reg * sum(w^2) over every child weight (except micro's aux head, as in the
+  # original), added to the loss.
+  c.child.l2_reg = 2.5e-4
   # Cosine learning rate with warm restarts, per epoch (SGDR; scripts and paper).
   c.child.lr_max = 0.05  # scripts and paper: 0.05
   c.child.lr_min = 5e-4  # set per space (scripts 5e-4 search; paper 1e-3)

@@ -39,9 +39,10 @@ def _micro_fields(c):
   # Final training only: the original's search accepted the flag (0.6) but never
   # applied it; so do we.
   c.child.drop_path_keep_prob = 0.6
-  c.child.use_aux_heads = True  # auxiliary classifier after the second reduction (scripts: on)
+  # Auxiliary classifier one cell after the second reduction cell (scripts: on).
+  c.child.use_aux_heads = True
   # Weight of the auxiliary loss (original 0.4). Its head is trained here; the
-  # original excluded its weights from the optimiser.
+  # original excluded its weights from the optimiser. As there, they get no L2.
   c.child.aux_weight = 0.4
   c.controller.tanh_constant = 1.1  # search script 1.1; paper 2.5
   c.controller.op_tanh_reduce = 2.5  # search script 2.5

@@ -101,3 +101,18 @@ def test_child_global_norm_clip_matches_optax(bound):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   norm = np.sqrt(sum(float(np.sum(x ** 2)) for x in jax.tree.leaves(g)))
   assert (norm > bound) == (bound == 0.5)  # one case clips, the other does not
+
+
+def test_l2_penalty_leaves_out_the_micro_aux_head():
+  import jax
+  from enas_jax.spaces import cifar_micro_child as mc
+  from enas_jax.train.image import l2_penalty
+  cfg = mc.MicroChildConfig(num_layers=1, num_nodes=2, out_filters=4)
+  params, _ = mc.init_shared(jax.random.key(0), cfg)
+  assert "aux" in params
+  total = sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(params))
+  aux = sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(params["aux"]))
+  np.testing.assert_allclose(float(l2_penalty(params)), total - aux, rtol=1e-5)
+  g = jax.grad(l2_penalty)(params)
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(g["aux"]))
+  np.testing.assert_allclose(g["stem"]["w"], 2 * params["stem"]["w"], rtol=1e-6)

@@ -1,9 +1,10 @@
-"""Where a CIFAR search step's memory goes: the process's RSS at each stage.
+"""Where a CIFAR training step's memory goes: the process's RSS at each stage.
 
-Builds the benchmark's ``shared`` search chunk (controller-sampled arc, child
-update with its optimizer, ``steps_per_dispatch`` steps per call) on synthetic
-images, compiles it ahead of time, then runs a few chunks, and prints one JSON
-object:
+Builds the benchmark's chunk (a search config: the ``shared`` search chunk,
+controller-sampled arc; a final config: the ``final`` chunk of its fixed arc;
+child update with its optimizer, ``steps_per_dispatch`` steps per call) on
+synthetic images, compiles it ahead of time, then runs a few chunks, and prints
+one JSON object:
 
 * ``rss_*_mb``: resident memory after imports, after building the task, after
   the child's first state, right after compiling (the compiler's freed heap
@@ -19,6 +20,7 @@ over the whole process. Examples:
 
   python tools/search_memory.py --config=configs/cifar_micro.py
   python tools/search_memory.py --config=configs/cifar_macro.py --config.child.out_filters=16
+  python tools/search_memory.py --config=configs/cifar_micro.py:final --config.child.remat=cells
 """
 
 from __future__ import annotations

@@ -506,6 +506,9 @@ def bn_stats(c: int) -> dict:
 def he_normal(key, shape, fan_in: int | None = None):
   """Keras ``he_normal``: truncated normal (2 std), std = sqrt(2 / fan_in).
 
+  The samples' deviation is exactly that (the truncation corrected for, as Keras
+  since 2.2.3); the original's TF1-era Keras passed it uncorrected, giving about
+  0.88x (README, "Differences from the original code").
   Inside :func:`init_with_one_draw` the values come from that function's single
   sample and ``key`` is not used."""
   if fan_in is None:

@@ -80,6 +80,16 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.stateless(clip)
 
 
+def l2_penalty(params) -> jax.Array:
+  """``sum(w^2)`` over the child's weights except the micro auxiliary head's
+  (``params["aux"]``): the original's L2 covered only its optimised variables,
+  which left the aux head out (reference §6.1; its head was never trained at
+  all, ours is)."""
+  if isinstance(params, dict) and "aux" in params:
+    params = {k: v for k, v in params.items() if k != "aux"}
+  return conv_ops.l2_sum(params)
+
+
 def child_optimizer(child_cfg, schedule) -> optax.GradientTransformation:
   """Clipping (``child.grad_clip_mode``, bound ``child.grad_clip``), then SGD with
   Nesterov momentum (``child.momentum``) on the SGDR schedule."""
@@ -284,7 +294,7 @@ class ImageTask(common.DeviceData):
         if aux_logits is not None and aux_w > 0:
           loss = loss + aux_w * jnp.mean(_ce_and_correct(aux_logits, y)[0])
         if l2 > 0:
-          loss = loss + l2 * conv_ops.l2_sum(params)
+          loss = loss + l2 * l2_penalty(params)
         return loss, (ce, jnp.mean(correct), stats)
 
       (loss, (ce, acc, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
