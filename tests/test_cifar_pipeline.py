@@ -108,8 +108,10 @@ def test_l2_penalty_leaves_out_the_micro_aux_head():
   from enas_jax.spaces import cifar_micro_child as mc
   from enas_jax.train.image import l2_penalty
   cfg = mc.MicroChildConfig(num_layers=1, num_nodes=2, out_filters=4)
-  params, _ = mc.init_shared(jax.random.key(0), cfg)
-  assert "aux" in params
+  shapes, _ = jax.eval_shape(lambda k: mc.init_shared(k, cfg), jax.random.key(0))
+  assert "aux" in shapes  # the key l2_penalty leaves out
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
   total = sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(params))
   aux = sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(params["aux"]))
   np.testing.assert_allclose(float(l2_penalty(params)), total - aux, rtol=1e-5)

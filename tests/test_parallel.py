@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import ROOT
 
 _SCRIPT = textwrap.dedent("""
@@ -108,3 +110,44 @@ def test_micro_search_on_two_fake_devices_matches_one_device():
   np.testing.assert_allclose(np.asarray(two["w"]), np.asarray(one["w"]), atol=1e-5)
   np.testing.assert_allclose(np.asarray(two["stem"]), np.asarray(one["stem"]), atol=1e-5)
   np.testing.assert_allclose(two["reward"], one["reward"], rtol=1e-4)
+
+
+_MICRO_FINAL_REMAT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, ".")
+    sys.path.insert(0, "tests")
+    import jax, jax.numpy as jnp, numpy as np
+    from conftest import tiny_cifar_config
+    from enas_jax import data as data_lib, parallel
+    from enas_jax.train.image import ImageTask
+    from enas_jax.train.run import build_space
+
+    assert len(jax.devices()) == 2, jax.devices()
+    # Final training with per-cell recomputation: its conditional's predicate
+    # comes from a batch-sharded cotangent.
+    cfg = tiny_cifar_config("cifar_micro", "final", **{"space.num_nodes": 2,
+                                                       "child.remat": "cells"})
+    images = data_lib.load_images(cfg.data)
+    space = build_space(cfg)
+    arc = np.asarray(space.sample_uniform(jax.random.key(5)))
+    out = {}
+    for n in (1, 2):
+      mesh = parallel.make_mesh(n)
+      task = ImageTask(cfg, images, mesh, shared=False, arc=arc)
+      chunk = task.make_train_chunk(arc_static=arc)
+      state, acc = chunk(task.init_child(jax.random.key(0)), {}, jax.random.key(1),
+                         jnp.int32(1))
+      w = state["params"]["stem"]["w"]
+      out[n] = {"loss": float(acc["loss"]), "stem": np.asarray(w).tolist(),
+                "devices": len(state["params"]["fc"]["w"].sharding.device_set)}
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow  # ~25 s; the default suite keeps the search-step two-device tests
+def test_micro_final_with_remat_on_two_fake_devices_matches_one_device():
+  one, two = _one_and_two_devices(_MICRO_FINAL_REMAT_SCRIPT, timeout=600)
+  assert two["devices"] == 2
+  import numpy as np
+  np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(two["stem"]), np.asarray(one["stem"]), atol=1e-5)
