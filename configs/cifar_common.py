@@ -94,7 +94,7 @@ def base(space: str) -> ml_collections.ConfigDict:
   c.child.checkpoint_branches = True
   # Fixed child (final training) only: recompute each cell (micro: "cells") or
   # layer (macro: "layers") in the backward pass, keeping only its inputs.
-  # Measured on CPU at the paper's final sizes: micro peak 12.6 -> 4.1 GiB for
+  # Measured on CPU at the paper's final sizes: micro peak 11.9 -> 4.1 GiB for
   # 2% of the speed, macro 8.4 -> 3.2 GiB for 15% (docs/performance.md).
   # "none": keep every activation. Not in the original (new here).
   c.child.remat = "none"
