@@ -348,11 +348,19 @@ def drop_path_keep(cell_idx: int, progress, cfg: MicroChildConfig):
   return 1.0 - jnp.minimum(1.0, jnp.asarray(progress, jnp.float32)) * (1.0 - keep_layer)
 
 
+def without_aux(params):
+  """``params`` without the auxiliary head (``params["aux"]``), if it has one:
+  the original's trainable, L2-decayed weights."""
+  if isinstance(params, dict) and "aux" in params:
+    return {k: v for k, v in params.items() if k != "aux"}
+  return params
+
+
 def count_params(params, exclude_aux: bool = False) -> int:
   """Number of parameters; ``exclude_aux`` leaves out ``params["aux"]`` (the
   original's "trainable" count; the aux head alone: ``count_params(params["aux"])``)."""
-  if exclude_aux and isinstance(params, dict) and "aux" in params:
-    params = {k: v for k, v in params.items() if k != "aux"}
+  if exclude_aux:
+    params = without_aux(params)
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
@@ -882,4 +890,5 @@ __all__ = [
   "drop_path_keep",
   "init_fixed",
   "init_shared",
+  "without_aux",
 ]

@@ -30,7 +30,7 @@ import optax
 
 from enas_jax import parallel
 from enas_jax.data import cifar10 as cifar_data
-from enas_jax.spaces import conv_ops
+from enas_jax.spaces import cifar_micro_child, conv_ops
 from enas_jax.train import common
 
 ArcSampler = Callable[[dict, jax.Array], jax.Array]
@@ -85,9 +85,7 @@ def l2_penalty(params) -> jax.Array:
   (``params["aux"]``): the original's L2 covered only its optimised variables,
   which left the aux head out (reference §6.1; its head was never trained at
   all, ours is)."""
-  if isinstance(params, dict) and "aux" in params:
-    params = {k: v for k, v in params.items() if k != "aux"}
-  return conv_ops.l2_sum(params)
+  return conv_ops.l2_sum(cifar_micro_child.without_aux(params))
 
 
 def child_optimizer(child_cfg, schedule) -> optax.GradientTransformation:
