@@ -88,6 +88,22 @@ def _from_storable(target, restored):
   return serialization.from_state_dict(target, restored)
 
 
+def _rmtree_retrying(p: epath.Path) -> None:
+  """``rmtree`` that retries briefly: after a failed write, orbax's writer
+  threads may still be finishing files in ``p`` ("Directory not empty")."""
+  for attempt in range(10):
+    try:
+      p.rmtree()
+      return
+    except FileNotFoundError:
+      return
+    except OSError as e:  # listing ignores it anyway; retried next save
+      if attempt == 9:
+        log.warning('Could not remove %s: %s', p, _why(e))
+      else:
+        time.sleep(0.1 * (attempt + 1))
+
+
 class Checkpointer:
   """Keeps the newest ``max_to_keep`` checkpoints of a pytree state in ``directory``."""
 
@@ -104,25 +120,35 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options, item_names=('state', 'meta'))
 
-  def _remove_tmp_dirs(self):
-    """Deletes unfinished ``<step>.orbax-checkpoint-tmp`` dirs (process 0 only)."""
-    if jax.process_index() != 0 or not self.directory.exists():
+  def _tmp_dirs(self) -> list[epath.Path]:
+    """Unfinished ``<step>.orbax-checkpoint-tmp`` dirs and the deletion area."""
+    if not self.directory.exists():
+      return []
+    return [p for p in self.directory.iterdir() if _TMP_MARK in p.name and p.is_dir()]
+
+  def _remove_tmp_dirs(self, settle_s: float = 0.0):
+    """Deletes unfinished ``<step>.orbax-checkpoint-tmp`` dirs (process 0 only).
+
+    ``settle_s > 0`` (after a failed save): orbax raises on the first failed
+    write while tensorstore's writer threads may still be creating files of
+    the same step, which can bring a removed directory back. Removal is then
+    repeated until the directory has stayed clean for ``settle_s`` seconds
+    (bounded: ~40 rounds; anything left is removed by the next save).
+    """
+    if jax.process_index() != 0:
       return
-    for p in self.directory.iterdir():
-      if _TMP_MARK in p.name and p.is_dir():
-        if p.name != _DELETED:
+    warned = set()
+    for _ in range(40):
+      for p in self._tmp_dirs():
+        if p.name != _DELETED and p.name not in warned:
+          warned.add(p.name)
           log.warning('Removing unfinished checkpoint directory %s', p)
-        # After a failed write, orbax's writer threads may still be finishing
-        # files in it ("Directory not empty"): retry briefly.
-        for attempt in range(10):
-          try:
-            p.rmtree()
-            break
-          except OSError as e:  # listing ignores it anyway; retried next save
-            if attempt == 9:
-              log.warning('Could not remove %s: %s', p, _why(e))
-            else:
-              time.sleep(0.1 * (attempt + 1))
+        _rmtree_retrying(p)
+      if settle_s <= 0:
+        return
+      time.sleep(settle_s)
+      if not self._tmp_dirs():
+        return
 
   def all_steps(self) -> list[int]:
     """Sorted steps of all committed checkpoints currently on disk."""
@@ -158,7 +184,7 @@ class Checkpointer:
           state=ocp.args.StandardSave(_to_storable(state)),
           meta=ocp.args.JsonSave(meta)))
     except Exception as e:  # pylint: disable=broad-except
-      self._remove_tmp_dirs()
+      self._remove_tmp_dirs(settle_s=0.25)
       steps = self.all_steps()
       if step in steps:  # committed; only the cleanup of old steps failed
         log.warning('Checkpoint step %d committed, but post-save cleanup '
