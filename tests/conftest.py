@@ -13,12 +13,13 @@ import jax  # noqa: E402
 
 # Compiles dominate the suite's time on 2 cores; a cache shared by the tests of
 # one run (and by reruns) cuts repeated compilations to a fraction of a second.
-# Each pytest-xdist worker gets its own folder: jax writes cache entries in place
-# (no lock without eviction), so a worker could read another's half-written file.
-_CACHE = os.path.join(
-    os.environ.get("ENAS_JAX_TEST_CACHE", os.path.join(ROOT, ".pytest_cache", "jax")),
-    os.environ.get("PYTEST_XDIST_WORKER", "main"))
+# The pytest-xdist workers and the tests' subprocesses share one folder: with a
+# size limit set, jax takes a file lock (the filelock package) around every
+# cache read and write, so no process reads another's half-written entry.
+_CACHE = os.environ.get("ENAS_JAX_TEST_CACHE", os.path.join(ROOT, ".pytest_cache", "jax"))
+CACHE_MAX_BYTES = 8 << 30
 jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
 # Only long compiles are cached: a clean-clone CI run once crashed (SIGSEGV inside
 # jax's compilation_cache.put_executable_and_time) writing a small controller
 # executable; fewer, larger writes keep most of the benefit with less exposure.

@@ -14,7 +14,11 @@ from enas_jax.spaces import cifar_macro_child as M
 from enas_jax.spaces.cifar_macro import PAPER_ARC, MacroCodec
 
 L, C, HW, B = 4, 8, 8, 4
-COMBOS = [("switch", "custom"), ("switch", "plain"), ("mask", "custom"), ("mask", "plain")]
+# Each value of each option, with the default (switch, custom). (mask, plain)
+# adds no code path and a compile of its own (-m slow); the jitted (mask, custom)
+# is shared with the zero-gradient and one-compilation tests below.
+COMBOS = [("switch", "custom"), ("switch", "plain"), ("mask", "custom"),
+          pytest.param("mask", "plain", marks=pytest.mark.slow)]
 
 
 def _cfg(op_select="switch", conv_impl="custom", **kw):
@@ -272,9 +276,9 @@ def test_fixed_child_remat_layers_same_gradients_fewer_temporaries():
     def loss(p, cfg=cfg, stats=stats):
       return _ce(M.apply_fixed(p, stats, arc, x, train=True, key=jax.random.key(1),
                                cfg=cfg)[0], y)
-    grads[r] = jax.jit(jax.grad(loss))(params)
-    temps[r] = jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis(
-        ).temp_size_in_bytes
+    compiled = jax.jit(jax.grad(loss)).lower(params).compile()  # one compile for both
+    grads[r] = compiled(params)
+    temps[r] = compiled.memory_analysis().temp_size_in_bytes
   _assert_trees_close(grads["layers"], grads["none"], rtol=1e-4, atol=1e-6)
   if jax.default_backend() == "cpu":
     assert temps["layers"] < 0.8 * temps["none"], temps

@@ -17,7 +17,7 @@ B = 2  # nodes per cell
 N, HW = 2, 32
 # num_layers=1: cells 0 (reduction), 1 (reduction), 2 (normal, aux head after it).
 TINY = {"num_layers": 1, "num_nodes": B, "out_filters": 4}
-NUM_ARCS = 3
+NUM_ARCS = 2  # one random arc and the hand-made one below (each costs a baked compile)
 
 
 def _codec():
@@ -66,7 +66,10 @@ def shared():
   base_cfg = mc.MicroChildConfig(**TINY)
   params, stats = mc.init_shared(jax.random.key(0), base_cfg)
   out["params"], out["stats"] = params, stats
-  # The baked reference (op_select does not matter for a numpy arc).
+  # The baked reference (op_select does not matter for a numpy arc). Its convs
+  # are the custom ones, like the traced switch's: at these tiny sizes (batch 2,
+  # 8x8 maps in the last cell) one ReLU input crossing zero moves gradients by
+  # ~1%, and with plain convs one input of random arc 0 does (tolerance 1e-3).
   out["baked"] = []
   for a in arcs:
     f = jax.jit(jax.value_and_grad(_loss_fn(base_cfg, a), has_aux=True))
@@ -138,8 +141,11 @@ def test_grads_traced_equal_baked_and_unused_weights_get_zero(shared):
   assert np.any(wf[0] != 0) and np.all(wf[1:3] == 0) and np.any(wf[3] != 0)
 
 
-@pytest.mark.parametrize("variant", [{"op_select": "mask", "conv_impl": "plain"},
-                                     {"checkpoint_branches": False}])
+@pytest.mark.parametrize("variant", [
+    {"op_select": "mask", "conv_impl": "plain"},
+    # Plain autodiff through the switch: also covered for macro by
+    # test_unselected_branches_get_zero_grads_and_keep_their_stats[switch-False].
+    pytest.param({"checkpoint_branches": False}, marks=pytest.mark.slow)])
 def test_grads_of_other_variants_equal_baked(shared, variant):
   """The mask mode's gradient (all ops recomputed in the cell's backward) and
   plain autodiff through the switch (``checkpoint_branches=False``)."""
@@ -206,10 +212,13 @@ def fixed():
                                      progress=progress)
     return jnp.sum(logits ** 2) + 0.4 * jnp.sum(aux ** 2), (logits, aux, ns)
 
-  f = jax.jit(jax.value_and_grad(loss, has_aux=True))
-  (l, (logits, aux, ns)), g = f(params, stats, jnp.float32(0.5), jax.random.key(3))
+  args = (params, stats, jnp.float32(0.5), jax.random.key(3))
+  # One compile gives the results and the memory analysis (the remat test's baseline).
+  f = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(*args).compile()
+  (l, (logits, aux, ns)), g = f(*args)
   return {"arc": arc, "cfg": cfg, "params": params, "stats": stats, "x": x, "logits": logits,
-          "aux": aux, "new_stats": ns, "grads": g, "loss": l}
+          "aux": aux, "new_stats": ns, "grads": g, "loss": l,
+          "temp_bytes": f.memory_analysis().temp_size_in_bytes}
 
 
 def test_fixed_child_shapes_grads_and_params(fixed):
@@ -235,10 +244,6 @@ def test_fixed_child_shapes_grads_and_params(fixed):
   assert np.all(np.isfinite(np.asarray(a[0])))
 
 
-def _temp_bytes(f, *args):
-  return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
-
-
 def test_fixed_child_remat_cells_is_the_same_function_with_less_memory(fixed):
   # Per-cell rematerialisation recomputes each cell in the backward pass with
   # the same drop-path keys: same loss, gradients and statistics, fewer
@@ -246,21 +251,20 @@ def test_fixed_child_remat_cells_is_the_same_function_with_less_memory(fixed):
   cfg = mc.MicroChildConfig(**TINY, conv_impl="plain", remat="cells")
   arc, x = fixed["arc"], fixed["x"]
 
-  def loss(p, s, progress, key, cfg):
+  def loss(p, s, progress, key):
     logits, aux, ns = mc.apply_fixed(p, s, arc, x, train=True, key=key, cfg=cfg,
                                      progress=progress)
     return jnp.sum(logits ** 2) + 0.4 * jnp.sum(aux ** 2), (logits, aux, ns)
 
   args = (fixed["params"], fixed["stats"], jnp.float32(0.5), jax.random.key(3))
-  (l, (logits, aux, ns)), g = jax.jit(jax.value_and_grad(
-      lambda *a: loss(*a, cfg), has_aux=True))(*args)
+  f = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(*args).compile()
+  (l, (logits, aux, ns)), g = f(*args)
   np.testing.assert_allclose(l, fixed["loss"], rtol=1e-5)
   np.testing.assert_allclose(logits, fixed["logits"], rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves((g, ns)), jax.tree.leaves((fixed["grads"],
                                                                fixed["new_stats"]))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  temps = {r: _temp_bytes(jax.grad(lambda *a, c=c: loss(*a, c)[0]), *args) for r, c in (
-      ("none", fixed["cfg"]), ("cells", cfg))}
+  temps = {"none": fixed["temp_bytes"], "cells": f.memory_analysis().temp_size_in_bytes}
   assert temps["cells"] < 0.8 * temps["none"], temps
 
 

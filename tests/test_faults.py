@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, tiny_cifar_config, tiny_ptb_config
+from conftest import CACHE_MAX_BYTES, ROOT, tiny_cifar_config, tiny_ptb_config
 
 import jax  # noqa: E402  (after conftest: the compilation cache is set)
 
@@ -84,6 +84,7 @@ def _env():
   cache = jax.config.jax_compilation_cache_dir
   if cache:
     env["JAX_COMPILATION_CACHE_DIR"] = cache
+    env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(CACHE_MAX_BYTES)  # locked reads and writes
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
   return env
 
@@ -273,7 +274,9 @@ def format_kill(r):
 
 
 def test_kill9_at_random_moments_then_resume(tmp_path):
-  results, _ = kill_and_resume(str(tmp_path), num_kills=3, seed=0, log=lambda s: None)
+  # Two kills, one in each half of the run (search; derive and final training):
+  # each costs a killed and a resumed run. test_kill9_ten_moments (-m slow) has ten.
+  results, _ = kill_and_resume(str(tmp_path), num_kills=2, seed=0, log=lambda s: None)
   for r in results:
     assert r["resumed"], r.get("error")
     assert r["same"], format_kill(r)

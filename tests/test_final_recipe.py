@@ -53,12 +53,13 @@ def test_padded_window_equals_unpadded_window():
   y = jax.random.randint(jax.random.key(2), (4, 16), 0, cc.vocab_size)
   h0 = jax.random.normal(jax.random.key(3), (4, cc.hidden_size)) * 0.1
   L = 11
-  full, aux_full = pc.loss(params, ARC, x, y, h0, None, cc, True, length=jnp.int32(L))
-  short, aux_short = pc.loss(params, ARC, x[:, :L], y[:, :L], h0, None, cc, True)
+  # Jitted value and gradient: one compile each (eagerly, the gradient ran op by op).
+  vg = lambda x, y, **kw: jax.jit(jax.value_and_grad(  # noqa: E731
+      lambda p: pc.loss(p, ARC, x, y, h0, None, cc, True, **kw), has_aux=True))(params)
+  (full, aux_full), g_full = vg(x, y, length=jnp.int32(L))
+  (short, aux_short), g_short = vg(x[:, :L], y[:, :L])
   np.testing.assert_allclose(full, short, rtol=1e-6)
   np.testing.assert_allclose(aux_full["h"], aux_short["h"], rtol=1e-6, atol=1e-7)
-  g_full = jax.grad(lambda p: pc.loss(p, ARC, x, y, h0, None, cc, True, length=jnp.int32(L))[0])(params)
-  g_short = jax.grad(lambda p: pc.loss(p, ARC, x[:, :L], y[:, :L], h0, None, cc, True)[0])(params)
   for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_short)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
@@ -108,7 +109,7 @@ def test_fixed_valid_carries_state_across_windows():
   params = pc.init_fixed(jax.random.key(0), task.cc)
   E = task.num_valid_windows
   carried = float(task.make_fixed_valid(ARC)(params))
-  ce_fn = task.window_ce_fn(ARC)
+  ce_fn = jax.jit(task.window_ce_fn(ARC))  # one compile for every window (eager: ~10x slower)
   h = jnp.zeros((task.eval_batch_size, task.cc.hidden_size))
   tot_c, tot_r = 0.0, 0.0
   for w in range(E):

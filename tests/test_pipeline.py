@@ -59,11 +59,19 @@ def test_random_search_baseline_runs(tmp_path):
 
 def test_workdir_with_other_config_is_refused(tmp_path):
   cfg = tiny_ptb_config(**{"search.num_epochs": 1, "search.then_final": False})
-  run_lib.run(cfg, str(tmp_path))
+  # What run() does first in a new workdir (a whole run here only costs time:
+  # the check happens before any data is read or state restored).
+  common.prepare_workdir(cfg, str(tmp_path))
+  (tmp_path / "checkpoints").mkdir()
+  before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
   other = tiny_ptb_config(**{"search.num_epochs": 1, "search.then_final": False,
                              "child.hidden_size": 12})
-  with pytest.raises(ValueError, match="child.hidden_size"):
+  with pytest.raises(ValueError, match="child.hidden_size: workdir has 8, this run has 12"):
     run_lib.run(other, str(tmp_path))
+  # Refused without touching the workdir; the same config is accepted (a resume).
+  assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+  assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json"]
+  assert common.prepare_workdir(cfg, str(tmp_path)) is True
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
