@@ -16,7 +16,10 @@ import jax  # noqa: E402
 # The pytest-xdist workers and the tests' subprocesses share one folder: with a
 # size limit set, jax takes a file lock (the filelock package) around every
 # cache read and write, so no process reads another's half-written entry.
-_CACHE = os.environ.get("ENAS_JAX_TEST_CACHE", os.path.join(ROOT, ".pytest_cache", "jax"))
+# (A folder of its own: entries of older, unlocked layouts lack the access-time
+# files that the locked cache needs.)
+_CACHE = os.environ.get("ENAS_JAX_TEST_CACHE",
+                        os.path.join(ROOT, ".pytest_cache", "jax-locked"))
 CACHE_MAX_BYTES = 8 << 30
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)

@@ -78,14 +78,16 @@ def kill_config():
   return c
 
 
-def _env():
-  # Children share this process's persistent compilation cache (conftest.py).
+def _env(killed: bool = False):
+  """Environment of a child run: it shares this process's compilation cache
+  (conftest.py). A run that will be killed only reads it: with jax's size-limited
+  cache a kill between an entry and its access-time file breaks later writes."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   cache = jax.config.jax_compilation_cache_dir
   if cache:
     env["JAX_COMPILATION_CACHE_DIR"] = cache
     env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(CACHE_MAX_BYTES)  # locked reads and writes
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1e9" if killed else "0.5"
   return env
 
 
@@ -210,7 +212,7 @@ def kill_and_resume(base, num_kills, seed=0, log=print):
   for i, delay in enumerate(delays):
     wd = os.path.join(base, f"kill{i}")
     with open(wd + ".log", "w") as out:
-      p = subprocess.Popen(kill_command(wd), cwd=ROOT, env=_env(), stdout=out,
+      p = subprocess.Popen(kill_command(wd), cwd=ROOT, env=_env(killed=True), stdout=out,
                            stderr=subprocess.STDOUT)
       try:
         p.wait(timeout=delay)
@@ -316,7 +318,7 @@ for s in (1, 2, 3):  # saving 3 deletes 1
 
 def test_kill_during_deletion_of_an_old_step(tmp_path):
   r = subprocess.run([sys.executable, "-c", _DYING_DELETE, str(tmp_path)], cwd=ROOT,
-                     env=_env(), capture_output=True, text=True, timeout=120)
+                     env=_env(killed=True), capture_output=True, text=True, timeout=120)
   assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]  # died inside the deletion
   with ckpt_lib.Checkpointer(tmp_path) as ck:
     assert ck.restore({"x": jax.numpy.zeros(2)})[1] == {"s": 3}  # resuming works
