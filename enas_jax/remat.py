@@ -26,7 +26,7 @@ import numpy as np
 
 
 def _zero_cotangent(a):
-  a = jnp.asarray(a) if not isinstance(a, jax.Array) else a
+  a = jnp.asarray(a)  # Python scalars; jax arrays (PRNG keys too) pass through
   if jnp.issubdtype(a.dtype, jnp.inexact):
     return jnp.zeros_like(a)
   return np.zeros(a.shape, jax.dtypes.float0)  # integer and PRNG-key inputs
