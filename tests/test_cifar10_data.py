@@ -116,9 +116,10 @@ def test_missing_data_lists_everything(tmp_path):
   root = str(tmp_path / "nowhere")
   for part in (os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar10"),
                os.path.join(root, "cifar-10-python.tar.gz"), "python:", "tfds:", "archive:",
-               "download=False", "make_cifar10_batches.py", "--config.data.data_dir=",
-               cifar10.ARCHIVE_MD5, "pip install tensorflow", "tfds build cifar10"):
+               "download=False", "--config.data.download=True", "--config.data.data_dir=",
+               cifar10.URL, cifar10.ARCHIVE_MD5, "pip install tensorflow", "tfds build cifar10"):
     assert part in msg, part
+  assert "shared" not in msg and ".py" not in msg  # nothing outside the repository
   assert not os.path.exists(root)  # looking creates nothing
 
 
@@ -191,10 +192,10 @@ def test_archive_is_extracted_when_md5_matches(tmp_path, monkeypatch):
   assert (out / cifar10.BATCHES_DIR / "test_batch").is_file()
 
 
-def test_download_fails_fast_and_is_reported(tmp_path, monkeypatch):
-  monkeypatch.setattr(cifar10, "URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+def test_download_fails_fast_and_is_reported(tmp_path):
   with pytest.raises(FileNotFoundError) as e:
-    cifar10.load_cifar10(str(tmp_path), source="archive", download=True)
+    cifar10.load_cifar10(str(tmp_path), source="archive", download=True,
+                         download_url="http://127.0.0.1:9/cifar-10-python.tar.gz")
   assert "download of http://127.0.0.1:9/" in str(e.value)
   assert not list(tmp_path.iterdir())  # no partial file left
 

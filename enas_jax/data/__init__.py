@@ -55,7 +55,8 @@ def load_images(data_cfg) -> ImageData:
 
   ``"cifar10"`` calls :func:`load_cifar10` with ``data_cfg.data_dir``
   (:func:`default_cifar10_dir` if empty), ``num_valid`` (default 5000),
-  ``download`` (default False) and ``cifar10_source`` (default ``"auto"``);
+  ``download`` (default True, as in the CIFAR configs), ``download_url``
+  (default: the official URL) and ``cifar10_source`` (default ``"auto"``);
   ``"synthetic"`` calls :func:`synthetic_cifar` with ``num_train``,
   ``num_test``, ``seed`` and ``num_valid``. Missing optional fields take the
   defaults shown.
@@ -65,7 +66,8 @@ def load_images(data_cfg) -> ImageData:
   if source == "cifar10":
     return load_cifar10(data_cfg.data_dir or default_cifar10_dir(),
                         source=get("cifar10_source", "auto"), num_valid=get("num_valid", 5000),
-                        download=get("download", False))
+                        download=get("download", True),
+                        download_url=get("download_url", "") or "")
   if source == "synthetic":
     return synthetic_cifar(num_train=get("num_train", 512), num_test=get("num_test", 128),
                            seed=get("seed", 0), num_valid=get("num_valid", 0))

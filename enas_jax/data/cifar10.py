@@ -21,22 +21,33 @@ Sources :func:`load_cifar10` tries, in order: the official python batches
 (``cifar-10-batches-py/``), TFDS ``cifar10`` prepared in array_record format
 (read with ``tfds.data_source``, no TensorFlow needed), the official archive
 ``cifar-10-python.tar.gz`` (md5-checked, extracted), and -- only with
-``download=True`` -- a download of that archive. Loading the python batches
-(50,000 + 10,000 images) takes about 0.5 s (2 CPU cores, files in the page
-cache), so nothing is cached.
+``download=True`` (the CIFAR configs' default) -- one download of that archive
+into the data folder. Downloads and extractions go to temporary ``.*.part``
+names in that folder and are renamed into place only when complete and
+md5-correct, so an interrupted one never looks complete; the next run removes
+such leftovers once they are ``STALE_S`` old (a concurrent download into a
+shared folder is left alone). Each process downloads into its own
+``data_dir`` when nothing is there (on TPU VMs every host has its own disk).
+Loading the python batches (50,000 + 10,000 images) takes about 0.5 s, so
+nothing is cached.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import json
 import os
 import pickle
 import shutil
+import sys
 import tarfile
+import tempfile
+import threading
 import time
 import urllib.request
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -50,11 +61,12 @@ TEST_FILE = "test_batch"
 ARCHIVE = "cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-DOWNLOAD_TIMEOUT_S = 20
+CONNECT_TIMEOUT_S = 10  # download: seconds for name lookup, connect and headers, together
+READ_TIMEOUT_S = 10  # download: a stall this long aborts it (no retries)
+PROGRESS_EVERY_S = 5.0  # download: seconds between progress lines when stderr is not a terminal
+STALE_S = 600  # a temporary file of a download/extraction untouched this long is a leftover
 SOURCES = ("auto", "python", "tfds", "archive")
 CUTOUT_ANCHORS = ("corner", "centre")
-# Run from the repository root; rebuilds the python batches from the JPEG copy.
-MAKE_BATCHES = "python ../shared/data/cifar10/make_cifar10_batches.py"
 
 
 @dataclasses.dataclass
@@ -320,82 +332,253 @@ def _check_md5(path: str):
   if got != ARCHIVE_MD5:
     raise ValueError(f"CIFAR-10 archive {path} has md5 {got}, expected {ARCHIVE_MD5} "
                      "(truncated or not the official cifar-10-python.tar.gz); delete it "
-                     "and provide the official file.")
+                     f"and provide the official file from {URL}.")
+
+
+def _complete(root: str) -> bool:
+  return all(os.path.isfile(os.path.join(root, f)) for f in TRAIN_FILES + (TEST_FILE,))
+
+
+def _newest_mtime(path: str) -> float:
+  newest = os.lstat(path).st_mtime
+  for dirpath, dirnames, filenames in os.walk(path):
+    for name in dirnames + filenames:
+      try:
+        newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+      except OSError:
+        pass
+  return newest
+
+
+def _clean_leftovers(data_dir: str):
+  """Removes temporary files of interrupted downloads / extractions (``.*.part``).
+
+  Only those untouched for ``STALE_S``: a live download writes at least every
+  ``READ_TIMEOUT_S``, so another process's transfer into a shared folder is kept.
+  """
+  if not os.path.isdir(data_dir):
+    return
+  for name in os.listdir(data_dir):
+    ours = (name.startswith((f".{ARCHIVE}.", f".{BATCHES_DIR}.")) and name.endswith(".part")
+            ) or name == ARCHIVE + ".part"  # the latter: the name older versions used
+    path = os.path.join(data_dir, name)
+    try:
+      if not ours or time.time() - _newest_mtime(path) < STALE_S:
+        continue
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+    except OSError:
+      pass  # another process removed it, or we may not: it looks incomplete either way
+
+
+def _install(new: str, target: str):
+  """Moves the extracted folder ``new`` to ``target`` with one ``os.replace``."""
+  if os.path.lexists(target):
+    if os.path.isdir(target) and _complete(target):
+      return  # another process installed it meanwhile; the same official files
+    if not os.path.isdir(target) or os.path.islink(target):
+      raise ValueError(f"{target} exists but is not a folder; remove it so the archive can "
+                       "be extracted there.")
+    aside = f"{target}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(target, aside)
+    print(f"CIFAR-10: moved the incomplete {target} aside to {aside} (delete it when not "
+          "needed).", file=sys.stderr, flush=True)
+  os.replace(new, target)
 
 
 def _extract(path: str, data_dir: str):
-  """Extracts the ``cifar-10-batches-py/`` regular files of the archive into ``data_dir``."""
+  """Extracts the archive's ``cifar-10-batches-py/`` regular files to ``data_dir``.
+
+  Atomic: extracts into a temporary folder in ``data_dir``, checks that every
+  batch is there, then renames it into place, so an interrupted extraction
+  leaves no ``cifar-10-batches-py/`` (only a ``.part`` folder the next run removes).
+  """
+  tmp = tempfile.mkdtemp(dir=data_dir, prefix=f".{BATCHES_DIR}.", suffix=".part")
   try:
-    with tarfile.open(path, "r:gz") as tar:
-      members = []
-      for m in tar.getmembers():
-        parts = m.name.replace("\\", "/").split("/")
-        if parts[0] != BATCHES_DIR or ".." in parts or os.path.isabs(m.name):
-          continue
-        if m.isfile() or m.isdir():
-          members.append(m)
-      if not any(m.isfile() for m in members):
-        raise ValueError(f"CIFAR-10 archive {path} holds no {BATCHES_DIR}/ files.")
-      kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-      tar.extractall(data_dir, members=members, **kwargs)
-  except (tarfile.TarError, EOFError, OSError) as e:
-    raise ValueError(f"CIFAR-10 archive {path} could not be extracted: {e}") from e
+    try:
+      with tarfile.open(path, "r:gz") as tar:
+        members = []
+        for m in tar.getmembers():
+          parts = m.name.replace("\\", "/").split("/")
+          if parts[0] != BATCHES_DIR or ".." in parts or os.path.isabs(m.name):
+            continue
+          if m.isfile() or m.isdir():
+            members.append(m)
+        if not any(m.isfile() for m in members):
+          raise ValueError(f"CIFAR-10 archive {path} holds no {BATCHES_DIR}/ files.")
+        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(tmp, members=members, **kwargs)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+      raise ValueError(f"CIFAR-10 archive {path} could not be extracted: {e}") from e
+    new = os.path.join(tmp, BATCHES_DIR)
+    if not _complete(new):
+      raise ValueError(f"CIFAR-10 archive {path} lacks some of {', '.join(TRAIN_FILES)}, "
+                       f"{TEST_FILE} under {BATCHES_DIR}/.")
+    _install(new, os.path.join(data_dir, BATCHES_DIR))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_archive(data_dir: str, download: bool, tried: list[str]):
+def _load_archive(data_dir: str, download: bool, url: str):
   path = os.path.join(data_dir, ARCHIVE)
+  _clean_leftovers(data_dir)
   if not os.path.isfile(path):
     if not download:
       raise _SourceUnavailable(f"{path} does not exist (and download=False)")
-    tried.append(f"archive: {path} does not exist; downloading it")
-    _download(path)
-  _check_md5(path)
+    try:
+      _download(url, path)
+    except _SourceUnavailable as e:
+      raise _SourceUnavailable(f"{path} does not exist; {e}") from e
+  else:
+    _check_md5(path)
   _extract(path, data_dir)
   x, y, test_x, test_y, _ = _load_python(data_dir)
   desc = f"python batches at {os.path.join(data_dir, BATCHES_DIR)} (extracted from {path})"
   return x, y, test_x, test_y, desc
 
 
-def _download(path: str):
-  """One attempt, short socket timeout; writes ``path`` only if complete and md5-correct."""
+def _open_url(url: str):
+  """``urlopen(url)`` with one deadline for name lookup, connect and headers.
+
+  The socket timeout alone bounds neither the name lookup nor the sum over a
+  host's addresses; a worker thread does. An abandoned attempt closes its
+  response if it arrives later.
+  """
+  box, abandoned = {}, threading.Event()
+
+  def attempt():
+    try:
+      r = urllib.request.urlopen(url, timeout=READ_TIMEOUT_S)
+    except BaseException as e:  # handed to the caller below
+      box["error"] = e
+      return
+    box["response"] = r
+    if abandoned.is_set():
+      r.close()
+
+  worker = threading.Thread(target=attempt, name="cifar10-download", daemon=True)
+  worker.start()
+  worker.join(CONNECT_TIMEOUT_S)
+  if worker.is_alive():
+    abandoned.set()
+    raise TimeoutError(f"no answer within {CONNECT_TIMEOUT_S} s")
+  if "error" in box:
+    raise box["error"]
+  return box["response"]
+
+
+class _Progress:
+  """One progress line on stderr: rewritten with ``\\r`` on a terminal (at most
+  twice a second), else a new line every ``PROGRESS_EVERY_S`` (logs stay short)."""
+
+  def __init__(self, total):
+    self.total = total
+    self.start = self.last = time.monotonic()
+    self.tty = sys.stderr.isatty()
+    self.every = 0.5 if self.tty else PROGRESS_EVERY_S
+
+  def _line(self, got, now):
+    rate = got / 1e6 / max(now - self.start, 1e-6)
+    size = f"{got / 1e6:.1f} MB"
+    if self.total:
+      size = f"{got / 1e6:.1f} / {self.total / 1e6:.1f} MB ({100 * got / self.total:.0f}%)"
+    return f"CIFAR-10: {size}, {rate:.1f} MB/s"
+
+  def update(self, got):
+    now = time.monotonic()
+    if now - self.last >= self.every:
+      self.last = now
+      print(("\r" if self.tty else "") + self._line(got, now), end="" if self.tty else "\n",
+            file=sys.stderr, flush=True)
+
+  def done(self, got):
+    now = time.monotonic()
+    print(("\r" if self.tty else "") + self._line(got, now) + f" in {now - self.start:.0f} s",
+          file=sys.stderr, flush=True)
+
+
+def _download(url: str, path: str):
+  """Fetches ``url`` to ``path`` once: a temporary file in the same folder,
+  md5-checked while it streams, renamed to ``path`` only when complete and right.
+
+  Raises:
+    _SourceUnavailable: no connection, an HTTP error, a stall longer than
+      ``READ_TIMEOUT_S`` or a body shorter than its Content-Length.
+    ValueError: a malformed ``url``, or a complete body with the wrong md5.
+  """
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  part = path + ".part"
-  start = time.time()
+  print(f"CIFAR-10: downloading {url} to {path} (once; md5-checked; "
+        "--config.data.download=False turns this off)", file=sys.stderr, flush=True)
+  fd, part = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{ARCHIVE}.", suffix=".part")
+  start, got, total, h = time.monotonic(), 0, None, hashlib.md5()
+
+  def failed(e):
+    return _SourceUnavailable(f"download of {url} failed after {time.monotonic() - start:.0f} "
+                              f"s, {got} bytes in ({type(e).__name__}: {e})")
   try:
-    with urllib.request.urlopen(URL, timeout=DOWNLOAD_TIMEOUT_S) as r, open(part, "wb") as f:
-      shutil.copyfileobj(r, f, 1 << 20)
-  except OSError as e:  # URLError, timeouts and HTTP errors are OSErrors.
+    with os.fdopen(fd, "wb") as f:
+      try:
+        r = _open_url(url)
+      except ValueError as e:  # urllib: unknown url type, malformed URL
+        raise ValueError(f"data.download_url={url!r} is not a URL urllib can fetch: {e}") from e
+      except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts
+        raise failed(e) from e
+      with r:
+        length = r.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        progress = _Progress(total)
+        while True:
+          try:
+            block = r.read(1 << 20)
+          except (OSError, http.client.HTTPException) as e:
+            raise failed(e) from e
+          if not block:
+            break
+          f.write(block)
+          h.update(block)
+          got += len(block)
+          progress.update(got)
+      progress.done(got)
+    if total is not None and got != total:
+      raise _SourceUnavailable(f"download of {url} ended after {got} of {total} bytes (the "
+                               "connection closed early); nothing was kept")
+    if h.hexdigest() != ARCHIVE_MD5:
+      raise ValueError(f"CIFAR-10 download from {url} has md5 {h.hexdigest()}, expected "
+                       f"{ARCHIVE_MD5} ({got} bytes; a damaged transfer, or a mirror serving "
+                       "another file); nothing was kept. Run again to retry, or get the "
+                       f"archive by hand from {URL} and put it at {path}.")
+    os.replace(part, path)
+  finally:
     if os.path.exists(part):
       os.remove(part)
-    raise _SourceUnavailable(f"download of {URL} failed after {time.time() - start:.0f} s "
-                             f"({type(e).__name__}: {e})") from e
-  got = _md5(part)
-  if got != ARCHIVE_MD5:
-    os.remove(part)
-    raise ValueError(f"downloaded {URL} has md5 {got}, expected {ARCHIVE_MD5}; not kept.")
-  os.replace(part, path)
 
 
-def _missing_message(data_dir: str, tried: list[str]) -> str:
-  lines = [f"CIFAR-10 not found for data_dir={data_dir}. Tried:"]
+def _missing_message(data_dir: str, tried: list[str], download: bool) -> str:
+  lines = [f"CIFAR-10 not found in {data_dir}. Looked for:"]
   lines += [f"  - {t}" for t in tried]
-  lines.append("Provide it in one of these ways (then pass --config.data.data_dir=DIR, here "
-               f"DIR = {data_dir}):")
-  lines.append(f"  1. the python batches DIR/{BATCHES_DIR}/ (data_batch_1..5, test_batch). In "
-               f"this project a JPEG-substitute copy is built in ~10 s with `{MAKE_BATCHES} DIR` "
-               "(run from the repository root; needs numpy and Pillow; lossy, accuracies a few "
-               "points low).")
-  lines.append(f"  2. the official archive DIR/{ARCHIVE} (md5 {ARCHIVE_MD5}) from {URL}; it is "
-               "md5-checked and extracted. With internet, load_cifar10(..., download=True) "
-               "(--config.data.download=True) fetches it.")
-  lines.append("  3. TFDS cifar10 in array_record format under DIR: `pip install tensorflow` then "
-               "`tfds build cifar10 --data_dir=DIR --file_format=array_record` (reading it needs "
-               "no TensorFlow).")
+  lines.append("Get it by hand in one of these ways (DIR = the folder above, or any folder "
+               "you then pass as --config.data.data_dir=DIR):")
+  lines.append(f"  1. download {URL} (163 MiB, md5 {ARCHIVE_MD5}) and put it at "
+               f"DIR/{ARCHIVE}; the next run md5-checks and extracts it.")
+  lines.append(f"  2. or put the extracted folder at DIR/{BATCHES_DIR}/ (data_batch_1..5, "
+               "test_batch, as in that archive).")
+  lines.append("  3. or TFDS cifar10 in array_record format under DIR: `pip install tensorflow` "
+               "then `tfds build cifar10 --data_dir=DIR --file_format=array_record` (reading it "
+               "needs no TensorFlow).")
+  if download:
+    lines.append("The download is on by default (data.download=True; a mirror: "
+                 "--config.data.download_url=URL). On a machine without internet turn it off "
+                 "with --config.data.download=False.")
+  else:
+    lines.append("The download is off (data.download=False); with internet, "
+                 "--config.data.download=True fetches the archive once.")
   return "\n".join(lines)
 
 
 def load_cifar10(data_dir: str, source: str = "auto", num_valid: int = 5000,
-                 download: bool = False) -> ImageData:
+                 download: bool = False, download_url: str = "") -> ImageData:
   """Loads CIFAR-10 from ``data_dir`` and splits off the validation set.
 
   Args:
@@ -408,17 +591,20 @@ def load_cifar10(data_dir: str, source: str = "auto", num_valid: int = 5000,
       source is the only one tried.
     num_valid: the last ``num_valid`` training images become the validation
       set (5000 for search); 0 keeps all 50,000 for training (final).
-    download: allow one download attempt of the official archive (20 s socket
-      timeout, no retries).
+    download: allow one download attempt of the archive, kept in ``data_dir``
+      (no retries; ``CONNECT_TIMEOUT_S`` to get an answer, a stall of
+      ``READ_TIMEOUT_S`` aborts). Off here; the CIFAR configs turn it on.
+    download_url: where to download from; empty: the official :data:`URL`.
 
   Returns:
     An :class:`ImageData`; mean/std are from the training part only.
 
   Raises:
-    FileNotFoundError: no source has the data; the message lists every source
-      and path tried, why each failed, and how to provide the data.
-    ValueError: a present file is corrupt (pickle, shapes, labels, md5), or a
-      bad ``source`` / ``num_valid``.
+    FileNotFoundError: no source has the data (offline download included); the
+      message lists every source and path tried, why each failed, and how to
+      provide the data.
+    ValueError: a present file is corrupt (pickle, shapes, labels, md5), a
+      downloaded archive has the wrong md5, or a bad ``source`` / ``num_valid``.
   """
   if source not in SOURCES:
     raise ValueError(f"unknown CIFAR-10 source {source!r}; valid: {', '.join(SOURCES)}.")
@@ -432,13 +618,13 @@ def load_cifar10(data_dir: str, source: str = "auto", num_valid: int = 5000,
       elif name == "tfds":
         loaded = _load_tfds(data_dir)
       else:
-        loaded = _load_archive(data_dir, download, tried)
+        loaded = _load_archive(data_dir, download, download_url or URL)
     except _SourceUnavailable as e:
       tried.append(f"{name}: {e}")
       continue
     x, y, test_x, test_y, desc = loaded
     return split_train_valid(x, y, test_x, test_y, num_valid, desc)
-  raise FileNotFoundError(_missing_message(data_dir, tried))
+  raise FileNotFoundError(_missing_message(data_dir, tried, download))
 
 
 def default_cifar10_dir() -> str:
