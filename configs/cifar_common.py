@@ -30,9 +30,14 @@ def base(space: str) -> ml_collections.ConfigDict:
   # Which source to read: "auto" (python batches, then TFDS, then the archive),
   # "python", "tfds" or "archive".
   c.data.cifar10_source = "auto"
-  # Download cifar-10-python.tar.gz (md5-checked) when nothing is found. Off by
-  # default: offline machines get one clear message instead of retries.
-  c.data.download = False
+  # Download cifar-10-python.tar.gz (163 MiB) into data_dir when nothing is found
+  # there: once, md5-checked, extracted to cifar-10-batches-py/. Each host downloads
+  # into its own data_dir. Offline, one short try, then a message on how to get the
+  # data by hand; set False on machines without internet.
+  c.data.download = True
+  # Where the download fetches the archive: the official URL, or a mirror serving
+  # the same file (its md5 is checked).
+  c.data.download_url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
   # Training images held out for validation and rewards: the LAST num_valid of the
   # 50,000 (scripts: 5,000 in search, 0 in final training).
   c.data.num_valid = 5000
@@ -161,9 +166,30 @@ def base(space: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # newest checkpoints kept in <workdir>/checkpoints
   c.tensorboard = True  # also write TensorBoard event files to <workdir>/tensorboard
   c.distributed = "auto"  # jax.distributed.initialize(): "auto" (from the environment), True, False
+  # Keep compiled steps in JAX's persistent compilation cache (a per-user folder,
+  # see enas_jax/compile_cache.py) so a rerun skips compiling; False: off (as does
+  # ENAS_JAX_COMPILATION_CACHE=0). Not in the original code (TensorFlow 1 graphs).
+  c.compilation_cache = True
   c.debug = ml_collections.ConfigDict()
   c.debug.inject_nan_at_step = -1  # fault injection: NaN child loss at this step (-1: off)
   return c
+
+
+def final_recipe(search, final, exclude=()) -> ml_collections.ConfigDict:
+  """The fields of the sections of ``final`` whose values differ from ``search``'s
+  (nested, e.g. ``child.out_filters``): ``search.final_recipe``. Left out: the
+  top-level fields (mode, arc: the final stage sets them), the ``search`` and
+  ``final`` sections (the search config carries the final section's values) and
+  ``exclude`` (section names or dotted keys: the fields that shape the arc)."""
+  out = {}
+  for section, fields in final.items():
+    if not isinstance(fields, ml_collections.ConfigDict) or section in (
+        "search", "final", *exclude):
+      continue
+    for key, value in fields.items():
+      if f"{section}.{key}" not in exclude and value != search[section][key]:
+        out.setdefault(section, {})[key] = value
+  return ml_collections.ConfigDict(out)
 
 
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -203,6 +203,10 @@ def _base() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # newest checkpoints kept in <workdir>/checkpoints
   c.tensorboard = True  # also write TensorBoard event files to <workdir>/tensorboard
   c.distributed = "auto"  # jax.distributed.initialize(): "auto" (from the environment), True, False
+  # Keep compiled steps in JAX's persistent compilation cache (a per-user folder,
+  # see enas_jax/compile_cache.py) so a rerun skips compiling; False: off (as does
+  # ENAS_JAX_COMPILATION_CACHE=0). Not in the original code (TensorFlow 1 graphs).
+  c.compilation_cache = True
   c.debug = ml_collections.ConfigDict()
   # Fault injection: make the child loss NaN at this step (-1: off). Used by the
   # tests of the "stop on NaN, keep the last good checkpoint" behaviour.
