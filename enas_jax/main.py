@@ -2,6 +2,8 @@
 
 Without ``--workdir`` the run goes to ``runs/<config name>_<variant>``. Rerunning
 the same command on the same workdir resumes from its newest checkpoint.
+Compiled steps are kept in a per-user folder (``enas_jax.compile_cache``), so a
+rerun skips most compilation; ``--config.compilation_cache=False`` turns it off.
 """
 
 from __future__ import annotations
@@ -32,11 +34,17 @@ def main(argv):
   logger.setLevel(logging.INFO)
   logger.propagate = False
   workdir = _WORKDIR.value or os.path.join("runs", f"{config.name}_{config.variant}")
-  from enas_jax import memory  # heavy imports after flag parsing
+  from enas_jax import compile_cache, memory  # heavy imports after flag parsing
   from enas_jax.checkpoint import CheckpointError
   from enas_jax.train import run as run_lib
   from enas_jax.train.common import NonFiniteError
   print(f"workdir: {workdir}", flush=True)
+  try:  # before anything compiles: a rerun loads its compiled steps from disk
+    cache = compile_cache.enable(config=config)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"compilation cache: {cache or 'off'}", flush=True)
   memory.release_after_compiles()
   try:
     run_lib.run(config, workdir)

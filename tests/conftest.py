@@ -27,6 +27,10 @@ jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
 # jax's compilation_cache.put_executable_and_time) writing a small controller
 # executable; fewer, larger writes keep most of the benefit with less exposure.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+# The runs the tests start as subprocesses (python -m enas_jax.main ...) get no
+# default per-user cache (enas_jax.compile_cache): nothing under ~/.cache, and
+# they compile as before unless a test passes them this cache explicitly.
+os.environ["ENAS_JAX_COMPILATION_CACHE"] = "0"
 
 
 def tiny_ptb_config(variant: str = "smoke", **overrides):

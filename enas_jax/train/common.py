@@ -19,7 +19,7 @@ RESUMABLE_FIELDS = {
     "search.num_epochs", "final.num_epochs", "log_every", "checkpoint_every",
     "keep_checkpoints", "tensorboard", "eval_only", "search.steps_per_dispatch",
     "final.steps_per_dispatch", "derive.batch", "distributed", "search.then_final",
-    "data.data_dir", "arc_file",
+    "data.data_dir", "arc_file", "compilation_cache",
 }
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from enas_jax import parallel
+from enas_jax import compile_cache, parallel
 from enas_jax.data import cifar10 as cifar_data
 from enas_jax.spaces import cifar_micro_child, conv_ops
 from enas_jax.train import common
@@ -176,6 +176,7 @@ class ImageTask(common.DeviceData):
   item_name = "images"
 
   def __init__(self, config, images: cifar_data.ImageData, mesh, *, shared: bool, arc=None):
+    compile_cache.enable(config=config)  # notebooks too; a user-set cache dir stays
     self.config, self.mesh, self.shared = config, mesh, shared
     self.data = images
     d, c = config.data, config.child

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from enas_jax import parallel
+from enas_jax import compile_cache, parallel
 from enas_jax.data import ptb as ptb_data
 from enas_jax.spaces import ptb_child as pc
 from enas_jax.train import common
@@ -58,6 +58,7 @@ class LMTask(common.DeviceData):
   SUM_KEYS = ("loss", "ce", "grad_norm")
 
   def __init__(self, config, corpus, mesh, *, shared: bool, train_split: str = "train"):
+    compile_cache.enable(config=config)  # notebooks too; a user-set cache dir stays
     self.config = config
     self.mesh = mesh
     self.shared = shared
