@@ -87,10 +87,17 @@ def base(space: str) -> ml_collections.ConfigDict:
   # rematerialised), "mask" (run every op, select one), or "auto" (switch). See
   # docs/performance.md for the measured costs.
   c.child.op_select = "auto"
-  # k x k and depthwise convolutions: "custom" (hand-written backward pass and
-  # depthwise as shifted slices: fast inside switch branches on XLA:CPU),
-  # "plain" (XLA's convolutions), "auto" (custom on CPU, plain on GPU/TPU).
-  c.child.conv_impl = "auto"
+  # Kernel set (enas_jax/kernels; not in the original): "cpu" (hand-written
+  # gradients for convolutions, batch norm, pools and the switch; depthwise as
+  # shifted slices: several times faster on XLA:CPU), "xla" (XLA's own ops,
+  # autodiff and jax.checkpoint: the GPU/TPU baseline), or "auto" (cpu on CPU,
+  # xla on GPU/TPU; enas_jax/backend.py decides).
+  c.child.kernels = "auto"
+  # Dtype of the child's activations and conv/matmul inputs: "float32",
+  # "bfloat16", or "auto" (bfloat16 on GPU/TPU, float32 on CPU). Weights,
+  # optimizer state, batch-norm statistics and moments, the loss and the
+  # controller stay float32. The original used float32 throughout.
+  c.child.compute_dtype = "auto"
   # Switch gradient by recomputation: the forward switch saves only the chosen
   # op's input and the backward pass recomputes that op in a second switch (micro:
   # one custom gradient per cell that saves only the cell's node buffer).
@@ -123,6 +130,11 @@ def base(space: str) -> ml_collections.ConfigDict:
   c.controller.lr = 1e-3  # Adam; set per space (scripts 1e-3 macro, 3.5e-3 micro; paper 3.5e-4)
   c.controller.adam_b1 = 0.0  # scripts: beta1 = 0
   c.controller.adam_eps = 1e-3  # scripts: 1e-3
+  # Where eps enters Adam. "tf1": TF1's AdamOptimizer, which the original scripts
+  # (and so the paper's results) used: m / (sqrt(v) + eps) with the uncorrected v,
+  # the bias correction folded into the lr. "optax": optax.adam, eps added to the
+  # corrected sqrt(v_hat); with eps 1e-3 its early steps are up to ~30x larger.
+  c.controller.adam_form = "tf1"
   c.controller.num_aggregate = 20  # arcs averaged per update (scripts 20 macro, 10 micro)
   c.controller.train_steps = 50  # updates per controller phase (scripts 50 macro, 30 micro)
   c.controller.reward_c = 1.0  # reward = reward_c * validation-minibatch accuracy
@@ -142,6 +154,15 @@ def base(space: str) -> ml_collections.ConfigDict:
   c.search.steps_per_dispatch = 10  # child steps per jitted call (host syncs only between calls)
   c.search.valid_batches = 0  # validation batches per epoch (0 = all 50 of 100 images)
   c.search.then_final = False  # after derive, train the best arc from scratch in <workdir>/final
+  # The final stage's recipe (then_final), filled by the search variant: the final
+  # variant's values where they differ from the search's (macro: 96 channels, batch
+  # 100, keep_prob 0.5, ...; micro: 15 layers, 36 channels, batch 144, cutout 16, ...;
+  # both: all 50,000 training images). The final stage takes these, the final
+  # section, and every other field from this config, overrides included; the arc's
+  # shape stays the search's (macro num_layers, micro num_nodes). Override e.g.
+  # --config.search.final_recipe.child.out_filters=48. Empty in the smoke variants:
+  # their final stage keeps the small sizes.
+  c.search.final_recipe = ml_collections.ConfigDict()
 
   # ---------------------------------------------------------------- derive
   c.derive = ml_collections.ConfigDict()

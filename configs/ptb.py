@@ -4,8 +4,10 @@ Variants (``--config=configs/ptb.py:VARIANT``):
 
 * ``search`` (default): shared-weight search with the LSTM controller, then
   derive (sample ``derive.num_samples`` arcs, score them, keep the best).
-* ``final``: train one fixed arc from scratch (``--config.arc`` or
-  ``--config.arc_file``; default: the paper's cell) and report test perplexity.
+* ``final``: train one fixed arc from scratch with the corrected code's GPU
+  recipe (``--config.arc`` or ``--config.arc_file``; default: the corrected
+  code's shipped 9-node cell, ``--config.arc=paper`` for the paper's) and
+  report test perplexity.
 * ``smoke``: the whole pipeline (search -> derive -> final) on a small
   synthetic corpus in a few minutes on 2 CPU cores; the README's quickstart.
 
@@ -85,7 +87,7 @@ def _base() -> ml_collections.ConfigDict:
   c.space.num_activations = 4
   # Activations node 0 may take during search (first k). Corrected code: 1 (node 0
   # is always tanh, "an important change" in its source); seed: 2, stabilised by
-  # search-time batch norm, which we do not implement. With 4 and no batch norm
+  # search-time batch norm (child.batch_norm here, off by default). With 4 and no batch norm
   # the shared child diverged on PTB within 200 steps (ReLU/identity at node 0
   # let the recurrent state grow without bound). Any arc still parses and trains.
   c.space.node0_activations = 1
@@ -130,6 +132,12 @@ def _base() -> ml_collections.ConfigDict:
   # activations), "dots" (keep only matmul outputs, recompute the elementwise
   # rest), "full" (keep only the recurrent state). Trades compute for memory.
   c.child.remat = "none"
+  # Dtype of activations and matmul inputs: "float32", "bfloat16", or "auto"
+  # (enas_jax.backend: bfloat16 on GPU/TPU, float32 on CPU, where XLA:CPU runs
+  # bfloat16 no faster; see docs/performance.md). Parameters, optimizer state,
+  # the carried recurrent state, softmax and losses stay float32. The original
+  # codes ran float32 throughout.
+  c.child.compute_dtype = "auto"
   # The seed's search-time batch norm on every node's pre-activation and on the
   # cell output (batch statistics, moving averages for evaluation and rewards).
   # Seed search: on; seed final: off; corrected code: off everywhere. We use off.
@@ -154,6 +162,11 @@ def _base() -> ml_collections.ConfigDict:
   # defaults (0.9, 1e-8).
   c.controller.adam_b1 = 0.0  # seed 0.0; corrected 0.9
   c.controller.adam_eps = 1e-3  # seed 1e-3; corrected 1e-8
+  # Where eps enters Adam. "tf1": TF1's AdamOptimizer, which both original codes
+  # (and so the paper's results) used: m / (sqrt(v) + eps) with the uncorrected v,
+  # the bias correction folded into the lr. "optax": optax.adam, eps added to the
+  # corrected sqrt(v_hat); with eps 1e-3 its early steps are up to ~30x larger.
+  c.controller.adam_form = "tf1"
   c.controller.num_aggregate = 10  # arcs whose REINFORCE gradients are averaged per update (both 10)
   c.controller.train_steps = 25  # updates per controller phase. Corrected 25; seed 100; paper 2000 arcs
   c.controller.reward_c = 80.0  # reward = c / valid_ppl (both codes)
@@ -170,6 +183,14 @@ def _base() -> ml_collections.ConfigDict:
   c.search.steps_per_dispatch = 50  # child steps per jitted call (host syncs only between calls)
   c.search.valid_windows = 0  # validation windows per epoch (0 = all: 16 of 128x35 on PTB)
   c.search.then_final = False  # after derive, train the best arc from scratch in <workdir>/final
+  # The final stage's recipe (then_final), filled by the search variant: the final
+  # variant's values where they differ from the search's (data.batch_size 64,
+  # random_bptt, child.hidden_size 800, the final dropouts, weight_decay_mode l2,
+  # grad_clip 0.25, ...). The final stage takes these, the final section, and every
+  # other field from this config, overrides included; its space is the search's
+  # (the derived arc's). Override e.g. --config.search.final_recipe.child.hidden_size=400.
+  # Empty in the smoke variant: its final stage keeps the small sizes.
+  c.search.final_recipe = ml_collections.ConfigDict()
 
   # ---------------------------------------------------------------- derive
   c.derive = ml_collections.ConfigDict()
@@ -282,12 +303,31 @@ def _smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def final_recipe(search, final, exclude=()) -> ml_collections.ConfigDict:
+  """The fields of the sections of ``final`` whose values differ from ``search``'s
+  (nested, e.g. ``child.hidden_size``): ``search.final_recipe``. Left out: the
+  top-level fields (mode, arc: the final stage sets them), the ``search`` and
+  ``final`` sections (the search config carries the final section's values) and
+  ``exclude`` (section names or dotted keys: the fields that shape the arc)."""
+  out = {}
+  for section, fields in final.items():
+    if not isinstance(fields, ml_collections.ConfigDict) or section in (
+        "search", "final", *exclude):
+      continue
+    for key, value in fields.items():
+      if f"{section}.{key}" not in exclude and value != search[section][key]:
+        out.setdefault(section, {})[key] = value
+  return ml_collections.ConfigDict(out)
+
+
 def get_config(variant: str = "search") -> ml_collections.ConfigDict:
   variant = variant or "search"
   if variant not in VARIANTS:
     raise ValueError(f"configs/ptb.py: unknown variant {variant!r}; choose one of {VARIANTS}.")
   c = _base()
   c.variant = variant
+  if variant == "search":  # the derived arc keeps the search's space (num_nodes, aggregate)
+    c.search.final_recipe = final_recipe(c, _final(_base()), exclude=("space",))
   if variant == "final":
     c = _final(c)
   elif variant == "smoke":

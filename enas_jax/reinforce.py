@@ -9,7 +9,7 @@ controllers; ``enas_original.md`` §1, §2.8, §12.7):
   taken: ``b ← b − (1 − decay)(b − R)``, ``A = R − b``; ``b`` starts at 0;
 * loss ``−log p(arc) · A``, gradients averaged over ``num_aggregate`` arcs
   (the original's ``SyncReplicasOptimizer``), one Adam step (β1 = 0,
-  ε = 1e-3), no clipping, no L2;
+  ε = 1e-3, ε placed as TensorFlow 1 did), no clipping, no L2;
 * extra terms that go into the *loss* (the macro skip penalty) come through
   ``extra_loss_fn``.
 
@@ -18,7 +18,7 @@ Everything is pure and jittable; the sampled arcs never leave the device.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,49 +65,50 @@ def policy_loss(log_probs: jax.Array, advantages: jax.Array) -> jax.Array:
   return jnp.mean(-log_probs * jax.lax.stop_gradient(advantages))
 
 
-class _TfAdamState(NamedTuple):
-  count: jax.Array
-  mu: Any
-  nu: Any
+ADAM_FORMS = ("tf1", "optax")
 
 
 def _scale_by_tf_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
   """Adam with TensorFlow 1's epsilon placement (direction only, no lr).
 
-  TF computes ``lr·√(1−β2^t)/(1−β1^t) · m / (√v + ε)`` with the *uncorrected*
-  ``v``; optax adds ε to ``√v̂``. The two agree up to an effective
-  ``ε_tf = ε·√(1−β2^t)`` in optax terms, which matters early in training when ε
-  is as large as the controller's 1e-3.
+  TF1's ``AdamOptimizer`` steps by ``lr·√(1−β2^t)/(1−β1^t) · m / (√v + ε)`` with
+  the *uncorrected* ``v``; optax adds ε to the bias-corrected ``√v̂``. So a TF1
+  ε equals an optax ε of ``ε/√(1−β2^t)``: about 31× larger at step 1 with
+  β2 = 0.999, which damps the controller's first updates when ε = 1e-3. The
+  state is optax's ``ScaleByAdamState`` (same moments), so checkpoints of
+  either form have one layout.
   """
   def init_fn(params):
-    return _TfAdamState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params),
-                        jax.tree.map(jnp.zeros_like, params))
+    return optax.ScaleByAdamState(count=jnp.zeros((), jnp.int32),
+                                  mu=jax.tree.map(jnp.zeros_like, params),
+                                  nu=jax.tree.map(jnp.zeros_like, params))
 
   def update_fn(updates, state, params=None):
     del params
-    count = state.count + 1
+    count = optax.safe_int32_increment(state.count)
     mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, updates)
     nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state.nu, updates)
     t = count.astype(jnp.float32)
     scale = jnp.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
     new = jax.tree.map(lambda m, v: scale * m / (jnp.sqrt(v) + eps), mu, nu)
-    return new, _TfAdamState(count, mu, nu)
+    return new, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def make_optimizer(learning_rate: Any, b1: float = 0.0, b2: float = 0.999, eps: float = 1e-3,
-                   *, tf_epsilon: bool = False) -> optax.GradientTransformation:
-  """The controller's Adam: β1 = 0, β2 = 0.999, ε = 1e-3 (original defaults).
+                   *, form: str = "tf1") -> optax.GradientTransformation:
+  """The controller's Adam: β1 = 0, β2 = 0.999, ε = 1e-3 (the seed code's values).
 
-  ``learning_rate`` may be a float or an optax schedule. With the default
-  ``tf_epsilon=False`` this is exactly ``optax.adam``; ``tf_epsilon=True``
-  places ε as TensorFlow 1's ``AdamOptimizer`` did (see
-  :func:`_scale_by_tf_adam`), for bit-level fidelity to the original.
-  ``enas_lm`` used TF defaults instead: ``b1=0.9, eps=1e-8``, lr 5e-5.
+  ``learning_rate`` is a float or an optax schedule. ``form="tf1"`` (default)
+  places ε as TensorFlow 1's ``AdamOptimizer`` did, which both original codes
+  used (see :func:`_scale_by_tf_adam`); ``form="optax"`` is exactly
+  ``optax.adam``. ``enas_lm`` used TF's defaults ``b1=0.9, eps=1e-8`` instead.
   """
-  if not tf_epsilon:
+  if form == "optax":
     return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+  if form != "tf1":
+    raise ValueError(f"controller.adam_form must be one of {ADAM_FORMS}, got {form!r}.")
   return optax.chain(_scale_by_tf_adam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate))
 
 

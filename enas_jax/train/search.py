@@ -51,7 +51,8 @@ class SearchSetup:
     self.ctrl_cfg = ctrl.ControllerConfig.from_config(config.controller)
     cc = config.controller
     self.optimizer = reinforce.make_optimizer(float(cc.lr), b1=float(cc.adam_b1),
-                                              eps=float(cc.adam_eps))
+                                              eps=float(cc.adam_eps),
+                                              form=str(cc.get("adam_form", "tf1")))
     sampler = config.search.sampler
     if sampler == "controller":
       self.sample_arc = lambda p, k: ctrl.sample(p, k, self.decisions, self.ctrl_cfg)["arc"]
