@@ -508,10 +508,12 @@ def _download(url: str, path: str):
       ``READ_TIMEOUT_S`` or a body shorter than its Content-Length.
     ValueError: a malformed ``url``, or a complete body with the wrong md5.
   """
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  folder = os.path.dirname(path)
+  created = not os.path.isdir(folder)
+  os.makedirs(folder, exist_ok=True)
   print(f"CIFAR-10: downloading {url} to {path} (once; md5-checked; "
         "--config.data.download=False turns this off)", file=sys.stderr, flush=True)
-  fd, part = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{ARCHIVE}.", suffix=".part")
+  fd, part = tempfile.mkstemp(dir=folder, prefix=f".{ARCHIVE}.", suffix=".part")
   start, got, total, h = time.monotonic(), 0, None, hashlib.md5()
 
   def failed(e):
@@ -553,13 +555,15 @@ def _download(url: str, path: str):
   finally:
     if os.path.exists(part):
       os.remove(part)
+      if created and not os.listdir(folder):
+        os.rmdir(folder)  # a failed first try leaves the disk as it was
 
 
 def _missing_message(data_dir: str, tried: list[str], download: bool) -> str:
   lines = [f"CIFAR-10 not found in {data_dir}. Looked for:"]
   lines += [f"  - {t}" for t in tried]
-  lines.append("Get it by hand in one of these ways (DIR = the folder above, or any folder "
-               "you then pass as --config.data.data_dir=DIR):")
+  lines.append(f"Get it by hand in one of these ways, with DIR = {data_dir} (or any folder, "
+               "then run with --config.data.data_dir=DIR):")
   lines.append(f"  1. download {URL} (163 MiB, md5 {ARCHIVE_MD5}) and put it at "
                f"DIR/{ARCHIVE}; the next run md5-checks and extracts it.")
   lines.append(f"  2. or put the extracted folder at DIR/{BATCHES_DIR}/ (data_batch_1..5, "
