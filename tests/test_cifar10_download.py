@@ -228,6 +228,26 @@ def test_interrupted_extraction_leaves_nothing_complete(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == [cifar10.ARCHIVE]  # no batches folder, no .part
 
 
+def test_extraction_stopped_midway_leaves_nothing_complete(tmp_path, archive, monkeypatch):
+  body, images = archive
+  (tmp_path / cifar10.ARCHIVE).write_bytes(body)
+  real, written = tarfile.TarFile.makefile, []
+
+  def makefile(self, tarinfo, targetpath):  # Ctrl-C after three files
+    if len(written) == 3:
+      raise KeyboardInterrupt
+    written.append(targetpath)
+    return real(self, tarinfo, targetpath)
+
+  monkeypatch.setattr(tarfile.TarFile, "makefile", makefile)
+  with pytest.raises(KeyboardInterrupt):
+    cifar10.load_cifar10(str(tmp_path))
+  assert len(written) == 3 and sorted(os.listdir(tmp_path)) == [cifar10.ARCHIVE]
+  monkeypatch.setattr(tarfile.TarFile, "makefile", real)
+  got = cifar10.load_cifar10(str(tmp_path), num_valid=0)  # the next run extracts it all
+  np.testing.assert_array_equal(got.test_x, images[cifar10.TEST_FILE])
+
+
 def test_stale_leftovers_are_removed_and_fresh_ones_kept(tmp_path, server, archive):
   body, _ = archive
   server.routes["/c.tgz"] = (body, None)
