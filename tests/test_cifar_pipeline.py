@@ -78,8 +78,11 @@ def test_final_on_the_paper_arc_name_and_bad_arcs(tmp_path):
 
 
 def test_missing_cifar_data_is_one_clear_message(tmp_path):
+  # download off: the test must never reach the internet (the download paths
+  # are tested against a local server in test_cifar10_download.py).
   c = tiny_cifar_config("cifar_micro", "search", **{"data.source": "cifar10",
-                                                   "data.data_dir": str(tmp_path / "none")})
+                                                   "data.data_dir": str(tmp_path / "none"),
+                                                   "data.download": False})
   with pytest.raises(FileNotFoundError) as e:
     run_lib.run(c, str(tmp_path / "run"))
   msg = str(e.value)
