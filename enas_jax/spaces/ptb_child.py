@@ -10,6 +10,13 @@ view, run with the arc as Python constants (no gather, no switch).
 
 Shapes are suffixed in names where it helps: B batch, T time, H hidden,
 V vocabulary, N nodes.
+
+Precision (``ChildConfig.compute_dtype``): matmul inputs and the cell's node
+activations are in the compute dtype (bfloat16 halves their bytes on GPU/TPU);
+parameters (and so gradients and the optimizer state), dropout scaling, the
+cell output that is carried from step to step and across windows, batch-norm
+statistics, the logits' softmax and every loss term stay float32. In float32
+every cast is a no-op and the computation is the plain one.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from enas_jax import backend
 from enas_jax.spaces import ptb as ptb_space
 
 WEIGHT_DECAY_MODES = ("none", "l2", "w4_selected")
@@ -53,6 +61,9 @@ class ChildConfig:
   batch_norm: bool = False
   bn_decay: float = 0.999
   bn_eps: float = 1.0
+  # Dtype of activations and matmul inputs: "float32" or "bfloat16" (resolved;
+  # from_config turns the config's "auto" into the platform's default).
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
     if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
@@ -63,6 +74,9 @@ class ChildConfig:
     if self.op_select not in OP_SELECT_MODES + ("auto",):
       raise ValueError(f"child.op_select must be one of {OP_SELECT_MODES + ('auto',)}, "
                        f"got {self.op_select!r}.")
+    if self.compute_dtype not in backend.COMPUTE_DTYPES[1:]:
+      raise ValueError(f"ChildConfig.compute_dtype must be one of {backend.COMPUTE_DTYPES[1:]} "
+                       f"(resolve 'auto' with enas_jax.backend), got {self.compute_dtype!r}.")
     for name in ("drop_e", "drop_i", "drop_x", "drop_l", "drop_o"):
       v = getattr(self, name)
       if not 0.0 <= v < 1.0:
@@ -73,14 +87,22 @@ class ChildConfig:
     """Activation slots per (node, prev) in the shared weights."""
     return 1 if self.share_across_activations else len(ptb_space.ACTIVATION_NAMES)
 
+  @property
+  def dtype(self):
+    """The jnp compute dtype."""
+    return backend.jnp_dtype(self.compute_dtype)
+
   @classmethod
   def from_config(cls, config) -> "ChildConfig":
+    """From a run config. ``auto`` values (``child.op_select``,
+    ``child.compute_dtype``) are resolved by :mod:`enas_jax.backend` for
+    ``child.platform`` when the config names one, else for the running backend."""
     c, s = config.child, config.space
-    op_select = c.op_select
-    if op_select == "auto":
-      # Measured on XLA:CPU (notes/jax-shared-weights.md): switch 1.01-1.08x the
-      # static cell, mask 1.08-1.15x. No GPU/TPU measurement yet: switch there too.
-      op_select = "switch"
+    platform = c.get("platform", None)
+    # op_select "auto" is "switch" (measured on XLA:CPU: switch 1.01-1.08x the
+    # static cell, mask 1.08-1.15x; no GPU/TPU measurement yet).
+    op_select = backend.resolve_op_select(c.op_select, platform)
+    compute_dtype = backend.resolve_compute_dtype(c.get("compute_dtype", "auto"), platform)
     return cls(
         vocab_size=int(config.data.vocab_size), hidden_size=int(c.hidden_size),
         num_nodes=int(s.num_nodes), aggregate=s.aggregate, init_range=float(c.init_range),
@@ -91,7 +113,8 @@ class ChildConfig:
         share_across_activations=bool(c.share_across_activations),
         op_select=op_select, scan_unroll=int(c.get("scan_unroll", 1)),
         remat=c.get("remat", "none"), batch_norm=bool(c.get("batch_norm", False)),
-        bn_decay=float(c.get("bn_decay", 0.999)), bn_eps=float(c.get("bn_eps", 1.0)))
+        bn_decay=float(c.get("bn_decay", 0.999)), bn_eps=float(c.get("bn_eps", 1.0)),
+        compute_dtype=compute_dtype)
 
 
 # --------------------------------------------------------------------- params
@@ -221,13 +244,16 @@ def init_batch_stats(cc: ChildConfig) -> dict:
 def _bn(x_BxC, stats, eps):
   """Normalises with given (mean, var), or with batch moments when stats is None.
 
-  Returns (y, (mean, var)) with the moments used."""
+  Moments and normalisation in float32; returns (y in x's dtype, (mean, var))
+  with the moments used."""
+  dt = x_BxC.dtype
+  x_BxC = x_BxC.astype(jnp.float32)
   if stats is None:
     mean = x_BxC.mean(axis=0)
     var = jnp.mean(jnp.square(x_BxC - mean), axis=0)
   else:
     mean, var = stats
-  return (x_BxC - mean) * jax.lax.rsqrt(var + eps), (mean, var)
+  return ((x_BxC - mean) * jax.lax.rsqrt(var + eps)).astype(dt), (mean, var)
 
 
 def _ema_over_time(old, moments_TxC, decay):
@@ -265,6 +291,7 @@ def _run_cell(view, arc, x_BxT, h0_BxH, masks, cc, static, bn_stats):
   if static:
     arc = np.asarray(arc)
   H, N = cc.hidden_size, cc.num_nodes
+  dt, f32 = cc.dtype, jnp.float32
   m = masks or {}
   emb = view["emb"]
   x_BxTxH = jnp.take(emb, x_BxT, axis=0)
@@ -274,11 +301,14 @@ def _run_cell(view, arc, x_BxT, h0_BxH, masks, cc, static, bn_stats):
     x_BxTxH = x_BxTxH * m["i"][:, None, :]
   if "x" in m:
     x_BxTxH = x_BxTxH * m["x"][:, None, :]
-  w0 = view["w0"]
+  # Dropout is applied in float32 (exact 1/keep scaling); matmul inputs and the
+  # nodes are in the compute dtype from here on.
+  x_BxTxH = x_BxTxH.astype(dt)
+  w0 = view["w0"].astype(dt)
   # The x half of node 0's matmul does not depend on the state: one big matmul.
   xw_TxBx2H = jnp.einsum("bth,hk->tbk", x_BxTxH, w0[:H])
   w0_h = w0[H:]
-  w_nodes = view["w_nodes"]
+  w_nodes = view["w_nodes"].astype(dt)
   out_w = ptb_space.output_weights(arc, N, cc.aggregate, static)
   ml = m.get("l")
 
@@ -295,9 +325,10 @@ def _run_cell(view, arc, x_BxT, h0_BxH, masks, cc, static, bn_stats):
     return y
 
   def step(h_BxH, xw_Bx2H):
+    # h_BxH (the carry) is float32; the nodes are in the compute dtype.
     moments.clear()
-    hm = h_BxH * ml if ml is not None else h_BxH
-    nodes = [_highway(h_BxH, norm(0, xw_Bx2H + hm @ w0_h), arc[0], cc, static)]
+    hm = (h_BxH * ml if ml is not None else h_BxH).astype(dt)
+    nodes = [_highway(h_BxH.astype(dt), norm(0, xw_Bx2H + hm @ w0_h), arc[0], cc, static)]
     for i in range(1, N):
       p = arc[2 * i - 1]
       if static:
@@ -309,14 +340,16 @@ def _run_cell(view, arc, x_BxT, h0_BxH, masks, cc, static, bn_stats):
         s = nodes[0]
         for j in range(1, i):
           s = jnp.where(p == j, nodes[j], s)
-      sm = s * ml if ml is not None else s
+      sm = (s * ml).astype(dt) if ml is not None else s
       nodes.append(_highway(s, norm(i, sm @ w_nodes[i - 1]), arc[2 * i], cc, static))
+    # The output (the next carry) is summed in float32.
     if static:
-      out = sum(float(out_w[k]) * nodes[k] for k in range(N) if out_w[k] > 0)
+      out = sum(float(out_w[k]) * nodes[k].astype(f32) for k in range(N) if out_w[k] > 0)
     else:
       # Weighted sum without stacking (fuses into one loop); jnp.where keeps a
       # non-finite node that is not an output from turning the output into NaN.
-      out = sum(jnp.where(out_w[k] > 0, out_w[k] * nodes[k], 0.0) for k in range(N))
+      out = sum(jnp.where(out_w[k] > 0, out_w[k] * nodes[k].astype(f32), 0.0)
+                for k in range(N))
     if not use_bn:
       return out, (out, ())
     st = None if bn_stats is None else (bn_stats["out_mean"], bn_stats["out_var"])
@@ -328,21 +361,28 @@ def _run_cell(view, arc, x_BxT, h0_BxH, masks, cc, static, bn_stats):
     step = jax.checkpoint(step)
   elif cc.remat == "dots":
     step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  h_last, (outs_TxBxH, moments_T) = jax.lax.scan(step, h0_BxH, xw_TxBx2H,
+  h_last, (outs_TxBxH, moments_T) = jax.lax.scan(step, h0_BxH.astype(f32), xw_TxBx2H,
                                                  unroll=cc.scan_unroll)
   return outs_TxBxH, h_last, moments_T
 
 
-def token_ce(view, outs_TxBxH, y_BxT, masks=None):
+def token_ce(view, outs_TxBxH, y_BxT, masks=None, compute_dtype: str = "float32"):
   """Per-token cross-entropy [T,B] of the tied-embedding softmax.
 
   Works on the time-major outputs flattened to 2-D: one [T*B, H] x [H, V]
   matmul (an einsum that writes batch-major logits costs 2.5x on XLA:CPU).
+  Its inputs are in ``compute_dtype``; the logits and the softmax are float32.
   """
   if masks and "o" in masks:
     outs_TxBxH = outs_TxBxH * masks["o"][None]
   T, B, H = outs_TxBxH.shape
-  logits_NxV = outs_TxBxH.reshape(T * B, H) @ view["emb"].T  # tied embedding
+  flat_NxH = outs_TxBxH.reshape(T * B, H)
+  if compute_dtype == "float32":
+    logits_NxV = flat_NxH @ view["emb"].T  # tied embedding
+  else:
+    dt = backend.jnp_dtype(compute_dtype)
+    logits_NxV = jnp.matmul(flat_NxH.astype(dt), view["emb"].astype(dt).T,
+                            preferred_element_type=jnp.float32)
   y_N = y_BxT.T.reshape(T * B)
   lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
   tgt_N = jnp.take_along_axis(logits_NxV, y_N[:, None], axis=1)[:, 0]
@@ -390,7 +430,7 @@ def loss(view: dict, arc, x_BxT, y_BxT, h0_BxH, key, cc: ChildConfig, static: bo
   else:
     valid_T = None
     w_TxB = None if weights_BxT is None else weights_BxT.T
-  ce_TxB = token_ce(view, outs, y_BxT, masks)
+  ce_TxB = token_ce(view, outs, y_BxT, masks, cc.compute_dtype)
   if w_TxB is None:
     ce = ce_TxB.mean()
   else:
@@ -424,4 +464,4 @@ def eval_ce_sum(view: dict, arc, x_BxT, y_BxT, h0_BxH, cc: ChildConfig, static: 
     raise ValueError("eval_ce_sum: child.batch_norm is on; pass the moving statistics (bn_stats).")
   outs, h_last = run_cell(view, arc, x_BxT, h0_BxH, None, cc, static,
                           bn_stats if cc.batch_norm else None)
-  return token_ce(view, outs, y_BxT).sum(), h_last
+  return token_ce(view, outs, y_BxT, compute_dtype=cc.compute_dtype).sum(), h_last
