@@ -52,7 +52,7 @@ def _base() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "ptb"  # "ptb" (files in data_dir) or "synthetic" (generated corpus)
   # PTB text files ptb.{train,valid,test}.txt. Empty: $ENAS_JAX_DATA/ptb,
-  # ./data/ptb or ../shared/data/ptb, the first that exists.
+  # then ./data/ptb, the first that exists.
   c.data.data_dir = ""
   c.data.vocab_size = 10000  # PTB has exactly 10,000 word types
   # Search: 128 (corrected code); seed ptb_search.sh 20; paper 64. Final: 64.

@@ -138,18 +138,17 @@ def test_default_ptb_dir(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   monkeypatch.delenv("ENAS_JAX_DATA", raising=False)
   assert data.default_ptb_dir() == os.path.join("data", "ptb")
-  (tmp_path / "shared" / "data" / "ptb").mkdir(parents=True)
-  (tmp_path / "work").mkdir()
-  monkeypatch.chdir(tmp_path / "work")
-  assert data.default_ptb_dir() == os.path.join("..", "shared", "data", "ptb")
+  (tmp_path / "data" / "ptb").mkdir(parents=True)
+  assert data.default_ptb_dir() == os.path.join("data", "ptb")
   (tmp_path / "env" / "ptb").mkdir(parents=True)
   monkeypatch.setenv("ENAS_JAX_DATA", str(tmp_path / "env"))
   assert data.default_ptb_dir() == str(tmp_path / "env" / "ptb")
 
 
-_REAL = [pathlib.Path("/work/shared/data/ptb"),
-         pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ptb",
-         pathlib.Path("../shared/data/ptb")]
+# The real files, where a developer's machine has them ($ENAS_JAX_DATA/ptb or
+# ./data/ptb); skipped elsewhere.
+_REAL = [pathlib.Path(os.environ.get("ENAS_JAX_DATA", "data")) / "ptb", pathlib.Path("data/ptb"),
+         pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"]
 _REAL = next((p for p in _REAL if (p / "ptb.train.txt").is_file()), None)
 
 

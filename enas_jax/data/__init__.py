@@ -18,13 +18,10 @@ __all__ = ["PTB_FILES", "SOURCES", "Corpus", "ImageData", "augment", "batchify",
 
 
 def default_ptb_dir() -> str:
-  """First existing of ``$ENAS_JAX_DATA/ptb``, ``./data/ptb``, ``../shared/data/ptb``.
-
-  Relative paths are relative to the working directory; falls back to
-  ``data/ptb`` when none exists.
-  """
+  """First existing of ``$ENAS_JAX_DATA/ptb`` and ``./data/ptb`` (relative to the
+  working directory); ``data/ptb`` when neither exists."""
   local = os.path.join("data", "ptb")
-  candidates = [local, os.path.join("..", "shared", "data", "ptb")]
+  candidates = [local]
   if os.environ.get("ENAS_JAX_DATA"):
     candidates.insert(0, os.path.join(os.environ["ENAS_JAX_DATA"], "ptb"))
   return next((c for c in candidates if os.path.isdir(c)), local)
