@@ -4,6 +4,7 @@ iterate averaging and its trigger, evaluation with carried state."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import tiny_ptb_config
 from enas_jax import data as data_lib
@@ -119,3 +120,75 @@ def test_fixed_valid_carries_state_across_windows():
   n = E * task.eval_batch_size * task.bptt
   np.testing.assert_allclose(carried, np.exp(tot_c / n), rtol=1e-5)
   assert abs(np.exp(tot_r / n) - carried) > 1e-6  # resetting per window is different
+
+
+def test_averaging_trigger_with_nonmono_zero_compares_with_the_whole_history():
+  # history[:-0] would be empty: nonmono = 0 means "worse than the best so far".
+  assert should_start_averaging([100.0, 90.0], 95.0, nonmono=0)
+  assert not should_start_averaging([100.0, 90.0], 89.0, nonmono=0)
+  assert not should_start_averaging([], 89.0, nonmono=0)
+
+
+# ----------------------------------------------------------------------------
+# An empty average is never evaluated: averaging switched on at the last epoch,
+# a budget that ends exactly at a pass boundary, eval_only on the trigger
+# epoch's checkpoint. Each must evaluate the raw weights, as a run without
+# averaging does (the empty average is all zeros: uniform logits, ppl = vocab).
+
+
+def test_eval_params_skip_an_average_that_holds_no_step():
+  from enas_jax.train.final import FinalSetup, uses_average
+  raw, avg = {"w": jnp.ones(2)}, {"w": jnp.zeros(2)}
+
+  def state(active, n):
+    return {"child": {"params": raw, "avg": {"params": avg, "active": jnp.bool_(active),
+                                             "n": jnp.int32(n)}}}
+
+  pick = lambda st: FinalSetup.eval_params(None, st)  # noqa: E731 (uses no attribute)
+  assert pick(state(True, 0)) is raw and not uses_average(state(True, 0))
+  assert pick(state(False, 0)) is raw
+  assert pick(state(True, 1)) is avg and uses_average(state(True, 1))
+  assert pick({"child": {"params": raw}}) is raw and not uses_average({"child": {"params": raw}})
+
+
+def _final_run(monkeypatch, workdir, average, **over):
+  from enas_jax.train import final as final_lib
+  from enas_jax.train import run as run_lib
+  cfg = tiny_ptb_config("final", arc="0 0 1 1 2 0 3", **{"final.average": average}, **over)
+  last = int(cfg.final.num_epochs)
+  # Switch averaging on at the last epoch's end only (the real rule needs more
+  # than nonmono epochs and a worse one).
+  monkeypatch.setattr(final_lib, "should_start_averaging",
+                      lambda hist, ppl, nonmono: len(hist) + 1 == last)
+  return run_lib.run(cfg, str(workdir))
+
+
+def _assert_raw(result, reference, vocab=40):
+  assert result["averaged"] is False
+  for k in ("valid_ppl", "test_ppl"):
+    np.testing.assert_allclose(result[k], reference[k], rtol=1e-6, err_msg=k)
+    assert abs(result[k] - vocab) > 0.5, (k, result[k])  # not the all-zero average
+
+
+@pytest.mark.slow  # three tiny runs: ~60 s on 2 loaded cores
+def test_average_switched_on_at_the_last_epoch_then_eval_only(monkeypatch, tmp_path):
+  over = {"data.random_bptt": False, "final.num_epochs": 1}
+  ref = _final_run(monkeypatch, tmp_path / "plain", False, **over)
+  out = _final_run(monkeypatch, tmp_path / "avg", True, **over)
+  _assert_raw(out, ref)
+  # The checkpoint of that epoch holds averaging on with no step averaged.
+  again = _final_run(monkeypatch, tmp_path / "avg", True, eval_only=True, **over)
+  _assert_raw(again, ref)
+
+
+@pytest.mark.slow  # two tiny runs
+def test_average_switched_on_when_the_budget_ends_at_a_pass_boundary(monkeypatch, tmp_path):
+  # Rows of 4 tokens and bptt 3: every window ends its pass (fewer than 3 tokens
+  # are left after it), so the budget of 12 x 1 steps ends exactly at a pass
+  # boundary: the run evaluates the last pass, switches averaging on, then stops.
+  over = {"data.random_bptt": True, "data.num_train_tokens": 16, "data.bptt": 3,
+          "final.num_epochs": 12}
+  ref = _final_run(monkeypatch, tmp_path / "plain", False, **over)
+  out = _final_run(monkeypatch, tmp_path / "avg", True, **over)
+  assert out["step"] == 12
+  _assert_raw(out, ref)

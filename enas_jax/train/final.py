@@ -43,11 +43,19 @@ class FinalSetup:
             "valid_history": jnp.full((HISTORY_CAP,), jnp.nan, jnp.float32)}
 
   def eval_params(self, state) -> dict:
-    """The weights to evaluate: the running average once averaging started."""
+    """The weights to evaluate: the running average once it holds at least one
+    step, else the raw weights (averaging switched on at the last epoch, a budget
+    ending at a pass boundary, or ``eval_only`` on the trigger epoch's checkpoint
+    would otherwise evaluate the all-zero empty average)."""
     child = state["child"]
-    if "avg" in child and bool(child["avg"]["active"]):
-      return child["avg"]["params"]
-    return child["params"]
+    return child["avg"]["params"] if uses_average(state) else child["params"]
+
+
+def uses_average(state) -> bool:
+  """Whether evaluation uses the averaged weights: averaging is on and at least
+  one step has been averaged (``avg.n``, checkpointed with the state)."""
+  avg = state["child"].get("avg")
+  return avg is not None and bool(avg["active"]) and int(avg["n"]) > 0
 
 
 HISTORY_CAP = 20000
@@ -57,7 +65,7 @@ def should_start_averaging(history: list[float], ppl: float, nonmono: int) -> bo
   """The corrected code's trigger (evaluated before ``ppl`` joins the history):
   more than ``nonmono`` past values exist and ``ppl`` is worse than the best of
   the history excluding its last ``nonmono`` values."""
-  return len(history) > nonmono and ppl > min(history[:-nonmono])
+  return len(history) > nonmono and ppl > min(history[:len(history) - nonmono])
 
 
 def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
@@ -134,7 +142,7 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
   if task.metric == "ppl":
     result.update(test_batch_size=int(config.final.test_batch_size),
                   test_bptt=int(config.final.test_bptt), test_seconds=round(eval_s, 1),
-                  averaged=bool("avg" in state["child"] and bool(state["child"]["avg"]["active"])))
+                  averaged=uses_average(state))
   else:
     result["eval_seconds"] = round(eval_s, 1)
     aux = state["child"]["params"].get("aux") if isinstance(state["child"]["params"], dict) else None
