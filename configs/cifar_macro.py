@@ -69,6 +69,9 @@ def get_config(variant: str = "search"):
                      f"{VARIANTS}.")
   c = _search(cifar_common.base("cifar_macro"))
   c.variant = variant
+  if variant == "search":  # the derived arc keeps the search's num_layers (its length)
+    c.search.final_recipe = cifar_common.final_recipe(
+        c, _final(_search(cifar_common.base("cifar_macro"))), exclude=("space.num_layers",))
   if variant == "final":
     c = _final(c)
   elif variant == "smoke":

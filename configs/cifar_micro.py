@@ -52,6 +52,9 @@ def _micro_fields(c):
   c.controller.train_steps = 30  # search script 30 (300 arcs per phase)
   c.controller.skip_weight = 0.0  # no skip decisions in the micro space
   c.search.num_epochs = 150  # search script 150
+  # Final training's epochs (final script 630), here so that search.then_final
+  # trains as long as the final variant.
+  c.final.num_epochs = 630
   return c
 
 
@@ -66,7 +69,6 @@ def _final(c):
   c.child.keep_prob = 0.8  # final script 0.8
   c.child.l2_reg = 2e-4  # final script 2e-4; paper 1e-4
   c.child.lr_min = 1e-4  # final script 1e-4; paper 1e-3
-  c.final.num_epochs = 630  # final script 630
   return c
 
 
@@ -85,6 +87,9 @@ def get_config(variant: str = "search"):
                      f"{VARIANTS}.")
   c = _micro_fields(cifar_common.base("cifar_micro"))
   c.variant = variant
+  if variant == "search":  # the derived cells keep num_nodes; the stack takes final's 15 layers
+    c.search.final_recipe = cifar_common.final_recipe(
+        c, _final(_micro_fields(cifar_common.base("cifar_micro"))), exclude=("space.num_nodes",))
   if variant == "final":
     c = _final(c)
   elif variant == "smoke":

@@ -1,18 +1,25 @@
-"""End to end: search -> derive -> final, resume, refusals, NaN stop, CLI errors."""
+"""End to end: search -> derive -> final (with a final recipe), resume, refusals, NaN stop,
+CLI errors."""
 
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_ptb_config
+from enas_jax import backend
 from enas_jax import checkpoint as ckpt_lib
+from enas_jax import data
 from enas_jax import metrics as metrics_lib
+from enas_jax import parallel
 from enas_jax.train import common
 from enas_jax.train import run as run_lib
+from enas_jax.train.lm import LMTask
 
 
 def _read(path):
@@ -20,10 +27,19 @@ def _read(path):
     return f.read()
 
 
+def _with_recipe(**overrides):
+  """The tiny config with a final recipe (search.then_final trains with it) and a
+  user's override of one of its fields (--config.search.final_recipe.child.hidden_size)."""
+  recipe = ml_collections.ConfigDict(
+      {"child": {"hidden_size": 10, "drop_o": 0.3, "weight_decay_mode": "l2", "grad_clip": 0.5}})
+  return tiny_ptb_config(**{"search.final_recipe": recipe,
+                            "search.final_recipe.child.hidden_size": 12, **overrides})
+
+
 def test_search_derive_final_then_resume_matches_uninterrupted(tmp_path):
-  # Uninterrupted: 2 search epochs, derive, final.
+  # Uninterrupted: 2 search epochs, derive, final (with the recipe's values).
   full = str(tmp_path / "full")
-  out_full = run_lib.run(tiny_ptb_config(), full)
+  out_full = run_lib.run(_with_recipe(), full)
   for name in ("best_arc.txt", "arcs.jsonl", "metrics.jsonl", "config.json",
                "final/final_result.json"):
     assert os.path.exists(os.path.join(full, name)), name
@@ -36,11 +52,26 @@ def test_search_derive_final_then_resume_matches_uninterrupted(tmp_path):
   for k in ("child/loss", "child/ppl", "controller/reward", "controller/entropy", "valid/ppl"):
     assert k in names, k
   assert np.isfinite(out_full["final"]["test_ppl"])
+  # The final stage trained with the recipe (and the override), recorded for resumes;
+  # the search with its own sizes.
+  saved = common.flatten(json.loads(_read(os.path.join(full, "final", "config.json"))))
+  assert saved["mode"] == "final" and saved["arc"] == out_full["best_arc"]
+  assert (saved["child.hidden_size"], saved["child.drop_o"], saved["child.weight_decay_mode"],
+          saved["child.grad_clip"]) == (12, 0.3, "l2", 0.5)
+  assert json.loads(_read(os.path.join(full, "config.json")))["child"]["hidden_size"] == 8
+  fcfg = backend.resolve_config(run_lib.final_stage_config(_with_recipe(), out_full["best_arc"]))
+  task = LMTask(fcfg, data.load_corpus(fcfg.data), parallel.make_mesh(), shared=False)
+  shapes = jax.eval_shape(task.init_child, jax.random.key(0))
+  assert out_full["final"]["num_params"] == task.count_params(shapes["params"])
+  other = _with_recipe(**{"search.final_recipe.child.hidden_size": 10})
+  with pytest.raises(ValueError, match="child.hidden_size: workdir has 12, this run has 10"):
+    common.prepare_workdir(run_lib.final_stage_config(other, out_full["best_arc"]),
+                           os.path.join(full, "final"))
 
   # Interrupted: stop after epoch 1 (no final), then rerun the same command for 2.
   part = str(tmp_path / "part")
-  run_lib.run(tiny_ptb_config(**{"search.num_epochs": 1, "search.then_final": False}), part)
-  out_part = run_lib.run(tiny_ptb_config(), part)
+  run_lib.run(_with_recipe(**{"search.num_epochs": 1, "search.then_final": False}), part)
+  out_part = run_lib.run(_with_recipe(), part)
   assert _read(os.path.join(part, "best_arc.txt")) == _read(os.path.join(full, "best_arc.txt"))
   assert _read(os.path.join(part, "arcs.jsonl")) == _read(os.path.join(full, "arcs.jsonl"))
   np.testing.assert_allclose(out_part["final"]["test_ppl"], out_full["final"]["test_ppl"],

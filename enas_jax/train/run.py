@@ -6,6 +6,9 @@ import hashlib
 import json
 import os
 
+import ml_collections
+
+from enas_jax import backend
 from enas_jax import data as data_lib
 from enas_jax import metrics as metrics_lib
 from enas_jax import parallel
@@ -129,6 +132,7 @@ def run(config, workdir: str) -> dict:
   """Runs what ``config.mode`` asks for in ``workdir``; returns a summary dict."""
   if config.mode not in ("search", "final"):
     raise ValueError(f"config.mode must be 'search' or 'final', got {config.mode!r}.")
+  given = config  # as passed (unresolved): search.then_final builds its config from it
   parallel.maybe_initialize_distributed(config.distributed)
   mesh = parallel.make_mesh()
   space = build_space(config)
@@ -154,13 +158,62 @@ def run(config, workdir: str) -> dict:
       task = _make_task(config, data, mesh, shared=False, arc=arc)
       out.update(run_final(FinalSetup(config, space, task, arc), workdir, writer))
   if config.mode == "search" and config.search.then_final:
-    fdir = os.path.join(workdir, "final")
-    arc = space.parse(out["best_arc"])
-    fconfig = _with_arc(config, out["best_arc"])
-    _set_aside_other_arc(fdir, out["best_arc"])
-    common.prepare_workdir(fconfig, fdir)
-    task = _make_task(config, data, mesh, shared=False, arc=arc)
-    with metrics_lib.MetricWriter(fdir, enabled=common.is_main_process(),
-                                  tensorboard=bool(config.tensorboard)) as writer:
-      out["final"] = run_final(FinalSetup(config, space, task, arc), fdir, writer)
+    del task, setup, state  # the search's device arrays are not needed any more
+    out["final"] = _run_then_final(given, data, mesh, workdir, out["best_arc"])
   return out
+
+
+def final_stage_config(config, arc_text: str):
+  """The config of ``search.then_final``'s final stage (``<workdir>/final``).
+
+  Where its fields come from: ``search.final_recipe`` (the config file's final
+  variant values where they differ from its search variant's, with the user's
+  ``--config.search.final_recipe.*`` overrides); every other field, the
+  ``final`` section and the space included, from the search config as run
+  (the user's overrides included); ``mode`` is ``"final"`` and ``arc`` the
+  derived arc. The search run needs no config file for this: the recipe is in
+  its config (and its ``config.json``).
+  """
+  fconfig = config.copy_and_resolve_references()
+  with fconfig.unlocked():
+    fconfig.mode = "final"
+    fconfig.arc = arc_text
+    fconfig.arc_file = ""
+    for section, fields in config.search.final_recipe.items():
+      target = fconfig.get(section)
+      keys = fields.keys() if isinstance(fields, ml_collections.ConfigDict) else [None]
+      for key in keys:
+        if not isinstance(target, ml_collections.ConfigDict) or key not in target:
+          raise ValueError(
+              f"search.final_recipe.{section}{'' if key is None else '.' + key}: the config "
+              "has no such field; the recipe holds config fields by section (e.g. "
+              "child.hidden_size). Fix or drop it.")
+        target[key] = fields[key]
+  fconfig.lock()
+  return fconfig
+
+
+def _run_then_final(config, data, mesh, workdir: str, best_arc: str) -> dict:
+  """Trains the derived arc from scratch in ``<workdir>/final`` with the final
+  recipe (:func:`final_stage_config` of the unresolved search ``config``); its
+  config.json (unresolved, as the search's) makes a resume check it."""
+  fdir = os.path.join(workdir, "final")
+  fconfig = final_stage_config(config, best_arc)
+  before, after = (common.flatten(common.config_to_dict(c)) for c in (config, fconfig))
+  changed = [f"{k} {before[k]!r} -> {after[k]!r}" for k in sorted(after)
+             if k not in ("mode", "arc", "arc_file") and before.get(k) != after[k]]
+  if changed:
+    log.info("final stage with the final recipe (search.final_recipe): %s", ", ".join(changed))
+  space = build_space(fconfig)
+  arc = space.parse(best_arc)
+  _set_aside_other_arc(fdir, best_arc)
+  common.prepare_workdir(fconfig, fdir)
+  fconfig = backend.resolve_config(fconfig)
+  if common.config_to_dict(fconfig.data) != common.config_to_dict(config.data):
+    # e.g. CIFAR final training uses all 50,000 images (data.num_valid 0)
+    data = (data_lib.load_images if fconfig.space.name in IMAGE_SPACES
+            else data_lib.load_corpus)(fconfig.data)
+  task = _make_task(fconfig, data, mesh, shared=False, arc=arc)
+  with metrics_lib.MetricWriter(fdir, enabled=common.is_main_process(),
+                                tensorboard=bool(fconfig.tensorboard)) as writer:
+    return run_final(FinalSetup(fconfig, space, task, arc), fdir, writer)
