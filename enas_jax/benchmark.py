@@ -13,6 +13,11 @@ no switch, no gather), and a last line with ``shared_over_fixed``: time per step
 of the shared step *on that same arc* over the fixed step's. On a final config
 it prints one ``final`` row (the final-training network).
 
+With ``--aot=tpu:v5e:2x2`` (any TPU slice libtpu knows) the same chunks are
+compiled for that slice on this host, without a TPU, and never run: the rows
+report XLA's FLOPs and bytes per example, the HBM plan per chip and a roofline
+estimate instead of timings (:mod:`enas_jax.aot`).
+
 Each row runs in a fresh subprocess so that ``peak_rss_mb`` (the process's peak
 resident memory) belongs to that row alone. Data are synthetic with the
 configured shapes (vocabulary, batch, BPTT; random uint8 images): only speed
@@ -22,6 +27,7 @@ is measured.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -38,6 +44,9 @@ _KEEP_HEAP = flags.DEFINE_bool(
     "(on by default here and in `python -m enas_jax.main`), to measure what it saves.")
 _ROW = flags.DEFINE_string("row", "", "Internal: run one row in this process "
                            "(shared, shared_fixed_arc, fixed, final).")
+_AOT = flags.DEFINE_string(
+    "aot", "", "Compile the rows for a TPU slice without running them, e.g. tpu:v5e:2x2 "
+    "(libtpu, `pip install -e .[tpu]`; no TPU needed): FLOPs, bytes, HBM per chip, roofline.")
 
 
 def _peak_rss_mb() -> float:
@@ -101,49 +110,20 @@ def synthetic_images(n: int):
       mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.25, np.float32), source="benchmark")
 
 
-def _chunk_for_row(task, space, row, arc, config, mesh):
-  """The jitted chunk and controller params of a row: ``shared`` samples a
-  fresh arc from the controller each step; ``shared_fixed_arc`` passes one arc
-  as a traced argument (exactly as a sampled arc; a closed-over constant could
-  let XLA fold the gathers and switches); ``fixed``/``final`` bake it in."""
-  import jax
-  import jax.numpy as jnp
-  from enas_jax import controller as ctrl
-  from enas_jax import parallel
-  if row == "shared":
-    ctrl_cfg = ctrl.ControllerConfig.from_config(config.controller)
-    ctrl_params = parallel.replicate(ctrl.init(jax.random.key(2), space.decisions, ctrl_cfg), mesh)
-    return task.make_train_chunk(
-        lambda p, k: ctrl.sample(p, k, space.decisions, ctrl_cfg)["arc"]), ctrl_params
-  if row == "shared_fixed_arc":
-    ctrl_params = parallel.replicate({"arc": jnp.asarray(arc, jnp.int32)}, mesh)
-    return task.make_train_chunk(lambda p, k: p["arc"]), ctrl_params
-  return task.make_train_chunk(arc_static=arc), {}
-
-
 def _image_row(config, row: str, steps: int) -> dict:
   import jax
-  import numpy as np
-  from enas_jax import parallel
-  from enas_jax.spaces import cifar_macro, cifar_micro
+  from enas_jax import aot, parallel
   from enas_jax.train.image import ImageTask
-  from enas_jax.train.run import build_space, resolve_arc
+  from enas_jax.train.run import build_space
 
   mesh = parallel.make_mesh()
   space = build_space(config)
-  if config.mode == "final" and row == "final":
-    space, arc = resolve_arc(config, space)
-  elif space.name == "cifar_micro" and space.num_nodes == 5:
-    arc = space.parse(cifar_micro.PAPER_ARC)
-  elif space.name == "cifar_macro" and space.num_layers == 24:
-    arc = space.parse(cifar_macro.PAPER_ARC)
-  else:
-    arc = np.asarray(space.sample_uniform(jax.random.key(1)))
+  space, arc, config = aot.row_arc(config, space, row)
   b = int(config.data.batch_size)
   images = synthetic_images(b * 4)
   shared = row in ("shared", "shared_fixed_arc", "fixed")
   task = ImageTask(config, images, mesh, shared=shared, arc=None if shared else arc)
-  chunk, ctrl_params = _chunk_for_row(task, space, row, arc, config, mesh)
+  chunk, ctrl_params = aot.chunk_for_row(task, space, row, arc, config, mesh)
   state = task.init_child(jax.random.key(0))
   spd = int(config.search.steps_per_dispatch if config.mode == "search"
             else config.final.steps_per_dispatch)
@@ -171,33 +151,20 @@ def run_row(config, row: str, steps: int) -> dict:
   if config.space.name != "ptb":
     return _image_row(config, row, steps)
   import jax
-  import numpy as np
-  from enas_jax import parallel
-  from enas_jax.spaces import ptb as ptb_space
+  from enas_jax import aot, parallel
   from enas_jax.spaces import ptb_child
   from enas_jax.train.lm import LMTask
-  from enas_jax.train.run import build_space, resolve_arc
+  from enas_jax.train.run import build_space
 
   mesh = parallel.make_mesh()
   space = build_space(config)
-  final_arc = None
-  if config.mode == "final" and row == "final":
-    space, final_arc = resolve_arc(config, space)
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.space.num_nodes, config.space.aggregate = space.num_nodes, space.aggregate
+  # The arc timed by the fixed row (and by shared_fixed_arc): the paper's cell
+  # when the space has 12 nodes, else a fixed uniform sample.
+  space, arc, config = aot.row_arc(config, space, row)
   corpus = _synthetic_corpus(config, steps)
   shared = row in ("shared", "shared_fixed_arc")
   task = LMTask(config, corpus, mesh, shared=shared)
-  # The arc timed by the fixed row (and by shared_fixed_arc): the paper's cell
-  # when the space has 12 nodes, else a fixed uniform sample.
-  if space.num_nodes == 12:
-    arc = space.parse(ptb_space.PAPER_ARC)
-  else:
-    arc = np.asarray(space.sample_uniform(jax.random.key(1)))
-  if final_arc is not None:
-    arc = final_arc
-  chunk, ctrl_params = _chunk_for_row(task, space, row, arc, config, mesh)
+  chunk, ctrl_params = aot.chunk_for_row(task, space, row, arc, config, mesh)
   state = task.init_child(jax.random.key(0))
   num_params = ptb_child.count_params(state["params"])
   spd = int(config.search.steps_per_dispatch if config.mode == "search"
@@ -230,7 +197,10 @@ def run_row(config, row: str, steps: int) -> dict:
 def _run_subprocess(row: str) -> dict:
   args = [sys.executable, "-m", "enas_jax.benchmark", f"--row={row}"] + [
       a for a in sys.argv[1:] if not a.startswith("--row")]
-  out = subprocess.run(args, capture_output=True, text=True)
+  env = dict(os.environ)
+  if _AOT.value:  # the host compiles for the TPU slice: keep jax off any local accelerator
+    env.setdefault("JAX_PLATFORMS", "cpu")
+  out = subprocess.run(args, capture_output=True, text=True, env=env)
   lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
   if out.returncode != 0 or not lines:
     raise RuntimeError(f"benchmark row {row} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -242,12 +212,27 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/ptb.py:search")
+  if _AOT.value:
+    from enas_jax import aot
+    try:
+      aot.parse_target(_AOT.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   if _ROW.value:
     from enas_jax import memory
     released = not _KEEP_HEAP.value and memory.release_after_compiles()
-    row = run_row(config, _ROW.value, _STEPS.value)
+    if _AOT.value:
+      row = aot.compile_row(config, _ROW.value, _AOT.value)
+      row["peak_rss_mb"] = round(_peak_rss_mb(), 1)  # of the host compile
+    else:
+      row = run_row(config, _ROW.value, _STEPS.value)
     row["compiler_heap_released"] = bool(released)
     print(json.dumps(row), flush=True)
+    return
+  if _AOT.value:
+    # The search chunk (controller sampling) and the fixed network; or the final one.
+    for row in (("shared", "fixed") if config.mode == "search" else ("final",)):
+      print(json.dumps(_run_subprocess(row)), flush=True)
     return
   if config.mode == "search":
     shared = _run_subprocess("shared")
@@ -260,7 +245,7 @@ def main(argv):
         "shared_over_fixed": round(same_arc["ms_per_step"] / fixed["ms_per_step"], 3),
         "shared_sampled_over_fixed": round(shared["ms_per_step"] / fixed["ms_per_step"], 3),
         "arc": fixed["arc"], "op_select": shared["op_select"],
-        **({"conv_impl": shared["conv_impl"]} if "conv_impl" in shared else {})}), flush=True)
+        **({"kernels": shared["kernels"]} if "kernels" in shared else {})}), flush=True)
   else:
     print(json.dumps(_run_subprocess("final")), flush=True)
 
