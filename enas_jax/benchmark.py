@@ -212,6 +212,11 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/ptb.py:search")
+  from enas_jax import compile_cache  # on before anything compiles (the rows run this main)
+  try:
+    cache_dir = compile_cache.enable(config=config)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if _AOT.value:
     from enas_jax import aot
     try:
@@ -221,12 +226,14 @@ def main(argv):
   if _ROW.value:
     from enas_jax import memory
     released = not _KEEP_HEAP.value and memory.release_after_compiles()
+    cache_stats = compile_cache.CacheStats().start()  # the row's compilations
     if _AOT.value:
       row = aot.compile_row(config, _ROW.value, _AOT.value)
       row["peak_rss_mb"] = round(_peak_rss_mb(), 1)  # of the host compile
     else:
       row = run_row(config, _ROW.value, _STEPS.value)
     row["compiler_heap_released"] = bool(released)
+    row["compile_cache"], row["compile_cache_hit"] = cache_dir, cache_stats.stop().hit
     print(json.dumps(row), flush=True)
     return
   if _AOT.value:

@@ -37,9 +37,6 @@ ENV_DIR = "ENAS_JAX_CACHE_DIR"
 # the environment wins.)
 MIN_COMPILE_TIME_SECS = 1.0
 
-_EVENT_REQUEST = "/jax/compilation_cache/compile_requests_use_cache"
-_EVENT_HIT = "/jax/compilation_cache/cache_hits"
-_EVENT_WRITE = "/jax/compilation_cache/cache_misses"  # jax records it when it writes an entry
 
 
 def default_dir() -> str:
@@ -95,11 +92,18 @@ def enable(cache_dir: str | None = None, *, config=None) -> str | None:
   return path
 
 
-@dataclasses.dataclass
+_FIELDS = {"/jax/compilation_cache/compile_requests_use_cache": "lookups",
+           "/jax/compilation_cache/cache_hits": "hits",
+           # recorded by jax when it writes an entry (a miss worth caching)
+           "/jax/compilation_cache/cache_misses": "writes"}
+
+
+@dataclasses.dataclass(eq=False)
 class CacheStats:
-  """Persistent-cache events counted by :func:`count`: ``lookups`` (compilations
-  that looked in the cache), ``hits`` (loaded from it) and ``writes`` (compiled
-  and stored: a miss long enough to be cached)."""
+  """Persistent-cache events of this process's compilations (all threads)
+  between :meth:`start` and :meth:`stop` (or inside :func:`count`): ``lookups``
+  (compilations that looked in the cache), ``hits`` (loaded from it) and
+  ``writes`` (compiled and stored: a miss long enough to be cached)."""
   lookups: int = 0
   hits: int = 0
   writes: int = 0
@@ -114,22 +118,27 @@ class CacheStats:
     """Something was loaded from the cache and nothing cacheable was compiled."""
     return self.hits > 0 and self.writes == 0
 
+  def _listener(self, event: str, **kwargs) -> None:
+    del kwargs
+    if event in _FIELDS:
+      setattr(self, _FIELDS[event], getattr(self, _FIELDS[event]) + 1)
+
+  def start(self) -> "CacheStats":
+    import jax
+    jax.monitoring.register_event_listener(self._listener)
+    return self
+
+  def stop(self) -> "CacheStats":
+    import jax
+    jax.monitoring.unregister_event_listener(self._listener)
+    return self
+
 
 @contextlib.contextmanager
 def count():
-  """Counts the persistent-cache events of the compilations in the block (all
-  threads of this process): ``with count() as stats: f(x)``; then ``stats.hit``."""
-  import jax
-  stats = CacheStats()
-  fields = {_EVENT_REQUEST: "lookups", _EVENT_HIT: "hits", _EVENT_WRITE: "writes"}
-
-  def listener(event: str, **kwargs) -> None:
-    del kwargs
-    if event in fields:
-      setattr(stats, fields[event], getattr(stats, fields[event]) + 1)
-
-  jax.monitoring.register_event_listener(listener)
+  """``with count() as stats: f(x)``; then ``stats.hit``, ``stats.writes``, ..."""
+  stats = CacheStats().start()
   try:
     yield stats
   finally:
-    jax.monitoring.unregister_event_listener(listener)
+    stats.stop()
