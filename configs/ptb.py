@@ -3,7 +3,10 @@
 Variants (``--config=configs/ptb.py:VARIANT``):
 
 * ``search`` (default): shared-weight search with the LSTM controller, then
-  derive (sample ``derive.num_samples`` arcs, score them, keep the best).
+  derive (sample ``derive.num_samples`` arcs, score them, keep the best). The
+  corrected code's hyperparameters with the seed's structure: see below.
+* ``search_corrected``: the corrected code's search throughout (its controller
+  structure, Adam, 10-node cell averaging all nodes, random-length windows).
 * ``final``: train one fixed arc from scratch with the corrected code's GPU
   recipe (``--config.arc`` or ``--config.arc_file``; default: the corrected
   code's shipped 9-node cell, ``--config.arc=paper`` for the paper's) and
@@ -14,9 +17,24 @@ Variants (``--config=configs/ptb.py:VARIANT``):
 Three sources disagree on many values: the paper, the seed repository's
 scripts (``melodyguan/enas`` ``ptb_search.sh`` / ``ptb_final.sh``) and the
 authors' corrected code (``google-research/enas_lm``), which their errata say
-replaces the seed's PTB code. Search uses the corrected code's values; each
-comment gives the others. "paper" values are partly recalled (UNVERIFIED in the
-reference notes).
+replaces the seed's PTB code. Each comment gives the sources' values and
+which one we use. "paper" values are partly recalled.
+
+``search`` takes the corrected code's hyperparameters (hidden 200, batch 128,
+dropouts, TAR, w^4 decay, lr 20, clip 0.1, controller sizes, temperature, tanh
+constant, entropy weight, baseline decay, controller lr, 25 updates per epoch,
+node 0 fixed to tanh) but keeps the seed's structure: its controller (activation
+logits from a separate ``w_soft``; node 0's anchor from an LSTM step, then a
+one-choice node-0 activation step whose embedding feeds node 1's pointer), its
+Adam (beta1 0, eps 1e-3), its 12-node cell averaging the loose ends, and fixed
+35-token windows. ``search_corrected`` changes exactly these to the corrected
+code's: activation logits tied to the op embedding, zero anchor and key for node
+0 with node 1's pointer fed ``g_emb``, Adam beta1 0.9 and eps 1e-8, 10 nodes
+averaging nodes 1..9, random window lengths with lr x len/35 (controller phase at
+the end of each pass over the data, 600 x 207 steps in all). What remains
+different from the corrected code there: reward windows are drawn at random (it
+takes the next window of a cycling queue, and the first reward of a phase starts
+from the training state), and derive is ours (it has no derive step).
 
 Questions from the seed README's user notes, answered here:
 
@@ -34,7 +52,7 @@ Questions from the seed README's user notes, answered here:
 
 import ml_collections
 
-VARIANTS = ("search", "final", "smoke")
+VARIANTS = ("search", "search_corrected", "final", "smoke")
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -63,8 +81,8 @@ def _base() -> ml_collections.ConfigDict:
   c.data.bptt = 35  # window length (all three sources: 35); with random_bptt the mean length
   # Variable-length BPTT (corrected code, search and final): each window's length is
   # drawn around bptt (35 w.p. 0.95, else 17.5; sd 5, truncated at 2 sd; range 7..44)
-  # and the learning rate scaled by len/35. Seed and paper: fixed 35. We use it for
-  # final training; search keeps fixed windows (its one-compilation step per arc).
+  # and the learning rate scaled by len/35. Seed and paper: fixed 35. On in the final
+  # and search_corrected variants; search (the seed's structure) keeps fixed windows.
   c.data.random_bptt = False
   # Compiled window lengths for random_bptt: a window is padded to the smallest
   # bucket >= its length and masked (one compiled branch per bucket, one compilation).
@@ -79,7 +97,7 @@ def _base() -> ml_collections.ConfigDict:
   c.space = ml_collections.ConfigDict()
   c.space.name = "ptb"  # enas_jax.spaces.get(name)
   # Nodes in the cell including node 0. Seed 12 (arc of 23 tokens; the paper's
-  # cell). The corrected code searches 9 nodes after node 0 (10 in all).
+  # cell). The corrected code searches 9 nodes after node 0 (10 in all): search_corrected.
   c.space.num_nodes = 12
   # Activations the controller may sample: first k of (tanh, ReLU, identity,
   # sigmoid). The seed's controller had num_funcs=2 (only tanh/ReLU ever
@@ -92,7 +110,8 @@ def _base() -> ml_collections.ConfigDict:
   # let the recurrent state grow without bound). Any arc still parses and trains.
   c.space.node0_activations = 1
   # Cell output: "loose_ends" (seed; mean of nodes no later node reads) or
-  # "all" (corrected GPU recipe: mean of nodes 1..N-1). Not part of the arc string.
+  # "all" (corrected code, search and GPU final: mean of nodes 1..N-1; search_corrected).
+  # Not part of the arc string.
   c.space.aggregate = "loose_ends"
 
   # ----------------------------------------------------------------- child
@@ -159,7 +178,7 @@ def _base() -> ml_collections.ConfigDict:
   c.controller.baseline_decay = 0.999  # EMA baseline. Corrected 0.999; seed 0.99
   c.controller.lr = 5e-5  # Adam. Corrected 5e-5; seed 1e-3; paper 3.5e-4
   # Adam as in the seed (beta1 = 0, eps = 1e-3). The corrected code used TF's
-  # defaults (0.9, 1e-8).
+  # defaults (0.9, 1e-8): search_corrected.
   c.controller.adam_b1 = 0.0  # seed 0.0; corrected 0.9
   c.controller.adam_eps = 1e-3  # seed 1e-3; corrected 1e-8
   # Where eps enters Adam. "tf1": TF1's AdamOptimizer, which both original codes
@@ -170,6 +189,17 @@ def _base() -> ml_collections.ConfigDict:
   c.controller.num_aggregate = 10  # arcs whose REINFORCE gradients are averaged per update (both 10)
   c.controller.train_steps = 25  # updates per controller phase. Corrected 25; seed 100; paper 2000 arcs
   c.controller.reward_c = 80.0  # reward = c / valid_ppl (both codes)
+  # Activation logits: False: h @ w_soft, a matrix of their own (seed); True:
+  # h @ w_emb.T, tied to the activation embeddings, no w_soft (corrected; search_corrected).
+  c.controller.tie_op_logits = False
+  # Node 0's anchor and attention key: "lstm" (seed: the output of an LSTM step
+  # on g_emb) or "zero" (corrected: zero vectors, no LSTM step; search_corrected).
+  c.controller.node0_anchor = "lstm"
+  # Input of node 1's pointer step: "act_emb" (seed: node 0's activation is a
+  # controller step, one choice when node0_activations = 1, and node 1 reads its
+  # embedding) or "g_emb" (corrected: node 0 is tanh and makes no controller step;
+  # needs node0_activations = 1; search_corrected).
+  c.controller.node1_input = "act_emb"
 
   # ---------------------------------------------------------------- search
   c.search = ml_collections.ConfigDict()
@@ -303,6 +333,19 @@ def _smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def _search_corrected(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The corrected code's search structure on top of the shared values."""
+  c.space.num_nodes = 10  # 9 nodes after node 0 (controller_num_layers = 9)
+  c.space.aggregate = "all"  # mean of nodes 1..9
+  c.data.random_bptt = True  # random lengths, lr x len/35
+  c.controller.tie_op_logits = True
+  c.controller.node0_anchor = "zero"
+  c.controller.node1_input = "g_emb"
+  c.controller.adam_b1 = 0.9
+  c.controller.adam_eps = 1e-8
+  return c
+
+
 def final_recipe(search, final, exclude=()) -> ml_collections.ConfigDict:
   """The fields of the sections of ``final`` whose values differ from ``search``'s
   (nested, e.g. ``child.hidden_size``): ``search.final_recipe``. Left out: the
@@ -328,6 +371,9 @@ def get_config(variant: str = "search") -> ml_collections.ConfigDict:
   c.variant = variant
   if variant == "search":  # the derived arc keeps the search's space (num_nodes, aggregate)
     c.search.final_recipe = final_recipe(c, _final(_base()), exclude=("space",))
+  elif variant == "search_corrected":
+    c = _search_corrected(c)
+    c.search.final_recipe = final_recipe(c, _final(_base()), exclude=("space", "controller"))
   if variant == "final":
     c = _final(c)
   elif variant == "smoke":

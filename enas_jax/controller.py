@@ -23,7 +23,8 @@ CIFAR controllers; ``enas_lm`` ``controller.py``):
 * LSTM: one bias-free ``[2S, 4S]`` matrix per layer on ``concat(x, h)``, gates
   ``i, f, o, g``; ``c' = σ(i)tanh(g) + σ(f)c``, ``h' = σ(o)tanh(c')``.
 * Op logits ``h @ w_soft`` (``+ b_soft``, a learned bias, when the program
-  asks for one); pointer logits ``v·tanh(anchor_j @ W1 + h @ W2)``; then
+  asks for one), or ``h @ w_emb.T`` with :attr:`ControllerConfig.tie_op_logits`
+  (``enas_lm``: no ``w_soft``, the op embedding scores the ops); pointer logits ``v·tanh(anchor_j @ W1 + h @ W2)``; then
   ``/temperature``, then ``tanh_constant·tanh`` (op steps use
   ``tanh_constant / op_tanh_reduce``); pointers then subtract the locality
   prior ``(i - j)² / 6`` (PTB-style pointers only); op steps then add the
@@ -41,6 +42,12 @@ CIFAR controllers; ``enas_lm`` ``controller.py``):
   only (PTB, macro); the micro controller uses the full categorical entropy.
   Both are returned; :attr:`ControllerConfig.entropy_mode` picks which one is
   called ``entropy``. Entropies are always stop-gradient.
+* A node whose anchor no step writes keeps a zero anchor *and* a zero
+  attention key (``enas_lm``'s node 0). A program may list ``fixed_tokens``
+  (an attribute of the ``Decisions`` object; see
+  :class:`enas_jax.spaces.ptb.PTBSpace`): arc positions no step writes, which
+  hold 0 in every sampled arc; a scored arc with another value there gets
+  :data:`NEG_LOGIT`.
 """
 
 from __future__ import annotations
@@ -87,6 +94,10 @@ class ControllerConfig:
       (micro search script: 2.5). Applies to the op steps of any program; the
       original's macro controller ignored the flag, so macro configs should
       leave it at 1.0. No effect when the tanh constant is off.
+    tie_op_logits: op logits are ``h @ w_emb.T`` (the op embeddings that also
+      feed the next step), and there is no ``w_soft`` (``enas_lm``'s PTB
+      controller); False: a separate ``w_soft`` (every ``melodyguan/enas``
+      controller).
   """
 
   lstm_size: int
@@ -97,6 +108,7 @@ class ControllerConfig:
   locality_prior: bool = True
   entropy_mode: str = "sampled"
   op_tanh_reduce: float = 1.0
+  tie_op_logits: bool = False
 
   def __post_init__(self):
     if int(self.lstm_size) < 1:
@@ -153,6 +165,7 @@ class ControllerConfig:
         "locality_prior": bool,
         "entropy_mode": str,
         "op_tanh_reduce": float,
+        "tie_op_logits": bool,
     }
     for field in dataclasses.fields(cls):
       if has(field.name):
@@ -242,9 +255,21 @@ def validate_decisions(decisions: Decisions) -> None:
     if tok in seen_tokens:
       raise ValueError(f"{where}: token {tok} is written by two steps.")
     seen_tokens.add(tok)
-  if len(seen_tokens) != d.arc_length:
-    missing = sorted(set(range(d.arc_length)) - seen_tokens)
-    raise ValueError(f"Decisions: arc tokens {missing} are never written by any step.")
+  fixed = _fixed_tokens(d)
+  for tok in fixed:
+    if not 0 <= tok < d.arc_length:
+      raise ValueError(f"Decisions.fixed_tokens: {tok} outside [0, arc_length={d.arc_length}).")
+    if tok in seen_tokens:
+      raise ValueError(f"Decisions.fixed_tokens: token {tok} is also written by a step.")
+  missing = sorted(set(range(d.arc_length)) - seen_tokens - set(fixed))
+  if missing:
+    raise ValueError(f"Decisions: arc tokens {missing} are never written by any step "
+                     f"(and are not listed in fixed_tokens).")
+
+
+def _fixed_tokens(decisions: Decisions) -> tuple:
+  """Arc positions no step writes (they hold 0): the program's ``fixed_tokens``."""
+  return tuple(sorted({int(t) for t in (getattr(decisions, "fixed_tokens", None) or ())}))
 
 
 def init(rng: jax.Array, decisions: Decisions, cfg: ControllerConfig) -> dict:
@@ -252,10 +277,11 @@ def init(rng: jax.Array, decisions: Decisions, cfg: ControllerConfig) -> dict:
 
   Returns a plain dict:
     ``w_lstm`` ``[lstm_layers, 2S, 4S]`` (layer ``l`` reads ``concat(x, h_l)``),
-    ``g_emb`` ``[1, S]``, ``w_emb`` ``[num_ops, S]``, ``w_soft`` ``[S, num_ops]``,
-    ``w_attn_1`` and ``w_attn_2`` ``[S, S]``, ``v_attn`` ``[S, 1]``; and, only
-    when the program has ``op_bias_init``, the learned op bias ``b_soft``
-    ``[1, num_ops]`` initialised to it (not random).
+    ``g_emb`` ``[1, S]``, ``w_emb`` ``[num_ops, S]``, ``w_soft`` ``[S, num_ops]``
+    (absent with ``cfg.tie_op_logits``), ``w_attn_1`` and ``w_attn_2``
+    ``[S, S]``, ``v_attn`` ``[S, 1]``; and, only when the program has
+    ``op_bias_init``, the learned op bias ``b_soft`` ``[1, num_ops]``
+    initialised to it (not random).
   """
   s, r = int(cfg.lstm_size), float(cfg.init_range)
   shapes = (
@@ -265,8 +291,7 @@ def init(rng: jax.Array, decisions: Decisions, cfg: ControllerConfig) -> dict:
       ("w_attn_2", (s, s)),
       ("w_emb", (int(decisions.num_ops), s)),
       ("w_lstm", (int(cfg.lstm_layers), 2 * s, 4 * s)),
-      ("w_soft", (s, int(decisions.num_ops))),
-  )
+  ) + (() if cfg.tie_op_logits else (("w_soft", (s, int(decisions.num_ops))),))
   params = _uniform_params(rng, shapes, jnp.float32(r))
   if decisions.op_bias_init is not None:
     params["b_soft"] = jnp.asarray(decisions.op_bias_init, jnp.float32).reshape(1, -1)
@@ -353,6 +378,11 @@ def _run(params: dict,
   micro_pointers = d.pointer_style == "micro"
   use_locality = bool(cfg.locality_prior) and not micro_pointers
   op_tanh_reduce = float(cfg.op_tanh_reduce)
+  tie_op_logits = bool(cfg.tie_op_logits)
+  if not tie_op_logits and "w_soft" not in params:
+    raise ValueError(
+        "controller: the parameters have no 'w_soft' (they were built with tie_op_logits=True); "
+        "use the same controller config (controller.tie_op_logits) to init and to run.")
   if use_b_soft and "b_soft" not in params:
     raise ValueError(
         "controller: this decision program has a learned op bias (op_bias_init) but the "
@@ -387,7 +417,7 @@ def _run(params: dict,
 
     # 3. Both heads are computed and one selected: the controller must stay
     # free of lax.switch so that vmap over keys/arcs stays a plain batch.
-    op_raw = top @ params["w_soft"]
+    op_raw = top @ (params["w_emb"].T if tie_op_logits else params["w_soft"])
     if use_b_soft:
       op_raw = op_raw + params["b_soft"][0]
     op_logits = _pad(op_raw, width)
@@ -498,6 +528,10 @@ def _run(params: dict,
   carry, step_logits = jax.lax.scan(step, carry0, xs)
   _, _, _, _, _, arc, log_prob, ent_s, ent_f = carry
   arc = arc[:d.arc_length]
+  fixed = _fixed_tokens(d)
+  if fixed and not sampling:  # sampled arcs hold 0 there (the buffer starts at 0)
+    off = jnp.asarray(fixed, jnp.int32)
+    log_prob = log_prob + jnp.sum(jnp.where(forced_arc[off] != 0, NEG_LOGIT, 0.0))
   ent_s = jax.lax.stop_gradient(ent_s)
   ent_f = jax.lax.stop_gradient(ent_f)
   out = {

@@ -36,6 +36,8 @@ ACTIVATION_NAMES = ("tanh", "relu", "identity", "sigmoid")  # seed ids 0..3
 # Corrected-code id -> seed id (and back: the map is its own inverse).
 _CORRECTED_TO_SEED_ACT = {0: 0, 1: 1, 2: 3, 3: 2}
 AGGREGATES = ("loose_ends", "all")
+NODE0_ANCHORS = ("lstm", "zero")
+NODE1_INPUTS = ("act_emb", "g_emb")
 PAPER_ARC = "0 0 0 1 1 2 1 2 0 2 0 5 1 1 0 6 1 8 1 8 1 8 1"
 # The corrected code's shipped arc, in its own format (aggregate = all).
 CORRECTED_SHIPPED_ARC = "0 2 1 0 2 1 2 2 4 0 5 0 3 2 6 2"
@@ -46,6 +48,16 @@ def _identity(x):
 
 
 ACTIVATIONS = (jnp.tanh, jax.nn.relu, _identity, jax.nn.sigmoid)
+
+
+@dataclasses.dataclass(frozen=True)
+class PTBDecisions(base.Decisions):
+  """A controller program that may leave arc positions to a constant.
+
+  ``fixed_tokens``: arc positions no step writes; they hold 0 in every sampled
+  arc (node 0's activation, tanh, when node 0 makes no decision).
+  """
+  fixed_tokens: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +90,23 @@ class PTBSpace(base.Codec):
       unbounded node-0 activation lets the recurrent state grow across time
       steps, and without the seed's search-time batch norm the shared child
       diverges (seen on PTB with identity/ReLU at node 0).
+    node0_anchor: the controller's anchor (and attention key) for node 0.
+      ``"lstm"`` (the seed): one LSTM step on ``g_emb`` whose output is both;
+      ``"zero"`` (``enas_lm``): zero vectors, no LSTM step.
+    node1_input: ``"act_emb"`` (the seed): node 0's activation is an LSTM
+      step (even when it has one choice) and node 1's pointer step is fed its
+      embedding ``w_emb[act_0]``; ``"g_emb"`` (``enas_lm``): node 0's
+      activation is no decision (always tanh, which needs
+      ``node0_activations=1``) and node 1's pointer step is fed ``g_emb``.
+      Sampled arcs keep the seed format either way (token 0 is then 0).
   """
 
   name = "ptb"
   num_ops = len(ACTIVATION_NAMES)
 
   def __init__(self, num_nodes: int = 12, num_activations: int = 4,
-               aggregate: str = "loose_ends", node0_activations: int | None = None):
+               aggregate: str = "loose_ends", node0_activations: int | None = None,
+               node0_anchor: str = "lstm", node1_input: str = "act_emb"):
     if not isinstance(num_nodes, (int, np.integer)) or num_nodes < 2:
       raise ValueError(f"ptb: num_nodes must be an integer >= 2, got {num_nodes!r}.")
     if num_activations not in (1, 2, 3, 4):
@@ -99,6 +121,17 @@ class PTBSpace(base.Codec):
     if n0 not in (1, 2, 3, 4):
       raise ValueError(f"ptb: node0_activations must be 1..4, got {node0_activations!r}.")
     self.node0_activations = int(n0)
+    if node0_anchor not in NODE0_ANCHORS:
+      raise ValueError(f"ptb: node0_anchor must be one of {NODE0_ANCHORS}, got {node0_anchor!r}.")
+    if node1_input not in NODE1_INPUTS:
+      raise ValueError(f"ptb: node1_input must be one of {NODE1_INPUTS}, got {node1_input!r}.")
+    if node1_input == "g_emb" and self.node0_activations != 1:
+      raise ValueError(
+          f"ptb: node1_input='g_emb' leaves node 0's activation out of the controller "
+          f"(always tanh), but node0_activations={self.node0_activations}; set "
+          f"node0_activations=1 (space.node0_activations) or node1_input='act_emb'.")
+    self.node0_anchor = node0_anchor
+    self.node1_input = node1_input
     self.aggregate = aggregate
     self.arc_length = 2 * self.num_nodes - 1
     self.decisions = self._build_decisions()
@@ -106,28 +139,33 @@ class PTBSpace(base.Codec):
   def __repr__(self) -> str:
     return (f"PTBSpace(num_nodes={self.num_nodes}, num_activations="
             f"{self.num_activations}, aggregate={self.aggregate!r}, "
-            f"node0_activations={self.node0_activations})")
+            f"node0_activations={self.node0_activations}, node0_anchor="
+            f"{self.node0_anchor!r}, node1_input={self.node1_input!r})")
 
   # ---------------------------------------------------------------- decisions
   def _build_decisions(self) -> base.Decisions:
     # The seed controller: node 0 takes one LSTM step for its anchor, then one
     # for its activation; node i takes a pointer step (which also stores its
-    # anchor) and an activation step.
+    # anchor) and an activation step. enas_lm drops both node-0 steps: node 0's
+    # anchor and key stay zero, and node 1's pointer step is the first (fed g_emb).
     kind, node, nchoice, token, anchor = [], [], [], [], []
 
     def add(k, n, c, t, a):
       kind.append(k); node.append(n); nchoice.append(c); token.append(t); anchor.append(a)
 
-    add(base.ANCHOR, 0, 0, -1, True)
-    add(base.OP, 0, self.node0_activations, 0, False)
+    if self.node0_anchor == "lstm":
+      add(base.ANCHOR, 0, 0, -1, True)
+    if self.node1_input == "act_emb":
+      add(base.OP, 0, self.node0_activations, 0, False)
     for i in range(1, self.num_nodes):
       add(base.POINTER, i, i, 2 * i - 1, True)
       add(base.OP, i, self.num_activations, 2 * i, False)
     arr = lambda v, dt=np.int32: np.asarray(v, dtype=dt)  # noqa: E731
-    return base.Decisions(
+    return PTBDecisions(
         kind=arr(kind), node=arr(node), num_choices=arr(nchoice), token=arr(token),
         write_anchor=arr(anchor, bool), num_ops=self.num_ops,
-        num_nodes=self.num_nodes, arc_length=self.arc_length)
+        num_nodes=self.num_nodes, arc_length=self.arc_length,
+        fixed_tokens=() if self.node1_input == "act_emb" else (0,))
 
   # -------------------------------------------------------------------- codec
   def validate(self, arc: Any) -> np.ndarray:

@@ -27,11 +27,15 @@ IMAGE_SPACES = ("cifar_macro", "cifar_micro")
 
 
 def build_space(config):
-  """The search space the config names, with its sizes."""
+  """The search space the config names, with its sizes (PTB: and the structure
+  of its controller program, ``controller.node0_anchor`` / ``node1_input``)."""
   s = config.space
   if s.name == "ptb":
+    c = config.get("controller", {})
     return spaces.get(s.name, num_nodes=int(s.num_nodes), num_activations=int(s.num_activations),
-                      aggregate=s.aggregate, node0_activations=int(s.node0_activations))
+                      aggregate=s.aggregate, node0_activations=int(s.node0_activations),
+                      node0_anchor=str(c.get("node0_anchor", "lstm")),
+                      node1_input=str(c.get("node1_input", "act_emb")))
   if s.name == "cifar_macro":
     return spaces.get(s.name, num_layers=int(s.num_layers))
   if s.name == "cifar_micro":

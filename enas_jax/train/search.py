@@ -42,10 +42,6 @@ class SearchSetup:
   """
 
   def __init__(self, config, space, task):
-    if task.random_bptt:
-      raise ValueError(
-          "data.random_bptt is for final training; the search loop counts epochs in "
-          "fixed windows. Run the search with --config.data.random_bptt=False.")
     self.config, self.space, self.task = config, space, task
     self.decisions = space.decisions
     self.ctrl_cfg = ctrl.ControllerConfig.from_config(config.controller)
@@ -189,10 +185,25 @@ def run_search(setup: SearchSetup, workdir: str, writer) -> dict:
   progress = metrics_lib.Progress(num_epochs * nb, start_step=int(state["child"]["step"]),
                                   items_per_step=task.tokens_per_step, item_name=task.item_name)
   use_ctrl = config.search.sampler == "controller"
-  while int(state["epochs_done"]) < num_epochs:
+  budget = num_epochs * nb
+  while True:
     epoch = int(state["epochs_done"])
-    state = run_child_epoch_part(setup, state, (epoch + 1) * nb, writer, progress, ckpt, config)
-    step = int(state["child"]["step"])
+    if task.random_bptt:
+      # Variable-length windows (the corrected code's search): an epoch is one
+      # pass over the data, of a random number of steps; the run ends at the
+      # budget of num_epochs x (windows of length bptt) steps, possibly mid-pass.
+      if int(state["child"]["step"]) >= budget:
+        break
+      state = run_child_epoch_part(setup, state, budget, writer, progress, ckpt, config)
+      step = int(state["child"]["step"])
+      if step >= budget and int(state["child"]["pos"]) != 0:
+        ckpt.save(step, state, {"stage": "search", "epoch": epoch})
+        break  # mid-pass: no controller phase (the corrected code just stops)
+    else:
+      if epoch >= num_epochs:
+        break
+      state = run_child_epoch_part(setup, state, (epoch + 1) * nb, writer, progress, ckpt, config)
+      step = int(state["child"]["step"])
     m = {}
     if use_ctrl and epoch + 1 >= int(config.search.controller_start_epoch):
       t0 = time.time()
