@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -85,17 +86,23 @@ def parse_target(text: str) -> Target:
 
 def topology_devices(target: Target):
   """The compile-only devices of the target's slice (libtpu, no hardware)."""
+  # libtpu admits one process per host unless told otherwise; compiling needs
+  # no exclusive chip, so parallel compiles (test workers) may share it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies
     topo = topologies.get_topology_desc(platform=target.platform, topology_name=target.topology)
+  except ImportError as e:
+    raise ValueError(f"cannot describe TPU topology {target.topology!r}: {e}; install the TPU "
+                     f"compiler with `pip install -e .[tpu]` (libtpu).") from e
   except Exception as e:  # libtpu missing, or a topology it refuses
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    hint = ("install the TPU compiler with `pip install -e .[tpu]` (libtpu)"
-            if "libtpu" in msg.lower() or isinstance(e, (ImportError, RuntimeError)) and
-            "topolog" not in msg.lower() else
-            "use a slice shape the generation sells, e.g. v5e:2x2, v5e:2x4, v5p:2x2x1, "
-            "v6e:2x2 (single-chip shapes such as v5e:1x1 are refused)")
-    raise ValueError(f"cannot describe TPU topology {target.topology!r}: {msg}; {hint}.") from e
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if "topology" in msg.lower() or "divisible" in msg.lower() or "invalid" in msg.lower():
+      hint = ("use a slice shape the generation sells, e.g. v5e:2x2, v5e:2x4, v5p:2x2x1, "
+              "v6e:2x2 (single-chip shapes such as v5e:1x1 are refused)")
+    else:
+      hint = "is libtpu installed (`pip install -e .[tpu]`) and importable?"
+    raise ValueError(f"cannot describe TPU topology {target.topology!r}: {msg}; {hint}") from e
   return list(topo.devices)
 
 

@@ -220,7 +220,7 @@ def main(argv):
   if _AOT.value:
     from enas_jax import aot
     try:
-      aot.parse_target(_AOT.value)
+      aot.topology_devices(aot.parse_target(_AOT.value))  # a clear error before any row
     except ValueError as e:
       raise app.UsageError(str(e)) from None
   if _ROW.value:
