@@ -3,7 +3,7 @@
     python -m enas_jax.benchmark --config=configs/ptb.py[:variant] [--steps N] [--config.x=y ...]
 
 Works for every space: PTB rows report ``tokens_per_s``, CIFAR rows
-``examples_per_s`` (images), with the ``op_select`` and ``conv_impl`` that ran
+``examples_per_s`` (images), with the ``op_select`` and ``kernels`` that ran
 (``--config.child.op_select=switch|mask`` selects the variant).
 
 On a search config it prints a ``shared`` row (the search step: a fresh arc
@@ -135,7 +135,7 @@ def _image_row(config, row: str, steps: int) -> dict:
       "devices": len(jax.devices()), "batch_size": b, "num_layers": int(config.space.num_layers),
       **({"num_nodes": space.num_nodes} if space.name == "cifar_micro" else {}),
       "out_filters": int(config.child.out_filters), "op_select": cfg.op_select,
-      "conv_impl": cfg.conv_impl, "checkpoint_branches": cfg.checkpoint_branches,
+      "kernels": cfg.kernels, "checkpoint_branches": cfg.checkpoint_branches,
       "num_params": task.count_params(state["params"]),
       "compile_count": int(chunk._cache_size()), "compile_s": round(compile_s, 3),
       "steps": steps, "steps_per_s": round(steps / dt, 4),

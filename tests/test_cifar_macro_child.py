@@ -14,16 +14,17 @@ from enas_jax.spaces import cifar_macro_child as M
 from enas_jax.spaces.cifar_macro import PAPER_ARC, MacroCodec
 
 L, C, HW, B = 4, 8, 8, 4
-# Each value of each option, with the default (switch, custom). (mask, plain)
-# adds no code path and a compile of its own (-m slow); the jitted (mask, custom)
-# is shared with the zero-gradient and one-compilation tests below.
-COMBOS = [("switch", "custom"), ("switch", "plain"), ("mask", "custom"),
-          pytest.param("mask", "plain", marks=pytest.mark.slow)]
+# Each value of each option (op_select x child.kernels), with the CPU default
+# (switch, cpu). (mask, xla) adds no code path and a compile of its own (-m
+# slow); the jitted (mask, cpu) and (switch, xla) are shared with the
+# one-compilation test below.
+COMBOS = [("switch", "cpu"), ("switch", "xla"), ("mask", "cpu"),
+          pytest.param("mask", "xla", marks=pytest.mark.slow)]
 
 
-def _cfg(op_select="switch", conv_impl="custom", **kw):
-  kw = {"num_layers": L, "out_filters": C, **kw}
-  return M.MacroChildConfig(op_select=op_select, conv_impl=conv_impl, **kw)
+def _cfg(op_select="switch", kernels="cpu", **kw):
+  kw = {"num_layers": L, "out_filters": C, "compute_dtype": "float32", **kw}
+  return M.MacroChildConfig(op_select=op_select, kernels=kernels, **kw)
 
 
 def _data(seed=1, hw=HW):
@@ -54,14 +55,14 @@ def _run(params, stats, arc, x, y, key, cfg):
 
 
 @functools.cache
-def _jitted(op_select, conv_impl, checkpoint=True):
-  cfg = _cfg(op_select, conv_impl, checkpoint_branches=checkpoint)
+def _jitted(op_select, kernels, checkpoint=True):
+  cfg = _cfg(op_select, kernels, checkpoint_branches=checkpoint)
   return cfg, jax.jit(functools.partial(_run, cfg=cfg))
 
 
 @functools.cache
-def _init(op_select="switch", conv_impl="custom"):
-  return M.init_shared(jax.random.key(0), _cfg(op_select, conv_impl))
+def _init(op_select="switch", kernels="cpu"):
+  return M.init_shared(jax.random.key(0), _cfg(op_select, kernels))
 
 
 def _assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
@@ -77,9 +78,9 @@ def _ops(arc, num_layers=L):
 
 
 # ------------------------------------------------------------ shared vs baked
-@pytest.mark.parametrize("op_select,conv_impl", COMBOS)
-def test_traced_arc_matches_baked_arc(op_select, conv_impl):
-  cfg, fn = _jitted(op_select, conv_impl)
+@pytest.mark.parametrize("op_select,kernels", COMBOS)
+def test_traced_arc_matches_baked_arc(op_select, kernels):
+  cfg, fn = _jitted(op_select, kernels)
   params, stats = _init()
   x, y = _data()
   key = jax.random.key(7)
@@ -101,7 +102,7 @@ def test_traced_arc_matches_baked_arc(op_select, conv_impl):
 @pytest.mark.parametrize("op_select,checkpoint", [("switch", True), ("switch", False),
                                                   ("mask", True)])
 def test_unselected_branches_get_zero_grads_and_keep_their_stats(op_select, checkpoint):
-  _, fn = _jitted(op_select, "custom", checkpoint)
+  _, fn = _jitted(op_select, "cpu", checkpoint)
   params, stats = _init()
   x, y = _data()
   for arc in _arcs(2, seed=20):
@@ -121,7 +122,7 @@ def test_unselected_branches_get_zero_grads_and_keep_their_stats(op_select, chec
 
 def test_the_sampled_op_is_used():
   """Not the original's max-pool-always bug (reference §5.3): the op changes the output."""
-  _, fn = _jitted("switch", "custom")
+  _, fn = _jitted("switch", "cpu")
   params, stats = _init()
   x, y = _data()
   base = _arcs(1, seed=30)[0]
@@ -136,7 +137,7 @@ def test_the_sampled_op_is_used():
 
 
 def test_skip_bits_are_used():
-  _, fn = _jitted("switch", "custom")
+  _, fn = _jitted("switch", "cpu")
   params, stats = _init()
   x, y = _data()
   codec = MacroCodec(L)
@@ -148,9 +149,10 @@ def test_skip_bits_are_used():
   assert not np.allclose(o0, o1)
 
 
-@pytest.mark.parametrize("op_select", ["switch", "mask"])
-def test_one_compilation_for_many_arcs(op_select):
-  _, fn = _jitted(op_select, "custom")
+@pytest.mark.parametrize("op_select,kernels", [("switch", "cpu"), ("mask", "cpu"),
+                                               ("switch", "xla")])
+def test_one_compilation_for_many_arcs(op_select, kernels):
+  _, fn = _jitted(op_select, kernels)
   params, stats = _init()
   x, y = _data()
   arcs = _arcs(20, seed=100)
@@ -345,10 +347,13 @@ def _config(**child):
 
 def test_from_config_reads_and_resolves():
   cfg = M.MacroChildConfig.from_config(
-      _config(keep_prob=0.5, op_select="auto", conv_impl="auto", checkpoint_branches=False))
+      _config(keep_prob=0.5, op_select="auto", kernels="auto", checkpoint_branches=False))
   assert (cfg.num_layers, cfg.out_filters, cfg.keep_prob) == (12, 36, 0.5)
   assert cfg.op_select == "switch" and cfg.checkpoint_branches is False
-  assert cfg.conv_impl == ("custom" if jax.default_backend() == "cpu" else "plain")
+  assert cfg.kernels == ("cpu" if jax.default_backend() == "cpu" else "xla")
+  # A config resolved for another target (child.platform) is built as such.
+  t = M.MacroChildConfig.from_config(_config(platform="tpu"))
+  assert (t.platform, t.kernels, t.compute_dtype) == ("tpu", "xla", "bfloat16")
   d = M.MacroChildConfig.from_config(_config())
   assert (d.bn_decay, d.bn_eps, d.sep_bn_eps, d.num_classes) == (0.9, 1e-5, 1e-3, 10)
   assert M.MacroChildConfig(num_layers=2, out_filters=4, op_select="mask").op_select == "mask"
@@ -356,7 +361,9 @@ def test_from_config_reads_and_resolves():
 
 @pytest.mark.parametrize("field,value,match", [
     ("op_select", "sometimes", "child.op_select"),
-    ("conv_impl", "fast", "child.conv_impl"),
+    ("kernels", "fast", "child.kernels"),
+    ("compute_dtype", "float16", "child.compute_dtype"),
+    ("platform", "metal", "platform"),
     ("op_select", 3, "child.op_select"),
     ("out_filters", 7, "child.out_filters"),
     ("out_filters", 0, "child.out_filters"),

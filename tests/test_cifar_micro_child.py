@@ -74,11 +74,10 @@ def shared():
   for a in arcs:
     f = jax.jit(jax.value_and_grad(_loss_fn(base_cfg, a), has_aux=True))
     out["baked"].append(f(params, stats, None, x, key))
-  for mode in ("switch", "mask"):
-    # The mask mode runs every op anyway: plain convolutions compile faster.
-    impl = "custom" if mode == "switch" else "plain"
-    cfg = mc.MicroChildConfig(**TINY, op_select=mode, conv_impl=impl)
-    if mode == "switch":
+  for mode, kernels in (("switch", "cpu"), ("mask", "xla"), ("switch_xla", "xla")):
+    # The mask mode runs every op anyway: XLA's kernels compile faster.
+    cfg = mc.MicroChildConfig(**TINY, op_select=mode.split("_")[0], kernels=kernels)
+    if mode.startswith("switch"):
       f = jax.jit(jax.value_and_grad(_loss_fn(cfg), has_aux=True))
     else:
       f = jax.jit(_loss_fn(cfg))
@@ -103,20 +102,21 @@ def _assert_grads_close(a, b, tol=1e-3):
     assert err <= tol * ref + 1e-7, (jax.tree_util.keystr(path), err, ref)
 
 
-@pytest.mark.parametrize("mode", ["switch", "mask"])
+@pytest.mark.parametrize("mode", ["switch", "mask", "switch_xla"])
 def test_traced_arc_equals_baked_arc(shared, mode):
   for i, arc in enumerate(shared["arcs"]):
     res = shared[mode + "_res"][i]
-    traced = res[0] if mode == "switch" else res  # (loss, (logits, aux, stats))
+    traced = res[0] if mode.startswith("switch") else res  # (loss, (logits, aux, stats))
     baked = shared["baked"][i][0]
     assert traced[1][0].shape == (N, 10) and traced[1][1].shape == (N, 10)
     np.testing.assert_allclose(traced[0], baked[0], atol=1e-4, rtol=1e-4)
     _assert_trees_close(traced[1], baked[1])
 
 
-def test_grads_traced_equal_baked_and_unused_weights_get_zero(shared):
+@pytest.mark.parametrize("mode", ["switch", "switch_xla"])
+def test_grads_traced_equal_baked_and_unused_weights_get_zero(shared, mode):
   for i, arc in enumerate(shared["arcs"]):
-    g_traced = shared["switch_res"][i][1]
+    g_traced = shared[mode + "_res"][i][1]
     g_baked = shared["baked"][i][1]
     _assert_grads_close(g_traced, g_baked)
     for g in (g_traced, g_baked):
@@ -124,7 +124,7 @@ def test_grads_traced_equal_baked_and_unused_weights_get_zero(shared):
   # The hand-made arc: normal-cell node 2 (cell 2) is avg(0) + max(1), so both of
   # its branches' sep weights get exactly zero gradient; so do the sep rows of
   # input indices that no branch reads, and the final-conv blocks of used nodes.
-  g = shared["switch_res"][-1][1]
+  g = shared[mode + "_res"][-1][1]
   normal = g["cells"][2]
   for leaf in jax.tree.leaves(normal["nodes"][0]):  # both inputs, every index
     assert np.all(np.asarray(leaf) == 0.0)
@@ -142,7 +142,7 @@ def test_grads_traced_equal_baked_and_unused_weights_get_zero(shared):
 
 
 @pytest.mark.parametrize("variant", [
-    {"op_select": "mask", "conv_impl": "plain"},
+    {"op_select": "mask", "kernels": "xla"},
     # Plain autodiff through the switch: also covered for macro by
     # test_unselected_branches_get_zero_grads_and_keep_their_stats[switch-False].
     pytest.param({"checkpoint_branches": False}, marks=pytest.mark.slow)])
@@ -168,10 +168,11 @@ def test_one_compilation_for_many_arcs(shared):
     assert np.isfinite(float(loss))
   assert f._cache_size() == 1
   assert shared["switch"]._cache_size() == 1
+  assert shared["switch_xla"]._cache_size() == 1
 
 
 def test_eval_mode_has_no_aux_and_ignores_moving_averages(shared):
-  cfg = mc.MicroChildConfig(**TINY, op_select="mask", conv_impl="plain")
+  cfg = mc.MicroChildConfig(**TINY, op_select="mask", kernels="xla")
   arc = shared["arcs"][0]
   p, x = shared["params"], shared["x"]
   f = jax.jit(lambda s: mc.apply_shared(p, s, arc, x, train=False, key=None, cfg=cfg)[:2])
@@ -203,7 +204,7 @@ def fixed():
   # sep5(0) + avg(0), node 3 = id(2) + sep3(0): input 1 is loose, loose {1, 3}.
   arc = cifar_micro.MicroCodec(B).validate(
       [0, 1, 0, 2, 2, 4, 0, 0, 0, 4, 1, 0, 1, 2, 2, 3])
-  cfg = mc.MicroChildConfig(**TINY, conv_impl="plain")
+  cfg = mc.MicroChildConfig(**TINY, kernels="cpu")
   params, stats = mc.init_fixed(jax.random.key(0), cfg, arc)
   x = _images(2)
 
@@ -248,7 +249,7 @@ def test_fixed_child_remat_cells_is_the_same_function_with_less_memory(fixed):
   # Per-cell rematerialisation recomputes each cell in the backward pass with
   # the same drop-path keys: same loss, gradients and statistics, fewer
   # temporaries (it keeps only each cell's inputs and output).
-  cfg = mc.MicroChildConfig(**TINY, conv_impl="plain", remat="cells")
+  cfg = mc.MicroChildConfig(**TINY, kernels="cpu", remat="cells")
   arc, x = fixed["arc"], fixed["x"]
 
   def loss(p, s, progress, key):
@@ -274,7 +275,7 @@ def test_fixed_child_loose_input_of_reduction_cell_is_reduced():
   arc = cifar_micro.MicroCodec(B).validate(
       [0, 0, 1, 2, 2, 4, 0, 3, 1, 0, 1, 3, 2, 4, 1, 2])
   cfg = mc.MicroChildConfig(num_layers=1, num_nodes=B, out_filters=2, use_aux_heads=False,
-                            conv_impl="plain")
+                            kernels="xla")
   codec = cifar_micro.MicroCodec(B)
   assert codec.loose_ends(arc, 1) == [0, 3] and codec.loose_ends(arc, 0) == [3]
   params, stats = jax.eval_shape(lambda k: mc.init_fixed(k, cfg, arc), jax.random.key(0))
@@ -301,7 +302,7 @@ def test_drop_path_schedule():
 def test_drop_path_zeroes_whole_examples(fixed):
   # At progress 1 with keep 0.6-ish, training outputs differ between keys, and
   # eval outputs do not depend on the key at all.
-  cfg = mc.MicroChildConfig(**TINY, conv_impl="plain", keep_prob=1.0, drop_path_keep_prob=0.2)
+  cfg = mc.MicroChildConfig(**TINY, kernels="xla", keep_prob=1.0, drop_path_keep_prob=0.2)
   p, s, arc, x = fixed["params"], fixed["stats"], fixed["arc"], fixed["x"]
   f = jax.jit(lambda k, prog: mc.apply_fixed(p, s, arc, x, train=True, key=k, cfg=cfg,
                                              progress=prog)[0])
@@ -320,17 +321,20 @@ def _config(**child):
 
 
 def test_from_config_defaults_and_auto():
-  cfg = mc.MicroChildConfig.from_config(_config(op_select="auto", conv_impl="auto"))
+  cfg = mc.MicroChildConfig.from_config(_config(op_select="auto", kernels="auto"))
   assert cfg.num_layers == 6 and cfg.num_nodes == 5 and cfg.out_filters == 20
   assert cfg.op_select == "switch"
-  assert cfg.conv_impl == ("custom" if jax.default_backend() == "cpu" else "plain")
+  assert cfg.kernels == ("cpu" if jax.default_backend() == "cpu" else "xla")
+  t = mc.MicroChildConfig.from_config(_config(platform="gpu"))
+  assert (t.platform, t.kernels, t.compute_dtype) == ("gpu", "xla", "bfloat16")
   assert cfg.keep_prob == 0.9 and cfg.drop_path_keep_prob == 0.6 and cfg.use_aux_heads
   assert cfg.reduction_cells == (2, 5) and cfg.aux_cell == 6 and cfg.num_cells == 8
 
 
 @pytest.mark.parametrize("child,match", [
     ({"op_select": "gather"}, "op_select"),
-    ({"conv_impl": "fft"}, "conv_impl"),
+    ({"kernels": "fft"}, "child.kernels"),
+    ({"compute_dtype": "float64"}, "child.compute_dtype"),
     ({"keep_prob": 0.0}, "keep_prob"),
     ({"drop_path_keep_prob": 1.5}, "drop_path_keep_prob"),
     ({"bn_decay": 1.0}, "bn_decay"),

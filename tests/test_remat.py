@@ -1,6 +1,7 @@
 """``enas_jax.remat.recompute_in_backward``: the same gradients as plain
-autodiff, fewer temporaries on XLA:CPU (where ``jax.checkpoint`` saves none),
-zero cotangents for its non-differentiated inputs."""
+autodiff with either kernel set, fewer temporaries on XLA:CPU with the ``cpu``
+set (where ``jax.checkpoint`` saves none), zero cotangents for its
+non-differentiated inputs."""
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +39,11 @@ def _temps(f, *args):
   return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-def test_same_gradients_as_autodiff(data):
+@pytest.mark.parametrize("kernels", ["cpu", "xla"])
+def test_same_gradients_as_autodiff(data, kernels):
   w, x0, key = data
   g_plain = jax.jit(jax.grad(lambda w, x: _loss(_block, w, x, key), argnums=(0, 1)))(w, x0)
-  blk = remat.recompute_in_backward(_block)
+  blk = remat.recompute_in_backward(_block, kernels)
   g_remat = jax.jit(jax.grad(lambda w, x: _loss(blk, w, x, key), argnums=(0, 1)))(w, x0)
   for a, b in zip(g_plain, g_remat):  # recomputed matmuls may round differently
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(a))))
@@ -49,20 +51,21 @@ def test_same_gradients_as_autodiff(data):
 
 def test_fewer_temporaries_on_cpu(data):
   if jax.default_backend() != "cpu":
-    pytest.skip("the conditional form is used on CPU only")
+    pytest.skip("measures XLA:CPU")
   w, x0, key = data
   plain = _temps(jax.grad(lambda w: _loss(_block, w, x0, key)), w)
   ckpt = _temps(jax.grad(lambda w: _loss(jax.checkpoint(_block), w, x0, key)), w)
-  ours = _temps(jax.grad(lambda w: _loss(remat.recompute_in_backward(_block), w, x0, key)), w)
+  ours = _temps(jax.grad(lambda w: _loss(remat.recompute_in_backward(_block, "cpu"), w, x0,
+                                          key)), w)
   # 5 blocks x 6 activations of 256 KiB kept by autodiff; one block's worth here.
   assert ours < 0.5 * plain, (plain, ours)
   # Documents why the module exists: if XLA:CPU ever honours jax.checkpoint,
-  # this fails and recompute_in_backward can become jax.checkpoint.
+  # this fails and the cpu set's recompute_in_backward can become jax.checkpoint.
   assert ckpt > 0.8 * plain, (plain, ckpt)
 
 
 def test_extra_inputs_get_zero_cotangents():
-  blk = remat.recompute_in_backward(_block, backend="cpu")
+  blk = remat.recompute_in_backward(_block, "cpu")
   w, x = jnp.eye(4), jnp.ones((2, 4))
   out, pull = jax.vjp(lambda d, e: blk(d, e), (w, x), (jnp.float32(2.0), None))
   d_diff, d_extra = pull(jax.tree.map(jnp.ones_like, out))

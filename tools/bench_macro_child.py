@@ -3,8 +3,8 @@
 Each row times a jitted step ``(params, stats, arc, x, y, key) -> (params - 0.01 * grads,
 new stats, loss)`` (mean cross-entropy, BN in training mode, dropout on). Shared rows get a
 fresh random arc per step as an argument (one compilation for all); the ``static`` rows
-compile one step per arc with the arc baked in (numpy; ``static`` with the custom
-convolution, ``static_plain`` with XLA's own), and every variant is timed round-robin on
+compile one step per arc with the arc baked in (numpy; ``static`` with the ``cpu``
+kernel set, ``static_xla`` with the ``xla`` set), and every variant is timed round-robin on
 the *same* arcs; "vs static" is the median over arcs of the per-arc time ratio.
 
   python tools/bench_macro_child.py                      # the two default sizes
@@ -29,13 +29,13 @@ from enas_jax.spaces import cifar_macro_child as M
 from enas_jax.spaces.cifar_macro import MacroCodec
 
 VARIANTS = {
-    # name: (op_select, conv_impl, checkpoint_branches, static arc)
-    "switch": ("switch", "custom", True, False),
-    "switch_plain": ("switch", "plain", True, False),
-    "switch_nockpt": ("switch", "custom", False, False),
-    "mask": ("mask", "custom", True, False),
-    "static": ("switch", "custom", True, True),
-    "static_plain": ("switch", "plain", True, True),
+    # name: (op_select, kernels, checkpoint_branches, static arc)
+    "switch": ("switch", "cpu", True, False),
+    "switch_xla": ("switch", "xla", True, False),
+    "switch_nockpt": ("switch", "cpu", False, False),
+    "mask": ("mask", "cpu", True, False),
+    "static": ("switch", "cpu", True, True),
+    "static_xla": ("switch", "xla", True, True),
 }
 
 
@@ -75,9 +75,9 @@ def run_size(L, C, B, variants, steps, warmup, hw, seed=0):
   key = jax.random.key(3)
   state, steps_of, compiles, times, loss = {}, {}, {}, {}, {}
   for name in variants:
-    op_select, conv_impl, ckpt, static = VARIANTS[name]
+    op_select, kernels, ckpt, static = VARIANTS[name]
     cfg = M.MacroChildConfig(num_layers=L, out_filters=C, op_select=op_select,
-                             conv_impl=conv_impl, checkpoint_branches=ckpt)
+                             kernels=kernels, checkpoint_branches=ckpt)
     params, stats = M.init_shared(jax.random.key(0), cfg)
     compiles[name], times[name] = [], []
     if static:
@@ -111,10 +111,10 @@ def run_size(L, C, B, variants, steps, warmup, hw, seed=0):
       state[name] = (params, stats)
   rows = []
   for name in variants:
-    op_select, conv_impl, ckpt, static = VARIANTS[name]
+    op_select, kernels, ckpt, static = VARIANTS[name]
     med = float(np.median(times[name]))
     row = {"L": L, "C": C, "B": B, "variant": name, "op_select": op_select,
-           "conv_impl": conv_impl, "checkpoint": ckpt, "static": static,
+           "kernels": kernels, "checkpoint": ckpt, "static": static,
            "step_ms_median": 1e3 * med, "step_ms_min": 1e3 * float(np.min(times[name])),
            "step_ms_all": [1e3 * t for t in times[name]], "images_per_s": B / med,
            "compile_s": float(np.mean(compiles[name])),

@@ -4,10 +4,11 @@ One jitted SGD step (CE + 0.4 aux CE, grads, ``params - lr * grads``, new BN
 statistics) per variant, at the search sizes by default (6 layers, C=20, B=5,
 32x32):
 
-* ``switch``: ``lax.switch`` op choice, custom-VJP conv, the per-cell custom
-  gradient (``checkpoint_branches``);
-* ``switch_plain``: ``lax.switch`` with plain XLA convolutions;
-* ``switch_nockpt``: ``lax.switch``, custom conv, no per-branch checkpoint;
+* ``switch``: ``lax.switch`` op choice, the ``cpu`` kernel set, the per-cell
+  custom gradient (``checkpoint_branches``);
+* ``switch_xla``: ``lax.switch`` with the ``xla`` kernel set (XLA's own ops,
+  each branch under ``jax.checkpoint``);
+* ``switch_nockpt``: ``lax.switch``, ``cpu`` kernels, no per-branch checkpoint;
 * ``mask``: all ops computed, ``jnp.where`` selection (same per-cell gradient);
 * ``static``: the arc baked in (a numpy arc: no switch, no input gather).
 
@@ -15,9 +16,11 @@ Shared variants get a fresh uniform arc (an argument) every step (``fresh``)
 and, for the ratio, the static row's own arc (``same_arc``).
 
 The batch norm, pool and depthwise gradients this tool once prototyped now live
-in ``enas_jax.spaces.conv_ops``. Example:
+in ``enas_jax.kernels.cpu``. ``--compute_dtype`` sets the activations' dtype
+(``child.compute_dtype``). Example:
 
   python tools/bench_micro_child.py --batch 160 --variants switch,static
+  python tools/bench_micro_child.py --variants switch --compute_dtype bfloat16
 """
 
 from __future__ import annotations
@@ -38,14 +41,13 @@ from enas_jax.spaces import cifar_micro
 from enas_jax.spaces import cifar_micro_child as mc
 
 VARIANTS = {
-    "switch": {"op_select": "switch", "conv_impl": "custom", "checkpoint_branches": True},
-    "switch_plain": {"op_select": "switch", "conv_impl": "plain", "checkpoint_branches": True},
-    "switch_nockpt": {"op_select": "switch", "conv_impl": "custom",
-                      "checkpoint_branches": False},
-    "mask": {"op_select": "mask", "conv_impl": "custom", "checkpoint_branches": True},
-    "static": {"op_select": "switch", "conv_impl": "custom", "checkpoint_branches": True},
-    "static_nockpt": {"op_select": "switch", "conv_impl": "custom",
-                      "checkpoint_branches": False},
+    "switch": {"op_select": "switch", "kernels": "cpu", "checkpoint_branches": True},
+    "switch_xla": {"op_select": "switch", "kernels": "xla", "checkpoint_branches": True},
+    "switch_nockpt": {"op_select": "switch", "kernels": "cpu", "checkpoint_branches": False},
+    "mask": {"op_select": "mask", "kernels": "cpu", "checkpoint_branches": True},
+    "static": {"op_select": "switch", "kernels": "cpu", "checkpoint_branches": True},
+    "static_xla": {"op_select": "switch", "kernels": "xla", "checkpoint_branches": True},
+    "static_nockpt": {"op_select": "switch", "kernels": "cpu", "checkpoint_branches": False},
 }
 
 
@@ -89,6 +91,7 @@ def main(argv=None):
   ap.add_argument("--slow_s", type=float, default=60.0,
                   help="a first step slower than this is the only one timed (no fresh arcs)")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--json", default="", help="also write the rows to this file")
   args = ap.parse_args(argv)
 
@@ -106,13 +109,13 @@ def main(argv=None):
     base = name
     cfg = mc.MicroChildConfig(num_layers=args.num_layers, num_nodes=args.num_nodes,
                               out_filters=args.out_filters, use_aux_heads=not args.no_aux,
-                              **VARIANTS[base])
+                              compute_dtype=args.compute_dtype, **VARIANTS[base])
     params, stats = mc.init_shared(jax.random.key(args.seed), cfg)
     step = make_step(cfg, static_arc if base.startswith("static") else None)
     t0 = time.perf_counter()
     compiled = step.lower(params, stats, jnp.asarray(static_arc), x, y,
                           jax.random.key(1)).compile()
-    row = {"variant": name, "batch": args.batch,
+    row = {"variant": name, "batch": args.batch, "compute_dtype": args.compute_dtype,
            "compile_s": round(time.perf_counter() - t0, 1)}
     print(f"  {name}: compiled in {row['compile_s']}s", file=sys.stderr, flush=True)
     modes = ["same_arc"] if base.startswith("static") else ["same_arc", "fresh"]

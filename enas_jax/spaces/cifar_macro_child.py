@@ -35,8 +35,8 @@ For ``l > 0`` the layer output is ``BN(op_out + sum_{bit_j = 1} layers[j])``.
 *The sampled op is used.* The original's search child always ran the max-pool
 branch, whatever the controller sampled (a Python late-binding bug in its
 ``tf.case``, §5.3); that bug is not copied. The op is picked with
-:func:`conv_ops.select_branch` (``lax.switch`` with each branch under
-``jax.checkpoint``, or a ``jnp.where`` mask): every branch takes and returns the
+:func:`conv_ops.select_branch` (``lax.switch`` whose backward pass recomputes
+the taken branch, or a ``jnp.where`` mask): every branch takes and returns the
 layer's whole branch-statistics tuple and replaces only its own entries, so the
 running statistics of unselected branches never move (under the mask too), and
 unselected branches' parameters get exactly zero gradient. Skip bits enter as a
@@ -85,7 +85,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enas_jax import remat
+from enas_jax import backend, remat
 from enas_jax.spaces import conv_ops
 from enas_jax.spaces.cifar_macro import OP_NAMES, MacroCodec
 
@@ -93,7 +93,7 @@ IMAGE_CHANNELS = 3
 NUM_OPS = len(OP_NAMES)
 _KERNEL = {0: 3, 1: 3, 2: 5, 3: 5}  # ops 0-3: kernel size
 _SEPARABLE = (1, 3)
-_POOLS = {4: conv_ops.avg_pool, 5: conv_ops.max_pool}
+_POOLS = {4: conv_ops.avg_pool, 5: conv_ops.max_pool}  # called with kernels=
 
 
 def _is_int(v) -> bool:
@@ -109,8 +109,9 @@ def _is_num(v) -> bool:
 class MacroChildConfig:
   """Static settings of a macro child (hashable: safe to close over in jit).
 
-  ``op_select`` and ``conv_impl`` accept ``"auto"`` and are stored resolved
-  (``switch``/``mask`` and ``plain``/``custom``; see ``conv_ops``).
+  ``kernels``, ``compute_dtype`` and ``op_select`` accept ``"auto"`` and are
+  stored resolved by :func:`enas_jax.backend.resolve` for ``platform`` (the
+  running backend when None; set to the target when compiling for another).
   """
   num_layers: int
   out_filters: int
@@ -119,8 +120,10 @@ class MacroChildConfig:
   bn_decay: float = 0.9
   bn_eps: float = 1e-5
   sep_bn_eps: float = 1e-3
-  op_select: str = "switch"
-  conv_impl: str = "custom"
+  kernels: str = "auto"
+  compute_dtype: str = "auto"
+  op_select: str = "auto"
+  platform: str | None = None
   checkpoint_branches: bool = True
   remat: str = "none"
 
@@ -148,8 +151,14 @@ class MacroChildConfig:
     if self.remat not in ("none", "layers"):
       raise ValueError(f"child.remat must be 'none' or 'layers' for the macro space, got "
                        f"{self.remat!r}.")
-    object.__setattr__(self, "op_select", conv_ops.resolve_op_select(self.op_select))
-    object.__setattr__(self, "conv_impl", conv_ops.resolve_conv_impl(self.conv_impl))
+    impl = backend.resolve(self.kernels, self.compute_dtype, self.op_select, self.platform)
+    for name, value in impl.as_dict().items():
+      object.__setattr__(self, name, value)
+
+  @property
+  def dtype(self):
+    """The jnp compute dtype of activations and conv/matmul inputs."""
+    return backend.jnp_dtype(self.compute_dtype)
 
   @classmethod
   def from_config(cls, config) -> MacroChildConfig:
@@ -160,7 +169,8 @@ class MacroChildConfig:
         num_classes=c.get("num_classes", 10), keep_prob=c.get("keep_prob", 0.9),
         bn_decay=c.get("bn_decay", 0.9), bn_eps=c.get("bn_eps", 1e-5),
         sep_bn_eps=c.get("sep_bn_eps", 1e-3), op_select=c.get("op_select", "auto"),
-        conv_impl=c.get("conv_impl", "auto"),
+        kernels=c.get("kernels", "auto"), compute_dtype=c.get("compute_dtype", "auto"),
+        platform=c.get("platform", None),
         checkpoint_branches=c.get("checkpoint_branches", True),
         remat=c.get("remat", "none"))
 
@@ -216,12 +226,12 @@ class _Keys:
 
 
 def _pointwise(x_NHWC, w_IO):
-  return jnp.einsum("nhwc,co->nhwo", x_NHWC, w_IO)
+  return conv_ops.matmul_1x1(x_NHWC, w_IO)
 
 
 def _bn(x_NHWC, p, s, *, train: bool, cfg: MacroChildConfig, eps: float | None = None):
-  return conv_ops.batch_norm(x_NHWC, p, s, train=train, decay=cfg.bn_decay,
-                             eps=cfg.bn_eps if eps is None else eps)
+  return conv_ops.batch_norm(x_NHWC, p, s, train=train, kernels=cfg.kernels,
+                             decay=cfg.bn_decay, eps=cfg.bn_eps if eps is None else eps)
 
 
 def _bn_pair(c: int):
@@ -235,7 +245,7 @@ def _init_stem(keys, c: int):
 
 
 def _apply_stem(p, s, images_NHWC, *, train, cfg):
-  x = conv_ops.conv2d(images_NHWC, p["w_HWIO"], impl=cfg.conv_impl)
+  x = conv_ops.conv2d(images_NHWC.astype(cfg.dtype), p["w_HWIO"], kernels=cfg.kernels)
   x, st = _bn(x, p["bn"], s["bn"], train=train, cfg=cfg)
   return x, {"bn": st}
 
@@ -265,7 +275,7 @@ def _head(p, x_NHWC, *, train, key, cfg):
       raise ValueError("apply: train=True with keep_prob < 1 needs a dropout `key`.")
     keep = jax.random.bernoulli(key, cfg.keep_prob, h_NC.shape)
     h_NC = jnp.where(keep, h_NC / cfg.keep_prob, 0.0)
-  return h_NC @ p["w_CK"]
+  return (h_NC @ p["w_CK"].astype(h_NC.dtype)).astype(jnp.float32)
 
 
 def _init_op(keys, op: int, c: int):
@@ -293,12 +303,12 @@ def _apply_op(op: int, p, s, x_NHWC, *, train, cfg, fixed: bool):
   h, st_in = _bn(h, p["bn_in"], s["bn_in"], train=train, cfg=cfg)
   h = jax.nn.relu(h)
   if op in _POOLS:
-    return _POOLS[op](h, 3, 1), {"bn_in": st_in}
+    return _POOLS[op](h, 3, 1, kernels=cfg.kernels), {"bn_in": st_in}
   if op in _SEPARABLE:
-    h = conv_ops.separable_conv2d(h, p["w_depth_HWC"], p["w_point_IO"], impl=cfg.conv_impl)
+    h = conv_ops.separable_conv2d(h, p["w_depth_HWC"], p["w_point_IO"], kernels=cfg.kernels)
     eps = cfg.bn_eps if fixed else cfg.sep_bn_eps
   else:
-    h = conv_ops.conv2d(h, p["w_HWIO"], impl=cfg.conv_impl)
+    h = conv_ops.conv2d(h, p["w_HWIO"], kernels=cfg.kernels)
     eps = cfg.bn_eps
   h, st_out = _bn(h, p["bn_out"], s["bn_out"], train=train, cfg=cfg, eps=eps)
   if not fixed:
@@ -366,7 +376,7 @@ def apply_shared(params, batch_stats, arc, images_NHWC, *, train: bool, key=None
     lp, ls = params["layers"][l], batch_stats["layers"][l]
     out, st_br = conv_ops.select_branch(
         ops[l], branches, (layers[-1], lp["branches"], ls["branches"]),
-        mode=cfg.op_select, checkpoint=cfg.checkpoint_branches)
+        mode=cfg.op_select, kernels=cfg.kernels, checkpoint=cfg.checkpoint_branches)
     nls = {"branches": st_br}
     if l > 0:
       if isinstance(bits[l], np.ndarray):
@@ -454,7 +464,8 @@ def apply_fixed(params, batch_stats, arc, images_NHWC, *, train: bool, key=None,
   for l in range(cfg.num_layers):
     run = functools.partial(_fixed_layer, op=int(ops[l]), first=l == 0, train=train, cfg=cfg)
     if cfg.remat == "layers" and train:
-      run = remat.recompute_in_backward(run)  # saves the layer's inputs, recomputes the rest
+      # Saves the layer's inputs, recomputes the rest.
+      run = remat.recompute_in_backward(run, cfg.kernels)
     out, nls = run((params["layers"][l], batch_stats["layers"][l], layers[-1],
                     [layers[j] for j in np.flatnonzero(bits[l])] if l > 0 else []), None)
     new_layers.append(nls)

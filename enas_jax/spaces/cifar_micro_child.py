@@ -102,7 +102,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enas_jax import remat
+from enas_jax import backend, remat
+from enas_jax import kernels as kernel_sets
 from enas_jax.spaces import cifar_micro
 from enas_jax.spaces import conv_ops as ops
 
@@ -114,8 +115,9 @@ AUX_POOL, AUX_POOL_STRIDE, AUX_PROJ, AUX_KERNEL, AUX_WIDTH = 5, 3, 128, 2, 768
 class MicroChildConfig:
   """Static settings of a micro child (hashable: safe to close over in jit).
 
-  ``op_select`` and ``conv_impl`` accept ``"auto"`` and hold the resolved value
-  (``switch``/``mask``, ``plain``/``custom``) after construction.
+  ``kernels``, ``compute_dtype`` and ``op_select`` accept ``"auto"`` and hold
+  the values :func:`enas_jax.backend.resolve` gives for ``platform`` (the
+  running backend when None; set to the target when compiling for another).
   """
   num_layers: int
   num_nodes: int = 5
@@ -126,8 +128,10 @@ class MicroChildConfig:
   use_aux_heads: bool = True
   bn_decay: float = 0.9
   bn_eps: float = 1e-5
-  op_select: str = "switch"
-  conv_impl: str = "custom"
+  kernels: str = "auto"
+  compute_dtype: str = "auto"
+  op_select: str = "auto"
+  platform: str | None = None
   checkpoint_branches: bool = True
   remat: str = "none"
 
@@ -150,8 +154,14 @@ class MicroChildConfig:
       raise ValueError(f"child.bn_eps must be > 0, got {self.bn_eps!r}.")
     if self.remat not in ("none", "cells"):
       raise ValueError(f"child.remat must be 'none' or 'cells', got {self.remat!r}.")
-    object.__setattr__(self, "op_select", ops.resolve_op_select(self.op_select))
-    object.__setattr__(self, "conv_impl", ops.resolve_conv_impl(self.conv_impl))
+    impl = backend.resolve(self.kernels, self.compute_dtype, self.op_select, self.platform)
+    for name, value in impl.as_dict().items():
+      object.__setattr__(self, name, value)
+
+  @property
+  def dtype(self):
+    """The jnp compute dtype of activations and conv/matmul inputs."""
+    return backend.jnp_dtype(self.compute_dtype)
 
   @classmethod
   def from_config(cls, config) -> MicroChildConfig:
@@ -170,7 +180,8 @@ class MicroChildConfig:
         out_filters=c.out_filters, num_classes=num_classes,
         **{k: c.get(k, d[k].default) for k in (
             "keep_prob", "drop_path_keep_prob", "use_aux_heads", "bn_decay", "bn_eps",
-            "op_select", "conv_impl", "checkpoint_branches", "remat")})
+            "op_select", "kernels", "compute_dtype", "platform", "checkpoint_branches",
+            "remat")})
 
   @property
   def reduction_cells(self) -> tuple[int, int]:
@@ -194,10 +205,10 @@ def _relu(x):
 
 @ops.scoped("conv1x1")
 def _conv1x1(x_NHWC, w_IO):
-  # A 2-D matrix product: XLA:CPU runs it (and its gradient) ~3x faster than the
-  # equivalent 4-D einsum.
+  # A 2-D matrix product: faster than the equivalent 4-D einsum (docs/performance.md).
   n, h, w, c = x_NHWC.shape
-  return (x_NHWC.reshape(n * h * w, c) @ w_IO).reshape(n, h, w, w_IO.shape[-1])
+  return (x_NHWC.reshape(n * h * w, c) @ w_IO.astype(x_NHWC.dtype)).reshape(
+      n, h, w, w_IO.shape[-1])
 
 
 def _init_conv_bn(key, cin, cout):
@@ -207,7 +218,7 @@ def _init_conv_bn(key, cin, cout):
 
 
 def _conv_bn(p, s, x, cfg, train):
-  return ops.batch_norm(_conv1x1(_relu(x), p["w"]), p["bn"], s, train=train,
+  return ops.batch_norm(_conv1x1(_relu(x), p["w"]), p["bn"], s, train=train, kernels=cfg.kernels,
                         decay=cfg.bn_decay, eps=cfg.bn_eps)
 
 
@@ -224,6 +235,7 @@ def _fr_bn(p, s, x, cfg, train, relu=False):
   if relu:
     x = _relu(x)
   return ops.batch_norm(ops.factorized_reduce(x, p["w1"], p["w2"]), p["bn"], s, train=train,
+                        kernels=cfg.kernels,
                         decay=cfg.bn_decay, eps=cfg.bn_eps)
 
 
@@ -233,8 +245,9 @@ def _init_stem(key, cfg):
 
 
 def _stem(p, s, images, cfg, train):
-  x = ops.conv2d(images, p["w"], impl=cfg.conv_impl)
-  return ops.batch_norm(x, p["bn"], s, train=train, decay=cfg.bn_decay, eps=cfg.bn_eps)
+  x = ops.conv2d(images.astype(cfg.dtype), p["w"], kernels=cfg.kernels)
+  return ops.batch_norm(x, p["bn"], s, train=train, kernels=cfg.kernels, decay=cfg.bn_decay,
+                        eps=cfg.bn_eps)
 
 
 def _init_head(key, c_last, cfg):
@@ -252,7 +265,7 @@ def _head(p, x, cfg, train, key):
   x = jnp.mean(_relu(x), axis=(1, 2))
   if train:
     x = _dropout(x, cfg.keep_prob, key)
-  return x @ p["w"]
+  return (x @ p["w"].astype(x.dtype)).astype(jnp.float32)
 
 
 def _init_aux(key, cin, cfg):
@@ -268,12 +281,15 @@ def _aux_head(p, x_NHWC, cfg):
   """The auxiliary classifier; its BNs always use batch statistics."""
   x = _relu(x_NHWC)
   k = min(AUX_POOL, x.shape[1], x.shape[2])
-  x = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, k, k, 1),
+  x = jax.lax.reduce_window(x, np.zeros((), x.dtype), jax.lax.add, (1, k, k, 1),
                             (1, AUX_POOL_STRIDE, AUX_POOL_STRIDE, 1), "VALID") / (k * k)
-  bn = lambda y, q: ops.batch_norm(y, q, None, train=True, eps=cfg.bn_eps)[0]
+  bn = lambda y, q: ops.batch_norm(y, q, None, train=True, kernels=cfg.kernels,
+                                   eps=cfg.bn_eps)[0]
   x = _relu(bn(_conv1x1(x, p["proj"]["w"]), p["proj"]["bn"]))
-  x = _relu(bn(ops.conv2d(x, p["conv"]["w"], impl="plain"), p["conv"]["bn"]))
-  return jnp.mean(x, axis=(1, 2)) @ p["fc"]["w"]
+  # Outside every switch: XLA's own convolution in both kernel sets.
+  x = _relu(bn(ops.conv2d(x, p["conv"]["w"], kernels="xla"), p["conv"]["bn"]))
+  h = jnp.mean(x, axis=(1, 2))
+  return (h @ p["fc"]["w"].astype(h.dtype)).astype(jnp.float32)
 
 
 def _calib_plan(in_shapes, C):
@@ -436,9 +452,10 @@ def _pick_node(nodes, buf, i, static):
 def _sep_stack(x, st, cfg, train, stride=1, stats=None):
   """ReLU -> depthwise k x k -> pointwise -> BN (one stack of a sep conv)."""
   # conv_ops.separable_conv2d with the pointwise step as a 2-D matrix product.
-  y = _conv1x1(ops.depthwise_conv2d(x, st["w_depth"], stride, cfg.conv_impl, relu_input=True),
-               st["w_point"])
-  return ops.batch_norm(y, st["bn"], stats, train=train, decay=cfg.bn_decay, eps=cfg.bn_eps)
+  y = _conv1x1(ops.depthwise_conv2d(x, st["w_depth"], stride, kernels=cfg.kernels,
+                                    relu_input=True), st["w_point"])
+  return ops.batch_norm(y, st["bn"], stats, train=train, kernels=cfg.kernels,
+                        decay=cfg.bn_decay, eps=cfg.bn_eps)
 
 
 def _shared_branches(cfg):
@@ -452,8 +469,8 @@ def _shared_branches(cfg):
       return x
     return f
   return [sep("sep3"), sep("sep5"),
-          lambda op: ops.avg_pool(op[0], 3, 1),
-          lambda op: ops.max_pool(op[0], 3, 1),
+          lambda op: ops.avg_pool(op[0], 3, 1, kernels=cfg.kernels),
+          lambda op: ops.max_pool(op[0], 3, 1, kernels=cfg.kernels),
           lambda op: op[0]]
 
 
@@ -475,11 +492,13 @@ def _shared_cell(p, s, layers, cell_arc, cfg, static):
   new_s = dict(s)
   x0, x1 = _calibrate(p, s, layers, cfg, True, new_s)
   ws = _pick_weights(p["nodes"], cell_arc, static)
-  if static or not cfg.checkpoint_branches:
-    y = _autodiff_cell(x0, x1, ws, p["final"]["w"], cell_arc, cfg, static)
+  w_final = p["final"]["w"].astype(x0.dtype)
+  if static or not cfg.checkpoint_branches or not kernel_sets.get(cfg.kernels).CELL_VJP:
+    y = _autodiff_cell(x0, x1, ws, w_final, cell_arc, cfg, static)
   else:
-    y = _traced_cell(x0, x1, ws, p["final"]["w"], cell_arc, cfg)
+    y = _traced_cell(x0, x1, ws, w_final, cell_arc, cfg)
   y, new_s["final"] = ops.batch_norm(y, p["final"]["bn"], s["final"], train=True,
+                                     kernels=cfg.kernels,
                                      decay=cfg.bn_decay, eps=cfg.bn_eps)
   return y, new_s
 
@@ -487,8 +506,10 @@ def _shared_cell(p, s, layers, cell_arc, cfg, static):
 def _autodiff_cell(x0, x1, ws, w_final, cell_arc, cfg, static):
   """A cell's nodes and combination before its BN, differentiated by JAX: the
   baked arc (direct op calls, under the same per-op checkpoint as the traced
-  path when ``checkpoint_branches``), or a traced arc with ``checkpoint_branches
-  = False`` (autodiff through ``lax.switch``/the mask, no recomputation)."""
+  path when ``checkpoint_branches``), or a traced arc with a kernel set without
+  its own cell VJP (each switch branch recomputed by the set's switch with
+  ``checkpoint_branches``) or with ``checkpoint_branches = False`` (autodiff
+  through ``lax.switch``/the mask, no recomputation)."""
   B = cfg.num_nodes
   branches = _shared_branches(cfg)
   if static and cfg.checkpoint_branches:
@@ -504,7 +525,8 @@ def _autodiff_cell(x0, x1, ws, w_final, cell_arc, cfg, static):
       idx, op = cell_arc[4 * b + 2 * t], cell_arc[4 * b + 2 * t + 1]
       h = _pick_node(nodes, buf, idx, static)
       outs.append(ops.select_branch(op, branches, (h, ws[b][t]), mode=cfg.op_select,
-                                    checkpoint=False))
+                                    kernels=cfg.kernels,
+                                    checkpoint=cfg.checkpoint_branches and not static))
     nodes.append(outs[0] + outs[1])
     if not static and b + 1 < B:
       with jax.named_scope("node_write"):
@@ -567,7 +589,7 @@ def _cell_forward(x0, x1, ws, w_final, cell_arc, cfg):
     y = None
     for t in (0, 1):
       yt = ops.select_branch(op[t], run, (buf, idx[t], jax.tree.map(lambda a: a[t], w)),
-                             mode=cfg.op_select, checkpoint=False)
+                             mode=cfg.op_select, kernels=cfg.kernels, checkpoint=False)
       y = yt if y is None else y + yt
     with jax.named_scope("node_write"):
       return jax.lax.dynamic_update_index_in_dim(buf, y, node, 0), None
@@ -643,7 +665,7 @@ def _traced_cell_bwd(cfg, res, d_y):
   def branch(d_buf, step):
     (w, idx, op), node = step
     d_h, d_w = ops.select_branch(op, pullbacks, (idx, w, d_buf, node),
-                                 mode=cfg.op_select, checkpoint=False)
+                                 mode=cfg.op_select, kernels=cfg.kernels, checkpoint=False)
     with jax.named_scope("grad_write"):
       return _add_to_slot(d_buf, idx, d_h), d_w
 
@@ -788,7 +810,7 @@ def init_fixed(key: jax.Array, cfg: MicroChildConfig, arc):
 
 def _drop_path(x, keep, key):
   mask = jax.random.bernoulli(key, keep, (x.shape[0], 1, 1, 1))
-  return jnp.where(mask, x / keep, 0.0)
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), 0.0)
 
 
 def _fixed_op(p, s, x, op, stride, cfg, train):
@@ -800,9 +822,9 @@ def _fixed_op(p, s, x, op, stride, cfg, train):
       new.append(ns)
     return x, {"stacks": new}
   if op == 2:
-    return ops.avg_pool(x, 3, stride), s
+    return ops.avg_pool(x, 3, stride, kernels=cfg.kernels), s
   if op == 3:
-    return ops.max_pool(x, 3, stride), s
+    return ops.max_pool(x, 3, stride, kernels=cfg.kernels), s
   if stride > 1:
     y, ns = _fr_bn(p["fr"], s["fr"], x, cfg, train)
     return y, {"fr": ns}
@@ -870,7 +892,7 @@ def apply_fixed(params, batch_stats, arc, images_NHWC, *, train: bool, key, cfg,
     if cfg.remat == "cells" and train:
       # Saves only the cell's inputs; its activations are recomputed in the
       # backward pass.
-      run = remat.recompute_in_backward(run)
+      run = remat.recompute_in_backward(run, cfg.kernels)
     x, new_cell = run((params["cells"][i], batch_stats["cells"][i], layers[0], layers[1]),
                       (keep, k_dp if use_dp else None))
     new_cells.append(new_cell)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from enas_jax import compile_cache, parallel
+from enas_jax import backend, compile_cache, parallel
 from enas_jax.data import cifar10 as cifar_data
 from enas_jax.spaces import cifar_micro_child, conv_ops
 from enas_jax.train import common
@@ -66,31 +66,32 @@ def _clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
   return optax.stateless(lambda updates, params: jax.tree.map(clip, updates))
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float, kernels: str = "xla") -> optax.GradientTransformation:
   """``optax.clip_by_global_norm`` (same rule: if the norm of all gradients
   together is at least ``max_norm``, each is scaled by ``max_norm / norm``), with
-  the norm as one reduction over the concatenated leaves (see
-  :func:`conv_ops.sum_of_squares`)."""
+  the norm from the kernel set ``kernels`` (``cpu``: one reduction over the
+  concatenated leaves; see :func:`conv_ops.sum_of_squares`)."""
   def clip(updates, params):
     del params
-    norm = conv_ops.global_norm(updates)
+    norm = conv_ops.global_norm(updates, kernels=kernels)
     trigger = norm < max_norm
     return jax.tree.map(
         lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm), updates)
   return optax.stateless(clip)
 
 
-def l2_penalty(params) -> jax.Array:
+def l2_penalty(params, kernels: str = "xla") -> jax.Array:
   """``sum(w^2)`` over the child's weights except the micro auxiliary head's
   (``params["aux"]``): the original's L2 covered only its optimised variables,
   which left the aux head out (reference §6.1; its head was never trained at
   all, ours is)."""
-  return conv_ops.l2_sum(cifar_micro_child.without_aux(params))
+  return conv_ops.l2_sum(cifar_micro_child.without_aux(params), kernels=kernels)
 
 
 def child_optimizer(child_cfg, schedule) -> optax.GradientTransformation:
   """Clipping (``child.grad_clip_mode``, bound ``child.grad_clip``), then SGD with
-  Nesterov momentum (``child.momentum``) on the SGDR schedule."""
+  Nesterov momentum (``child.momentum``) on the SGDR schedule. The norm uses
+  the kernel set ``child.kernels`` resolves to (for ``child.platform``)."""
   mode = child_cfg.get("grad_clip_mode", "global")
   if mode not in GRAD_CLIP_MODES:
     raise ValueError(f"child.grad_clip_mode must be one of {GRAD_CLIP_MODES}, got {mode!r}.")
@@ -98,7 +99,9 @@ def child_optimizer(child_cfg, schedule) -> optax.GradientTransformation:
   if mode == "none" or bound <= 0:
     clip = optax.identity()
   elif mode == "global":
-    clip = clip_by_global_norm(bound)
+    kernels = backend.resolve_kernels(child_cfg.get("kernels", "auto"),
+                                      child_cfg.get("platform", None))
+    clip = clip_by_global_norm(bound, kernels)
   else:
     clip = _clip_per_tensor(bound)
   momentum = float(child_cfg.get("momentum", 0.9))
@@ -238,11 +241,11 @@ class ImageTask(common.DeviceData):
             "batch_stats": self._rep}
 
   def init_child(self, key: jax.Array) -> dict:
-    # Eagerly, with one truncated-normal sample for all weights (~1 s; a jitted
-    # initialiser with a draw per weight compiled for 74 s for the micro search
-    # child), then placed with the optimizer state.
+    # As the kernel set initialises (cpu: eagerly, one truncated-normal sample
+    # for all weights), then placed with the optimizer state.
     # Host arrays (identical on every process) are valid inputs of a multi-process jit.
-    params, stats = jax.tree.map(np.asarray, conv_ops.init_with_one_draw(self.fns.init, key))
+    params, stats = jax.tree.map(np.asarray, conv_ops.init_params(
+        self.fns.init, key, kernels=self.fns.cfg.kernels))
 
     def make(params, stats):
       return {"params": params, "batch_stats": stats, "opt_state": self.tx.init(params),
@@ -293,13 +296,13 @@ class ImageTask(common.DeviceData):
         if aux_logits is not None and aux_w > 0:
           loss = loss + aux_w * jnp.mean(_ce_and_correct(aux_logits, y)[0])
         if l2 > 0:
-          loss = loss + l2 * l2_penalty(params)
+          loss = loss + l2 * l2_penalty(params, fns.cfg.kernels)
         return loss, (ce, jnp.mean(correct), stats)
 
       (loss, (ce, acc, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
       if nan_step >= 0:  # fault injection for tests (config.debug)
         loss = jnp.where(state["step"] == nan_step, jnp.nan, loss)
-      gnorm = conv_ops.global_norm(grads)
+      gnorm = conv_ops.global_norm(grads, kernels=fns.cfg.kernels)
       updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       new_state = dict(state, params=params, opt_state=opt_state, batch_stats=stats,

@@ -144,6 +144,10 @@ def run(config, workdir: str) -> dict:
     space, arc = resolve_arc(config, space)
     config = _with_arc(_final_config(config, space), space.format(arc))
   common.prepare_workdir(config, workdir)
+  # Recorded unresolved above (a run resumed on another backend is not refused);
+  # from here on every "auto" is concrete for this backend.
+  config = backend.resolve_config(config)
+  print(f"implementation: {backend.describe(config)}", flush=True)
   if config.space.name in IMAGE_SPACES:
     data = data_lib.load_images(config.data)
   else:
