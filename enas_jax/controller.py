@@ -24,7 +24,8 @@ CIFAR controllers; ``enas_lm`` ``controller.py``):
   ``i, f, o, g``; ``c' = σ(i)tanh(g) + σ(f)c``, ``h' = σ(o)tanh(c')``.
 * Op logits ``h @ w_soft`` (``+ b_soft``, a learned bias, when the program
   asks for one), or ``h @ w_emb.T`` with :attr:`ControllerConfig.tie_op_logits`
-  (``enas_lm``: no ``w_soft``, the op embedding scores the ops); pointer logits ``v·tanh(anchor_j @ W1 + h @ W2)``; then
+  (``enas_lm``: no ``w_soft``, the op embedding scores the ops); pointer
+  logits ``v·tanh(anchor_j @ W1 + h @ W2)``; then
   ``/temperature``, then ``tanh_constant·tanh`` (op steps use
   ``tanh_constant / op_tanh_reduce``); pointers then subtract the locality
   prior ``(i - j)² / 6`` (PTB-style pointers only); op steps then add the
@@ -44,10 +45,9 @@ CIFAR controllers; ``enas_lm`` ``controller.py``):
   called ``entropy``. Entropies are always stop-gradient.
 * A node whose anchor no step writes keeps a zero anchor *and* a zero
   attention key (``enas_lm``'s node 0). A program may list ``fixed_tokens``
-  (an attribute of the ``Decisions`` object; see
-  :class:`enas_jax.spaces.ptb.PTBSpace`): arc positions no step writes, which
-  hold 0 in every sampled arc; a scored arc with another value there gets
-  :data:`NEG_LOGIT`.
+  (an attribute of the program, e.g. :class:`enas_jax.spaces.ptb.PTBDecisions`):
+  arc positions no step writes, which hold 0 in every sampled arc; a scored
+  arc with another value there gets :data:`NEG_LOGIT`.
 """
 
 from __future__ import annotations
