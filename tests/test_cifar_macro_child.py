@@ -387,3 +387,33 @@ def test_bad_num_layers_raises():
     M.MacroChildConfig.from_config(c)
   with pytest.raises(ValueError, match="space.num_layers"):
     M.MacroChildConfig(num_layers=2.5, out_filters=8)
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "xla"])
+def test_bfloat16_child_agrees_with_float32(kernels):
+  """compute_dtype=bfloat16 (float32 weights, statistics, logits and
+  gradients): loss and gradient close to float32's. Seen: loss 1.4e-3 (cpu) /
+  3e-3 (xla) relative, gradient 0.022 / 0.086 relative (global norm), cosine
+  0.9998 / 0.997."""
+  params, stats = _init()
+  x, y = _data()
+  arc = jnp.asarray(_arcs(1, seed=10)[0])
+  out = {}
+  for dt in ("float32", "bfloat16"):
+    cfg = _cfg("switch", kernels, compute_dtype=dt)
+
+    def loss(p, cfg=cfg):
+      logits, ns = M.apply_shared(p, stats, arc, x, train=True, key=jax.random.key(7), cfg=cfg)
+      assert logits.dtype == jnp.float32
+      return _ce(logits, y), ns
+    out[dt] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  (l16, ns16), g16 = out["bfloat16"]
+  (l32, _), g32 = out["float32"]
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves((ns16, g16)))
+  a = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(g16)])
+  b = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(g32)])
+  rel, cos = np.linalg.norm(a - b) / np.linalg.norm(b), a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+  print(f"bf16 vs f32 ({kernels}): loss {abs(float(l16) / float(l32) - 1):.1e}, grad {rel:.3f}, "
+        f"cosine {cos:.4f}")
+  assert abs(float(l16) / float(l32) - 1) < 1e-2
+  assert rel < 0.3 and cos > 0.95
