@@ -1,13 +1,19 @@
-"""Search spaces. ``get(name, **sizes)`` returns a space object (see ``base``)."""
+"""Search spaces. ``get(name, **sizes)`` returns a space's codec (see ``base``);
+``entry(name)`` its :class:`~enas_jax.spaces.registry.SpaceEntry`, everything
+the rest of the library asks of a space. Each space registers itself below, one
+line each (README "Adding a search space")."""
 
 from __future__ import annotations
 
-from enas_jax.spaces import base
+from enas_jax.spaces import base, cifar_macro, cifar_micro, ptb, registry
 from enas_jax.spaces.cifar_macro import MacroCodec
 from enas_jax.spaces.cifar_micro import MicroCodec
 from enas_jax.spaces.ptb import PTBSpace
+from enas_jax.spaces.registry import NamedArc, SpaceEntry, entries, entry, names
 
-_REGISTRY = {"ptb": PTBSpace, "cifar_macro": MacroCodec, "cifar_micro": MicroCodec}
+registry.register(ptb.ENTRY)
+registry.register(cifar_macro.ENTRY)
+registry.register(cifar_micro.ENTRY)
 
 
 def get(name: str, **kwargs):
@@ -15,19 +21,17 @@ def get(name: str, **kwargs):
 
   Example: ``get("ptb", num_nodes=12)``.
   """
-  try:
-    cls = _REGISTRY[name]
-  except KeyError:
-    raise ValueError(
-        f"unknown search space {name!r}; available: {sorted(_REGISTRY)}") from None
+  cls = entry(name).codec
   try:
     return cls(**kwargs)
   except TypeError as e:
     raise ValueError(f"search space {name!r}: {e}") from None
 
 
-def names() -> list[str]:
-  return sorted(_REGISTRY)
+def build(config):
+  """The codec a run config describes (``config.space.name`` and its fields)."""
+  return entry(config.space.name).build(config)
 
 
-__all__ = ["MacroCodec", "MicroCodec", "PTBSpace", "base", "get", "names"]
+__all__ = ["MacroCodec", "MicroCodec", "NamedArc", "PTBSpace", "SpaceEntry", "base", "build",
+           "entries", "entry", "get", "names", "registry"]

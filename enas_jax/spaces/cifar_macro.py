@@ -16,13 +16,14 @@ the rest of the macro space, which is why the space is not yet registered in
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enas_jax.spaces import base
+from enas_jax.spaces import base, diagram, registry
 
 OP_NAMES = ("conv3x3", "sep3x3", "conv5x5", "sep5x5", "avgpool", "maxpool")
 
@@ -130,3 +131,80 @@ class MacroCodec(base.Codec):
     bits = jax.random.bernoulli(k_bit, skip_prob, (self.arc_length,)).astype(jnp.int32)
     ops = jax.random.randint(k_op, (self.num_layers,), 0, self.num_ops)
     return bits.at[jnp.asarray(self.op_positions)].set(ops).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# The space's entry (enas_jax.spaces.registry): what the pipeline asks of it.
+
+def build(config) -> MacroCodec:
+  """The codec of a run config's ``space.num_layers``."""
+  return MacroCodec(num_layers=int(config.space.num_layers))
+
+
+def sizes_for_length(num_tokens: int) -> dict:
+  """``{"num_layers": L}`` for an arc of ``L + L(L-1)/2`` tokens."""
+  L = (math.isqrt(8 * num_tokens + 1) - 1) // 2
+  if L < 1 or L * (L + 1) // 2 != num_tokens:
+    raise ValueError(
+        f"cifar_macro: wrong arc length {num_tokens}; L layers take L + L(L-1)/2 tokens "
+        f"(78 for 12 layers, 300 for 24), and {num_tokens} is not such a number.")
+  return {"num_layers": L}
+
+
+def macro_reduction_layers(num_layers: int) -> list[int]:
+  """Layers followed by a factorized reduction: ``floor(L/3)-1`` and ``2*floor(L/3)-1``
+  (none when L < 3; reference ``enas_original.md`` §5.1)."""
+  pd = num_layers // 3
+  return [l for l in (pd - 1, 2 * pd - 1) if l >= 0]
+
+
+def draw(space: MacroCodec, a: np.ndarray) -> str:
+  """DOT text of a network: image, stem, the layers with their ops on the main
+  chain, the skip connections (dashed), the factorized reductions, the head."""
+  L = space.num_layers
+  reductions = macro_reduction_layers(L)
+  dot = diagram.Dot(space.name, [
+      f"enas_jax.visualize: space={space.name} num_layers={L}",
+      f"arc: {base.format_tokens(a)}"])
+  where = (f"factorized reductions after layers {diagram.ints(reductions)}" if reductions
+           else "no reductions")
+  diagram.header(dot, f"CIFAR-10 macro network: {L} layers, {where}; dashed = skip connections")
+  dot.graph(rankdir="TB")
+  dot.node("image", label="image", **diagram.INPUT)
+  dot.node("stem", label="stem\nconv3x3 + BN", **diagram.BOX)
+  dot.edge("image", "stem", style="bold", weight="100")
+  prev = "stem"
+  for l in range(L):
+    op, bits = space.layer_tokens(a, l)
+    dot.node(f"L{l}", label=f"layer {l}\n{OP_NAMES[op]}", **diagram.BOX)
+    dot.edge(prev, f"L{l}", style="bold", weight="100")
+    for i in np.nonzero(bits)[0].tolist():
+      src = "stem" if i == 0 else f"L{i - 1}"
+      dot.edge(src, f"L{l}", style="dashed", color="#7f7f7f", constraint="false",
+               tailport="e", headport="e")
+    prev = f"L{l}"
+    if l in reductions:
+      dot.node(f"reduce_{l}", label="factorized reduction\nstride 2, every earlier output",
+               shape="box", style="filled,dashed", fillcolor="#fde2c8")
+      dot.edge(prev, f"reduce_{l}", style="bold", weight="100")
+      prev = f"reduce_{l}"
+  dot.node("head", label="global avg pool\ndropout, FC (10 classes)", **diagram.OUTPUT)
+  dot.edge(prev, "head", style="bold", weight="100")
+  return dot.text()
+
+
+def child() -> registry.ImageChild:
+  """The macro child networks (enas_jax.spaces.cifar_macro_child)."""
+  from enas_jax.spaces import cifar_macro_child as m
+  return registry.ImageChild(
+      config=m.MacroChildConfig.from_config, init_shared=m.init_shared,
+      apply_shared=m.apply_shared, init_fixed=m.init_fixed, apply_fixed=m.apply_fixed,
+      l2_params=lambda params: params, count_params=m.count_params)
+
+
+ENTRY = registry.SpaceEntry(
+    name=MacroCodec.name, codec=MacroCodec, build=build, size_fields=("num_layers",),
+    sizes_for_length=sizes_for_length, task="image", dataset="images",
+    # The paper's 24-layer network.
+    named_arcs={"paper": registry.NamedArc(PAPER_ARC, {"num_layers": 24})},
+    draw=draw, child=child, metric="acc", higher_is_better=True)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enas_jax.spaces import base
+from enas_jax.spaces import base, diagram, registry
 
 OP_NAMES = ("sep3x3", "sep5x5", "avgpool", "maxpool", "identity")
 CELL_NAMES = ("normal", "reduction")
@@ -146,3 +146,77 @@ class MicroCodec(base.Codec):
     ops = jax.random.randint(k_op, (self.arc_length,), 0, self.num_ops)
     is_idx = (jnp.arange(self.arc_length) % 2) == 0
     return jnp.where(is_idx, idx, ops).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# The space's entry (enas_jax.spaces.registry): what the pipeline asks of it.
+
+def build(config) -> MicroCodec:
+  """The codec of a run config's ``space.num_nodes``."""
+  return MicroCodec(num_nodes=int(config.space.num_nodes))
+
+
+def sizes_for_length(num_tokens: int) -> dict:
+  """``{"num_nodes": B}`` for an arc of ``8B`` tokens."""
+  if num_tokens % 8 or num_tokens == 0:
+    raise ValueError(
+        f"cifar_micro: wrong arc length {num_tokens}; two cells of B nodes take 8 x B "
+        f"tokens (40 for 5 nodes), and {num_tokens} is not a multiple of 8.")
+  return {"num_nodes": num_tokens // 8}
+
+
+def draw(space: MicroCodec, a: np.ndarray) -> str:
+  """DOT text of the two cells: per cell its inputs, an add node per node fed by
+  two op-labelled edges, and the concat of the loose ends."""
+  B = space.num_nodes
+  dot = diagram.Dot(space.name, [
+      f"enas_jax.visualize: space={space.name} num_nodes={B}",
+      f"arc: {base.format_tokens(a)}"])
+  diagram.header(dot, f"CIFAR-10 micro cells: {B} nodes each; output = concat of loose ends")
+  dot.graph(rankdir="TB")
+  for c, cname in enumerate(CELL_NAMES):
+    cell = a[c * space.cell_length:(c + 1) * space.cell_length].tolist()
+    loose = space.loose_ends(a, c)
+    title = f"{cname} cell"
+    if cname == "reduction":
+      title += " (ops reading c_{k-2} or c_{k-1} have stride 2)"
+    dot.open(f"subgraph cluster_{cname}")
+    dot.graph(label=title, style="rounded", color="#7f7f7f")
+    ids = {0: f"{cname}_in0", 1: f"{cname}_in1"}
+    dot.node(ids[0], label="c_{k-2}", **diagram.INPUT)
+    dot.node(ids[1], label="c_{k-1}", **diagram.INPUT)
+    for k in range(B):
+      b = k + 2
+      ids[b] = f"{cname}_n{b}"
+      dot.node(f"{cname}_add{b}", label="add", shape="circle", style="filled",
+               fillcolor="#fff5bf", fontsize="9")
+      dot.node(ids[b], label=f"node {b}", **(diagram.LOOSE if b in loose else diagram.BOX))
+    for k in range(B):
+      b = k + 2
+      i1, o1, i2, o2 = cell[4 * k:4 * k + 4]
+      for idx, op in ((i1, o1), (i2, o2)):
+        dot.edge(ids[idx], f"{cname}_add{b}", label=OP_NAMES[op])
+      dot.edge(f"{cname}_add{b}", ids[b])
+    dot.node(f"{cname}_out", label="concat\nc_k", **diagram.OUTPUT)
+    for b in loose:
+      dot.edge(ids[b], f"{cname}_out", style="dashed", color="#2e7d32")
+    dot.close()
+  return dot.text()
+
+
+def child() -> registry.ImageChild:
+  """The micro child networks (enas_jax.spaces.cifar_micro_child); L2 leaves out
+  the auxiliary head (the original's L2 covered its optimised weights only)."""
+  from enas_jax.spaces import cifar_micro_child as m
+  return registry.ImageChild(
+      config=m.MicroChildConfig.from_config, init_shared=m.init_shared,
+      apply_shared=m.apply_shared, init_fixed=m.init_fixed, apply_fixed=m.apply_fixed,
+      l2_params=m.without_aux, count_params=m.count_params)
+
+
+ENTRY = registry.SpaceEntry(
+    name=MicroCodec.name, codec=MicroCodec, build=build, size_fields=("num_nodes",),
+    sizes_for_length=sizes_for_length, task="image", dataset="images",
+    # The paper's cells, 5 nodes each.
+    named_arcs={"paper": registry.NamedArc(PAPER_ARC, {"num_nodes": 5})},
+    draw=draw, child=child, metric="acc", higher_is_better=True)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enas_jax.spaces import base
+from enas_jax.spaces import base, diagram, registry
 
 ACTIVATION_NAMES = ("tanh", "relu", "identity", "sigmoid")  # seed ids 0..3
 # Corrected-code id -> seed id (and back: the map is its own inverse).
@@ -288,3 +288,73 @@ def output_weights(arc, num_nodes: int, aggregate: str, static: bool):
   used = (prevs[:, None] == xp.arange(num_nodes)[None, :]).any(axis=0)
   loose = 1.0 - used.astype(xp.float32)
   return loose / loose.sum()
+
+
+# ---------------------------------------------------------------------------
+# The space's entry (enas_jax.spaces.registry): what the pipeline asks of it.
+
+def build(config) -> PTBSpace:
+  """The space a run config describes: ``space.*`` and the controller program's
+  structure (``controller.node0_anchor`` / ``node1_input``)."""
+  s = config.space
+  c = config.get("controller", None) or {}
+  return PTBSpace(num_nodes=int(s.num_nodes), num_activations=int(s.num_activations),
+                  aggregate=s.aggregate, node0_activations=int(s.node0_activations),
+                  node0_anchor=str(c.get("node0_anchor", "lstm")),
+                  node1_input=str(c.get("node1_input", "act_emb")))
+
+
+def sizes_for_length(num_tokens: int) -> dict:
+  """``{"num_nodes": N}`` for an arc of ``2N - 1`` tokens."""
+  if num_tokens % 2 == 0:
+    raise ValueError(
+        f"ptb: wrong arc length {num_tokens}; N nodes take 2N-1 tokens (23 for 12 nodes), "
+        f"an odd number. An even length looks like the corrected code's format (no "
+        f"node-0 token): pass --corrected to read it.")
+  return {"num_nodes": max(2, (num_tokens + 1) // 2)}
+
+
+def draw(space: PTBSpace, a: np.ndarray) -> str:
+  """DOT text of a cell: the inputs, node 0 reading both, each node reading its
+  chosen previous node (labelled with its activation), the output mean."""
+  n = space.num_nodes
+  weights = np.asarray(output_weights(a, n, space.aggregate, static=True))
+  outputs = [int(k) for k in np.nonzero(weights)[0]]
+  if space.aggregate == "all":
+    what = f"mean of nodes 1..{n - 1}"
+  else:
+    what = f"mean of loose ends {{{diagram.ints(outputs)}}}"
+  dot = diagram.Dot("ptb_cell", [
+      f"enas_jax.visualize: space={space.name} num_nodes={n} aggregate={space.aggregate}",
+      f"arc: {base.format_tokens(a)}"])
+  diagram.header(dot, f"PTB recurrent cell: {n} nodes, output = {what}")
+  dot.graph(rankdir="TB")
+  dot.node("x_t", label="x_t", **diagram.INPUT)
+  dot.node("h_prev", label="h_{t-1}", **diagram.INPUT)
+  loose = set(outputs) if space.aggregate == "loose_ends" else set()
+  for i in range(n):
+    act = ACTIVATION_NAMES[int(a[0 if i == 0 else 2 * i])]
+    dot.node(f"n{i}", label=f"{i}: {act}", **(diagram.LOOSE if i in loose else diagram.BOX))
+  dot.edge("x_t", "n0")
+  dot.edge("h_prev", "n0")
+  for i in range(1, n):
+    dot.edge(f"n{int(a[2 * i - 1])}", f"n{i}")
+  dot.node("mean", label="mean", shape="circle", style="filled", fillcolor="#fff5bf")
+  for k in outputs:
+    dot.edge(f"n{k}", "mean", style="dashed", color="#2e7d32")
+  dot.node("h_t", label="h_t", **diagram.OUTPUT)
+  dot.edge("mean", "h_t")
+  return dot.text()
+
+
+ENTRY = registry.SpaceEntry(
+    name=PTBSpace.name, codec=PTBSpace, build=build, size_fields=("num_nodes",),
+    sizes_for_length=sizes_for_length, task="lm", dataset="corpus",
+    named_arcs={
+        # The paper's cell (12 nodes, output = mean of the loose ends).
+        "paper": registry.NamedArc(PAPER_ARC, {"num_nodes": 12, "aggregate": "loose_ends"}),
+        # The corrected code's shipped cell (9 nodes, output = mean of nodes 1..8).
+        "corrected": registry.NamedArc(str(from_corrected(CORRECTED_SHIPPED_ARC)),
+                                       {"num_nodes": 9, "aggregate": "all"}),
+    },
+    draw=draw, child=None, metric="ppl", higher_is_better=False)
