@@ -209,7 +209,7 @@ def test_config_variant_builds_the_corrected_search():
   assert (s.controller.adam_b1, s.controller.adam_eps, s.data.random_bptt) == (0.0, 1e-3, False)
 
 
-@pytest.mark.slow  # a whole tiny search and derive: ~140 s wall on the loaded 2 cores (~25 s CPU)
+@pytest.mark.slow  # a whole tiny search and derive: 32 s with a cold compilation cache
 def test_tiny_corrected_search_runs(tmp_path):
   """Search with random-length windows: passes of a random number of steps,
   a controller phase after each, the run ends at the nominal step budget."""
@@ -229,3 +229,17 @@ def test_tiny_corrected_search_runs(tmp_path):
   assert max(r["step"] for r in rows) == budget
   best = open(tmp_path / "best_arc.txt").read().split()
   assert len(best) == 2 * 4 - 1 and best[0] == "0"
+
+
+@pytest.mark.slow  # three tiny searches: 37 s cold on the loaded 2 cores
+def test_random_window_search_resumes_exactly(tmp_path):
+  """Stopped at a budget that ends mid-pass, then rerun with a larger budget:
+  the same derived arcs as an uninterrupted run."""
+  from enas_jax.train import run
+  cfg = lambda n: tiny_ptb_config("search_corrected", **{  # noqa: E731
+      "search.num_epochs": n, "search.then_final": False})
+  full, part = tmp_path / "full", tmp_path / "part"
+  run.run(cfg(2), str(full))
+  run.run(cfg(1), str(part))  # budget 99 steps: mid-pass (the first pass is longer)
+  run.run(cfg(2), str(part))
+  assert (part / "arcs.jsonl").read_text() == (full / "arcs.jsonl").read_text()
