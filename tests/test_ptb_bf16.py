@@ -82,9 +82,9 @@ def test_bf16_step_agrees_with_f32(aggregate):
   # relative error (global norm of the difference / norm) 0.005 / 0.005, carried
   # state max |diff| 2e-3 / 1e-3: bfloat16's 8-bit mantissa (unit roundoff 4e-3).
   assert abs(float(l16 - l32)) / float(l32) < 1e-3
-  diff = np.sqrt(sum(float(jnp.sum(jnp.square(a - b)))
-                     for a, b in zip(jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16))))
-  norm = np.sqrt(sum(float(jnp.sum(jnp.square(a))) for a in jax.tree_util.tree_leaves(g32)))
+  leaves32, leaves16 = jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16)
+  diff = np.sqrt(sum(float(jnp.sum(jnp.square(a - b))) for a, b in zip(leaves32, leaves16)))
+  norm = np.sqrt(sum(float(jnp.sum(jnp.square(a))) for a in leaves32))
   assert 1e-4 < diff / norm < 0.03  # > 1e-4: not silently float32
   assert float(jnp.max(jnp.abs(a16["h"] - a32["h"]))) < 1e-2
 
