@@ -5,7 +5,7 @@ line each (README "Adding a search space")."""
 
 from __future__ import annotations
 
-from enas_jax.spaces import base, cifar_macro, cifar_micro, ptb, registry
+from enas_jax.spaces import base, cifar_macro, cifar_micro, cifar_nb201, ptb, registry
 from enas_jax.spaces.cifar_macro import MacroCodec
 from enas_jax.spaces.cifar_micro import MicroCodec
 from enas_jax.spaces.ptb import PTBSpace
@@ -14,6 +14,7 @@ from enas_jax.spaces.registry import NamedArc, SpaceEntry, entries, entry, names
 registry.register(ptb.ENTRY)
 registry.register(cifar_macro.ENTRY)
 registry.register(cifar_micro.ENTRY)
+registry.register(cifar_nb201.ENTRY)
 
 
 def get(name: str, **kwargs):
