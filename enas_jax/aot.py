@@ -293,7 +293,7 @@ def corpus_shapes(config):
   """A ``Corpus`` of the run's sizes (zeros): PTB's, or the synthetic ones."""
   from enas_jax.data.ptb import Corpus
   d = config.data
-  if d.get("source", "ptb") == "synthetic":
+  if d.get("source") == "synthetic":
     n = {s: int(d[f"num_{s}_tokens"]) for s in ("train", "valid", "test")}
   else:
     n = PTB_TOKENS
@@ -324,21 +324,15 @@ def row_arc(config, space, row: str):
   space has the paper's size, else a fixed uniform sample."""
   import jax
   import numpy as np
-  from enas_jax.spaces import cifar_macro, cifar_micro
-  from enas_jax.spaces import ptb as ptb_space
-  from enas_jax.train.run import resolve_arc
+  from enas_jax import spaces
+  from enas_jax.train.run import named_arc_config, resolve_arc
   if config.mode == "final" and row == "final":
     space, arc = resolve_arc(config, space)
-    if space.name == "ptb":
-      config = config.copy_and_resolve_references()
-      with config.unlocked():
-        config.space.num_nodes, config.space.aggregate = space.num_nodes, space.aggregate
-    return space, arc, config
-  paper = {("cifar_micro", 5): cifar_micro.PAPER_ARC, ("cifar_macro", 24): cifar_macro.PAPER_ARC,
-           ("ptb", 12): ptb_space.PAPER_ARC}
-  size = space.num_layers if space.name == "cifar_macro" else space.num_nodes
-  if (space.name, size) in paper:
-    return space, space.parse(paper[(space.name, size)]), config
+    return space, arc, named_arc_config(config)
+  entry = spaces.entry(space.name)
+  paper = entry.named_arcs.get("paper")
+  if paper is not None and all(getattr(space, f) == paper.space[f] for f in entry.size_fields):
+    return space, space.parse(paper.text), config
   return space, np.asarray(space.sample_uniform(jax.random.key(1))), config
 
 
@@ -372,7 +366,7 @@ def compile_row(config, row: str, target_text: str) -> dict:
   ``final``) for the ``--aot`` target and returns its JSON dict. Nothing runs."""
   import jax
   from jax.sharding import Mesh
-  from enas_jax import backend, parallel
+  from enas_jax import backend, parallel, spaces
   from enas_jax.train.run import build_space
 
   target = parse_target(target_text)
@@ -387,7 +381,8 @@ def compile_row(config, row: str, target_text: str) -> dict:
   batch = int(config.data.batch_size)
   parallel.check_divisible(batch, mesh, "data.batch_size")
   parallel.check_divisible(int(config.data.eval_batch_size), mesh, "data.eval_batch_size")
-  if space.name == "ptb":
+  lm = spaces.entry(space.name).task == "lm"
+  if lm:
     from enas_jax.train.lm import LMTask
     task = LMTask(config, corpus_shapes(config), host_mesh,
                   shared=row in ("shared", "shared_fixed_arc"))
@@ -423,7 +418,7 @@ def compile_row(config, row: str, target_text: str) -> dict:
       "space": space.name, "mode": row, "platform": target.platform,
       "topology": target.topology, "devices": n_dev, "devices_per_chip": per_chip,
       "batch_size": batch, **({"bptt": task.bptt, "hidden_size": task.cc.hidden_size}
-                              if space.name == "ptb" else
+                              if lm else
                               {"num_layers": int(config.space.num_layers),
                                "out_filters": int(config.child.out_filters)}),
       "kernels": kernels,

@@ -112,7 +112,7 @@ def synthetic_images(n: int):
 
 def _image_row(config, row: str, steps: int) -> dict:
   import jax
-  from enas_jax import aot, parallel
+  from enas_jax import aot, parallel, spaces
   from enas_jax.train.image import ImageTask
   from enas_jax.train.run import build_space
 
@@ -133,7 +133,7 @@ def _image_row(config, row: str, steps: int) -> dict:
   return {
       "space": space.name, "mode": row, "backend": jax.default_backend(),
       "devices": len(jax.devices()), "batch_size": b, "num_layers": int(config.space.num_layers),
-      **({"num_nodes": space.num_nodes} if space.name == "cifar_micro" else {}),
+      **{f: getattr(space, f) for f in spaces.entry(space.name).size_fields},
       "out_filters": int(config.child.out_filters), "op_select": cfg.op_select,
       "kernels": cfg.kernels, "checkpoint_branches": cfg.checkpoint_branches,
       "num_params": task.count_params(state["params"]),
@@ -148,7 +148,8 @@ def _image_row(config, row: str, steps: int) -> dict:
 
 def run_row(config, row: str, steps: int) -> dict:
   """Measures one row in this process and returns its JSON dict."""
-  if config.space.name != "ptb":
+  from enas_jax import spaces
+  if spaces.entry(config.space.name).task == "image":
     return _image_row(config, row, steps)
   import jax
   from enas_jax import aot, parallel

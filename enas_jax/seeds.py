@@ -262,8 +262,11 @@ def summarize(rows: list[dict], metric: str, samplers: Sequence[str]) -> dict:
   return out
 
 
-def compare(summary: dict, metric: str, samplers: Sequence[str]) -> dict:
-  """Which sampler did better on the primary metric, and by how much."""
+def compare(summary: dict, metric: str, samplers: Sequence[str],
+            higher_is_better: bool | None = None) -> dict:
+  """Which sampler did better on the primary metric, and by how much.
+  ``higher_is_better``: the metric's direction (the space entry's; default:
+  higher for ``acc``, lower otherwise)."""
   if len(samplers) < 2:
     return {"verdict": "No baseline runs (--baseline=False): nothing to compare."}
   a, b = samplers[0], samplers[1]
@@ -276,7 +279,7 @@ def compare(summary: dict, metric: str, samplers: Sequence[str]) -> dict:
     return {"verdict": "No finished runs of one of the samplers: nothing to compare."}
   title = dict(metric_keys(metric))[primary]
   sa, sb = summary[a][primary], summary[b][primary]
-  higher = metric == "acc"
+  higher = metric == "acc" if higher_is_better is None else bool(higher_is_better)
   diff = sa["mean"] - sb["mean"]
   combined = math.sqrt(sa["std"] ** 2 + sb["std"] ** 2)
   direction = "higher" if higher else "lower"
@@ -402,16 +405,17 @@ def run_seeds(config, num_seeds: int, baseline: bool = True, workdir: str | None
           log(f"{where}: FAILED: {row['error']}")
       row.update(read_results(rdir))
       rows.append(row)
-  metric = next((r["metric"] for r in rows if "metric" in r),
-                "ppl" if config.space.name == "ptb" else "acc")
+  from enas_jax import spaces
+  entry = spaces.entry(config.space.name)
+  metric = next((r["metric"] for r in rows if "metric" in r), entry.metric)
   summary = summarize(rows, metric, samplers)
-  comparison = compare(summary, metric, samplers)
+  comparison = compare(summary, metric, samplers, entry.higher_is_better)
   title = (f"Seeds: {config.name}:{config.variant}, {num_seeds} seed(s) per sampler, "
            f"search.num_epochs={config.search.num_epochs}"
            + (f", final.num_epochs={config.final.num_epochs}" if config.search.then_final else ""))
   table = format_table(rows, summary, comparison, metric, samplers, title)
   report = {"config": f"{config.name}:{config.variant}", "metric": metric,
-            "higher_is_better": metric == "acc", "num_seeds": num_seeds,
+            "higher_is_better": entry.higher_is_better, "num_seeds": num_seeds,
             "samplers": list(samplers), "runs": rows, "summary": summary,
             "comparison": comparison}
   json_path = os.path.join(workdir, "seeds.json")

@@ -1,4 +1,4 @@
-"""Arc diagrams (Graphviz DOT) for the three search spaces.
+"""Arc diagrams (Graphviz DOT) for the registered search spaces.
 
 * :func:`to_dot` turns an arc of a space into DOT text (deterministic: the same
   arc and space settings always give the same string).
@@ -10,7 +10,7 @@
 * :func:`show` returns a small object that notebooks display as SVG (Graphviz
   installed) or as the DOT text.
 
-What is drawn:
+What is drawn (each space's entry ``draw``, next to its codec in ``enas_jax.spaces``):
 
 * ``ptb``: the inputs ``x_t`` and ``h_{t-1}``, node 0 reading both, every node
   ``i`` reading its chosen previous node, each node labelled with its
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -52,11 +51,12 @@ from typing import Any
 
 import numpy as np
 
-from enas_jax.spaces import base, cifar_macro, cifar_micro, ptb
+from enas_jax import spaces
+from enas_jax.spaces import base, diagram, ptb
+from enas_jax.spaces.cifar_macro import macro_reduction_layers  # noqa: F401 (re-export)
 
 logger = logging.getLogger(__name__)
 
-SPACE_NAMES = ("ptb", "cifar_macro", "cifar_micro")
 RENDER_FORMATS = ("svg", "png", "pdf")
 _DOT_TIMEOUT_S = 120
 
@@ -70,206 +70,24 @@ class GraphvizNotFoundError(RuntimeError):
   """The Graphviz ``dot`` executable is not on ``PATH``."""
 
 
-# ----------------------------------------------------------------------------
-# DOT building blocks.
-
-
-def _q(text: Any) -> str:
-  """A DOT double-quoted string; a newline in ``text`` becomes a line break."""
-  s = str(text)
-  s = s.replace("\\", "\\\\").replace('"', '\\"')
-  s = s.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
-  return f'"{s}"'
-
-
-def _attrs(attrs: dict) -> str:
-  if not attrs:
-    return ""
-  return " [" + ", ".join(f"{k}={_q(v)}" for k, v in attrs.items()) + "]"
-
-
-class _Dot:
-  """Collects DOT lines in the order they are added (so output is deterministic)."""
-
-  def __init__(self, name: str, comments: Sequence[str] = ()):
-    self.lines = [f"// {c}" for c in comments]
-    self.lines.append(f"digraph {name} {{")
-    self.indent = 1
-
-  def raw(self, line: str) -> None:
-    self.lines.append("  " * self.indent + line)
-
-  def graph(self, **attrs) -> None:
-    for k, v in attrs.items():
-      self.raw(f"{k}={_q(v)};")
-
-  def defaults(self, kind: str, **attrs) -> None:
-    self.raw(f"{kind}{_attrs(attrs)};")
-
-  def node(self, node_id: str, **attrs) -> None:
-    self.raw(f"{node_id}{_attrs(attrs)};")
-
-  def edge(self, src: str, dst: str, **attrs) -> None:
-    self.raw(f"{src} -> {dst}{_attrs(attrs)};")
-
-  def open(self, header: str) -> None:
-    self.raw(header + " {")
-    self.indent += 1
-
-  def close(self) -> None:
-    self.indent -= 1
-    self.raw("}")
-
-  def text(self) -> str:
-    return "\n".join(self.lines + ["}"]) + "\n"
-
-
-def _header(dot: _Dot, title: str) -> None:
-  dot.graph(label=title, labelloc="t", fontname="Helvetica", fontsize="14")
-  dot.defaults("node", fontname="Helvetica", fontsize="11")
-  dot.defaults("edge", fontname="Helvetica", fontsize="9")
-
-
-_INPUT = {"shape": "ellipse", "style": "filled", "fillcolor": "#dbe9f6"}
-_OUTPUT = {"shape": "ellipse", "style": "filled", "fillcolor": "#fde2c8"}
-_BOX = {"shape": "box", "style": "rounded,filled", "fillcolor": "#f4f4f4"}
-_LOOSE = {"shape": "box", "style": "rounded,filled", "fillcolor": "#d9f2d9"}
-
-
-def _ints(values) -> str:
-  return ", ".join(str(int(v)) for v in values)
-
-
-# ----------------------------------------------------------------------------
-# The three spaces.
-
-
-def _ptb_dot(space: ptb.PTBSpace, a: np.ndarray) -> str:
-  n = space.num_nodes
-  weights = np.asarray(ptb.output_weights(a, n, space.aggregate, static=True))
-  outputs = [int(k) for k in np.nonzero(weights)[0]]
-  if space.aggregate == "all":
-    what = f"mean of nodes 1..{n - 1}"
-  else:
-    what = f"mean of loose ends {{{_ints(outputs)}}}"
-  dot = _Dot("ptb_cell", [
-      f"enas_jax.visualize: space=ptb num_nodes={n} aggregate={space.aggregate}",
-      f"arc: {base.format_tokens(a)}"])
-  _header(dot, f"PTB recurrent cell: {n} nodes, output = {what}")
-  dot.graph(rankdir="TB")
-  dot.node("x_t", label="x_t", **_INPUT)
-  dot.node("h_prev", label="h_{t-1}", **_INPUT)
-  loose = set(outputs) if space.aggregate == "loose_ends" else set()
-  for i in range(n):
-    act = ptb.ACTIVATION_NAMES[int(a[0 if i == 0 else 2 * i])]
-    dot.node(f"n{i}", label=f"{i}: {act}", **(_LOOSE if i in loose else _BOX))
-  dot.edge("x_t", "n0")
-  dot.edge("h_prev", "n0")
-  for i in range(1, n):
-    dot.edge(f"n{int(a[2 * i - 1])}", f"n{i}")
-  dot.node("mean", label="mean", shape="circle", style="filled", fillcolor="#fff5bf")
-  for k in outputs:
-    dot.edge(f"n{k}", "mean", style="dashed", color="#2e7d32")
-  dot.node("h_t", label="h_t", **_OUTPUT)
-  dot.edge("mean", "h_t")
-  return dot.text()
-
-
-def macro_reduction_layers(num_layers: int) -> list[int]:
-  """Layers followed by a factorized reduction: ``floor(L/3)-1`` and ``2*floor(L/3)-1``
-  (none when L < 3; reference ``enas_original.md`` §5.1)."""
-  pd = num_layers // 3
-  return [l for l in (pd - 1, 2 * pd - 1) if l >= 0]
-
-
-def _macro_dot(space: cifar_macro.MacroCodec, a: np.ndarray) -> str:
-  L = space.num_layers
-  reductions = macro_reduction_layers(L)
-  dot = _Dot("cifar_macro", [
-      f"enas_jax.visualize: space=cifar_macro num_layers={L}",
-      f"arc: {base.format_tokens(a)}"])
-  where = (f"factorized reductions after layers {_ints(reductions)}" if reductions
-           else "no reductions")
-  _header(dot, f"CIFAR-10 macro network: {L} layers, {where}; dashed = skip connections")
-  dot.graph(rankdir="TB")
-  dot.node("image", label="image", **_INPUT)
-  dot.node("stem", label="stem\nconv3x3 + BN", **_BOX)
-  dot.edge("image", "stem", style="bold", weight="100")
-  prev = "stem"
-  for l in range(L):
-    op, bits = space.layer_tokens(a, l)
-    dot.node(f"L{l}", label=f"layer {l}\n{cifar_macro.OP_NAMES[op]}", **_BOX)
-    dot.edge(prev, f"L{l}", style="bold", weight="100")
-    for i in np.nonzero(bits)[0].tolist():
-      src = "stem" if i == 0 else f"L{i - 1}"
-      dot.edge(src, f"L{l}", style="dashed", color="#7f7f7f", constraint="false",
-               tailport="e", headport="e")
-    prev = f"L{l}"
-    if l in reductions:
-      dot.node(f"reduce_{l}", label="factorized reduction\nstride 2, every earlier output",
-               shape="box", style="filled,dashed", fillcolor="#fde2c8")
-      dot.edge(prev, f"reduce_{l}", style="bold", weight="100")
-      prev = f"reduce_{l}"
-  dot.node("head", label="global avg pool\ndropout, FC (10 classes)", **_OUTPUT)
-  dot.edge(prev, "head", style="bold", weight="100")
-  return dot.text()
-
-
-def _micro_dot(space: cifar_micro.MicroCodec, a: np.ndarray) -> str:
-  B = space.num_nodes
-  dot = _Dot("cifar_micro", [
-      f"enas_jax.visualize: space=cifar_micro num_nodes={B}",
-      f"arc: {base.format_tokens(a)}"])
-  _header(dot, f"CIFAR-10 micro cells: {B} nodes each; output = concat of loose ends")
-  dot.graph(rankdir="TB")
-  for c, cname in enumerate(cifar_micro.CELL_NAMES):
-    cell = a[c * space.cell_length:(c + 1) * space.cell_length].tolist()
-    loose = space.loose_ends(a, c)
-    title = f"{cname} cell"
-    if cname == "reduction":
-      title += " (ops reading c_{k-2} or c_{k-1} have stride 2)"
-    dot.open(f"subgraph cluster_{cname}")
-    dot.graph(label=title, style="rounded", color="#7f7f7f")
-    ids = {0: f"{cname}_in0", 1: f"{cname}_in1"}
-    dot.node(ids[0], label="c_{k-2}", **_INPUT)
-    dot.node(ids[1], label="c_{k-1}", **_INPUT)
-    for k in range(B):
-      b = k + 2
-      ids[b] = f"{cname}_n{b}"
-      dot.node(f"{cname}_add{b}", label="add", shape="circle", style="filled",
-               fillcolor="#fff5bf", fontsize="9")
-      dot.node(ids[b], label=f"node {b}", **(_LOOSE if b in loose else _BOX))
-    for k in range(B):
-      b = k + 2
-      i1, o1, i2, o2 = cell[4 * k:4 * k + 4]
-      for idx, op in ((i1, o1), (i2, o2)):
-        dot.edge(ids[idx], f"{cname}_add{b}", label=cifar_micro.OP_NAMES[op])
-      dot.edge(f"{cname}_add{b}", ids[b])
-    dot.node(f"{cname}_out", label="concat\nc_k", **_OUTPUT)
-    for b in loose:
-      dot.edge(ids[b], f"{cname}_out", style="dashed", color="#2e7d32")
-    dot.close()
-  return dot.text()
-
-
-_BUILDERS = {"ptb": _ptb_dot, "cifar_macro": _macro_dot, "cifar_micro": _micro_dot}
+_q = diagram.q  # DOT quoting (the spaces' drawings are built with enas_jax.spaces.diagram)
 
 
 def to_dot(space: base.Codec, arc: Any) -> str:
-  """DOT text of ``arc`` in ``space`` (a PTBSpace, MacroCodec or MicroCodec).
+  """DOT text of ``arc`` in ``space`` (a registered space's codec; its entry's ``draw``).
 
   ``arc`` is the arc array (or its string form). Raises ``ValueError`` with
   the codec's message when the arc is malformed for this space.
   """
   name = getattr(space, "name", None)
-  if name not in _BUILDERS:
+  if name not in spaces.names():
     raise ValueError(
         f"visualize: no diagram for search space {name!r} ({type(space).__name__}); "
-        f"supported: {', '.join(SPACE_NAMES)}.")
+        f"supported: {', '.join(spaces.names())}.")
   if isinstance(arc, ptb.ConvertedArc):
     arc = arc.arc
   a = space.parse(arc) if isinstance(arc, str) else space.validate(arc)
-  return _BUILDERS[name](space, np.asarray(a))
+  return spaces.entry(name).draw(space, np.asarray(a))
 
 
 # ----------------------------------------------------------------------------
@@ -401,99 +219,70 @@ def show(space: base.Codec, arc: Any) -> ArcDiagram:
 # ----------------------------------------------------------------------------
 # Command line.
 
-# name -> {space: (arc text, sizes, default aggregate)}
-NAMED_ARCS = {
-    "ptb": {
-        "paper": (ptb.PAPER_ARC, {"num_nodes": 12}, "loose_ends"),
-        "corrected": (str(ptb.from_corrected(ptb.CORRECTED_SHIPPED_ARC)),
-                      {"num_nodes": 9}, "all"),
-    },
-    "cifar_macro": {"paper": (cifar_macro.PAPER_ARC, {"num_layers": 24}, None)},
-    "cifar_micro": {"paper": (cifar_micro.PAPER_ARC, {"num_nodes": 5}, None)},
-}
+def _size_fields() -> list[str]:
+  """Every registered space's size fields (``--num_nodes``, ``--num_layers``, ...)."""
+  return sorted(set().union(*(e.size_fields for e in spaces.entries())))
 
 
-def _infer_size(space_name: str, num_tokens: int) -> int:
-  """Nodes / layers implied by an arc of ``num_tokens`` tokens."""
-  if space_name == "ptb":
-    if num_tokens % 2 == 0:
-      raise ValueError(
-          f"ptb: wrong arc length {num_tokens}; N nodes take 2N-1 tokens (23 for 12 nodes), "
-          f"an odd number. An even length looks like the corrected code's format (no "
-          f"node-0 token): pass --corrected to read it.")
-    return max(2, (num_tokens + 1) // 2)
-  if space_name == "cifar_macro":
-    L = (math.isqrt(8 * num_tokens + 1) - 1) // 2
-    if L < 1 or L * (L + 1) // 2 != num_tokens:
-      raise ValueError(
-          f"cifar_macro: wrong arc length {num_tokens}; L layers take L + L(L-1)/2 tokens "
-          f"(78 for 12 layers, 300 for 24), and {num_tokens} is not such a number.")
-    return L
-  if num_tokens % 8:
-    raise ValueError(
-        f"cifar_micro: wrong arc length {num_tokens}; two cells of B nodes take 8 x B "
-        f"tokens (40 for 5 nodes), and {num_tokens} is not a multiple of 8.")
-  return num_tokens // 8
-
-
-def build_space(space_name: str, num_tokens: int, num_nodes: int | None = None,
-                num_layers: int | None = None, aggregate: str | None = None) -> base.Codec:
-  """The codec for ``space_name`` sized for the given (or inferred) size."""
-  if space_name == "ptb":
-    if num_layers is not None:
-      raise ValueError("ptb: --num_layers is for cifar_macro; use --num_nodes.")
-    n = num_nodes if num_nodes is not None else _infer_size("ptb", num_tokens)
-    return ptb.PTBSpace(num_nodes=n, aggregate=aggregate or "loose_ends")
+def build_space(space_name: str, num_tokens: int, aggregate: str | None = None,
+                **sizes) -> base.Codec:
+  """The codec of ``space_name`` sized by ``sizes`` (its entry's size fields, e.g.
+  ``num_nodes=5``), or by the arc length ``num_tokens`` when none is given."""
+  entry = spaces.entry(space_name)
+  sizes = {k: v for k, v in sizes.items() if v is not None}
+  for k in sizes:
+    if k not in entry.size_fields:
+      raise ValueError(f"{space_name}: --{k} is not a size of this space; its sizes: "
+                       f"{', '.join('--' + f for f in entry.size_fields) or 'none'}.")
+  if not sizes:
+    sizes = entry.sizes_for_length(num_tokens)
+  kwargs = dict(sizes)
   if aggregate is not None:
-    raise ValueError(f"{space_name}: --aggregate is a ptb setting.")
-  if space_name == "cifar_macro":
-    if num_nodes is not None:
-      raise ValueError("cifar_macro: --num_nodes is for ptb/cifar_micro; use --num_layers.")
-    L = num_layers if num_layers is not None else _infer_size(space_name, num_tokens)
-    return cifar_macro.MacroCodec(num_layers=L)
-  if num_layers is not None:
-    raise ValueError("cifar_micro: --num_layers is for cifar_macro; use --num_nodes.")
-  B = num_nodes if num_nodes is not None else _infer_size(space_name, num_tokens)
-  return cifar_micro.MicroCodec(num_nodes=B)
+    if entry.codec is not ptb.PTBSpace:
+      raise ValueError(f"{space_name}: --aggregate is a {ptb.PTBSpace.name} setting.")
+    kwargs["aggregate"] = aggregate
+  return entry.codec(**kwargs)
 
 
 def resolve(space_name: str, arc_text: str, num_nodes: int | None = None,
             num_layers: int | None = None, aggregate: str | None = None,
-            corrected: bool = False):
-  """(space, arc array) for the CLI: ``arc_text`` is a name or the arc's string form.
+            corrected: bool = False, **sizes):
+  """(space, arc array) for the CLI: ``arc_text`` is a name of the space's named
+  arcs or the arc's string form; sizes not given come from the name or the length.
 
   ``corrected``: a ptb arc in the corrected code's format (``google-research/enas_lm``),
   converted with :func:`enas_jax.spaces.ptb.from_corrected` (aggregate ``"all"``
   unless given).
   """
-  named = NAMED_ARCS.get(space_name, {})
+  entry = spaces.entry(space_name)
+  sizes = {k: v for k, v in dict(sizes, num_nodes=num_nodes, num_layers=num_layers).items()
+           if v is not None}
   key = arc_text.strip()
   if corrected:
-    if space_name != "ptb":
-      raise ValueError(f"{space_name}: --corrected is for ptb arcs.")
-    if key in named:
+    if entry.codec is not ptb.PTBSpace:
+      raise ValueError(f"{space_name}: --corrected is for {ptb.PTBSpace.name} arcs.")
+    if key in entry.named_arcs:
       raise ValueError(f"ptb: --corrected reads an arc string; the named arc {key!r} "
                        f"needs no conversion.")
     conv = ptb.from_corrected(arc_text, aggregate=aggregate or "all")
-    if num_nodes is not None and num_nodes != conv.num_nodes:
+    if "num_nodes" in sizes and sizes["num_nodes"] != conv.num_nodes:
       raise ValueError(f"ptb(corrected): the arc has {conv.num_nodes} nodes (node 0 "
-                       f"included), not --num_nodes={num_nodes}.")
-    if num_layers is not None:
+                       f"included), not --num_nodes={sizes['num_nodes']}.")
+    if set(sizes) - {"num_nodes"}:
       raise ValueError("ptb: --num_layers is for cifar_macro; use --num_nodes.")
     return conv.space(), conv.arc
-  if key in named:
-    arc_text, sizes, default_agg = named[key]
-    given = {"num_nodes": num_nodes, "num_layers": num_layers}
-    for k, v in given.items():
-      if v is not None and sizes.get(k) != v:
+  if key in entry.named_arcs:
+    named = entry.named_arcs[key]
+    for k, v in sizes.items():
+      if named.space.get(k) != v:
         raise ValueError(
-            f"{space_name}: the {key!r} arc has {k}={sizes.get(k)}; drop --{k}={v}.")
-    num_nodes, num_layers = sizes.get("num_nodes"), sizes.get("num_layers")
-    if space_name == "ptb" and aggregate is None:
-      aggregate = default_agg
+            f"{space_name}: the {key!r} arc has {k}={named.space.get(k)}; drop --{k}={v}.")
+    arc_text = named.text
+    sizes = {k: named.space[k] for k in entry.size_fields if k in named.space}
+    if aggregate is None and "aggregate" in named.space:
+      aggregate = named.space["aggregate"]
   tokens = base.parse_tokens(arc_text, space_name)
-  space = build_space(space_name, len(tokens), num_nodes=num_nodes, num_layers=num_layers,
-                      aggregate=aggregate)
+  space = build_space(space_name, len(tokens), aggregate=aggregate, **sizes)
   return space, space.parse(arc_text)
 
 
@@ -502,14 +291,15 @@ def _parser() -> argparse.ArgumentParser:
       prog="python -m enas_jax.visualize",
       description="Draws an ENAS arc as a Graphviz diagram (.dot, or .svg/.png/.pdf "
                   "with Graphviz installed).")
-  p.add_argument("--space", required=True, choices=SPACE_NAMES)
+  p.add_argument("--space", required=True, choices=spaces.names())
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--arc", help="the arc's tokens (quoted), or a name: 'paper' "
-                                 "(every space), 'corrected' (ptb)")
+  names = "; ".join(f"{e.name}: {', '.join(e.named_arcs)}" for e in spaces.entries())
+  src.add_argument("--arc", help=f"the arc's tokens (quoted), or a name ({names})")
   src.add_argument("--arc_file", help="a file holding one arc (e.g. a search's best_arc.txt)")
   p.add_argument("--out", help="output file: .dot, .svg, .png or .pdf (default: print DOT)")
-  p.add_argument("--num_nodes", type=int, help="ptb / cifar_micro nodes (default: from the arc)")
-  p.add_argument("--num_layers", type=int, help="cifar_macro layers (default: from the arc)")
+  for f in _size_fields():
+    which = " / ".join(e.name for e in spaces.entries() if f in e.size_fields)
+    p.add_argument(f"--{f}", type=int, help=f"{which}: {f} (default: from the arc)")
   p.add_argument("--aggregate", choices=ptb.AGGREGATES,
                  help="ptb cell output (default loose_ends; 'all' for the corrected arc "
                       "and --corrected)")
@@ -531,9 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         arc_text = f.read()
     else:
       arc_text = args.arc
-    space, arc = resolve(args.space, arc_text, num_nodes=args.num_nodes,
-                         num_layers=args.num_layers, aggregate=args.aggregate,
-                         corrected=args.corrected)
+    sizes = {f: getattr(args, f) for f in _size_fields()}
+    space, arc = resolve(args.space, arc_text, aggregate=args.aggregate,
+                         corrected=args.corrected, **sizes)
     text = to_dot(space, arc)
     if not args.out:
       sys.stdout.write(text)

@@ -46,11 +46,11 @@ def _run(params, stats, arc, x, y, key, cfg):
   """Train forward (+ grads) and eval forward (with the updated statistics)."""
 
   def loss(p):
-    logits, new_stats = M.apply_shared(p, stats, arc, x, train=True, key=key, cfg=cfg)
+    logits, _, new_stats = M.apply_shared(p, stats, arc, x, train=True, key=key, cfg=cfg)
     return _ce(logits, y), (logits, new_stats)
 
   (_, (logits, new_stats)), grads = jax.value_and_grad(loss, has_aux=True)(params)
-  logits_eval, stats_eval = M.apply_shared(params, new_stats, arc, x, train=False, cfg=cfg)
+  logits_eval, _, stats_eval = M.apply_shared(params, new_stats, arc, x, train=False, cfg=cfg)
   return logits, new_stats, grads, logits_eval, stats_eval
 
 
@@ -170,8 +170,8 @@ def test_dropout_needs_a_key_and_eval_is_deterministic():
   arc = _arcs(1)[0]
   with pytest.raises(ValueError, match="dropout"):
     M.apply_shared(params, stats, arc, x, train=True, cfg=cfg)
-  a, _ = M.apply_shared(params, stats, arc, x, train=False, cfg=cfg)
-  b, _ = M.apply_shared(params, stats, arc, x, train=False, key=jax.random.key(5), cfg=cfg)
+  a, _, _ = M.apply_shared(params, stats, arc, x, train=False, cfg=cfg)
+  b, _, _ = M.apply_shared(params, stats, arc, x, train=False, key=jax.random.key(5), cfg=cfg)
   np.testing.assert_array_equal(a, b)
 
 
@@ -197,7 +197,7 @@ def test_shared_layout_and_reductions():
   assert bn_paths == st_paths
   x, _ = _data(hw=16)
   arc = _arcs(1, num_layers=6)[0]
-  logits, _ = M.apply_shared(*M.init_shared(jax.random.key(0), cfg), arc, x, train=False,
+  logits, _, _ = M.apply_shared(*M.init_shared(jax.random.key(0), cfg), arc, x, train=False,
                              cfg=cfg)
   assert logits.shape == (B, 10)
 
@@ -245,10 +245,10 @@ def test_fixed_child_train_eval_and_gradients():
   @jax.jit
   def step(params, stats, key):
     def loss(p):
-      logits, new_stats = M.apply_fixed(p, stats, arc, x, train=True, key=key, cfg=cfg)
+      logits, _, new_stats = M.apply_fixed(p, stats, arc, x, train=True, key=key, cfg=cfg)
       return _ce(logits, y), (logits, new_stats)
     (_, (logits, new_stats)), g = jax.value_and_grad(loss, has_aux=True)(params)
-    ev, ev_stats = M.apply_fixed(params, new_stats, arc, x, train=False, cfg=cfg)
+    ev, _, ev_stats = M.apply_fixed(params, new_stats, arc, x, train=False, cfg=cfg)
     return logits, new_stats, g, ev, ev_stats
 
   logits, new_stats, grads, ev, ev_stats = step(params, stats, jax.random.key(1))
@@ -403,7 +403,8 @@ def test_bfloat16_child_agrees_with_float32(kernels):
     cfg = _cfg("switch", kernels, compute_dtype=dt)
 
     def loss(p, cfg=cfg):
-      logits, ns = M.apply_shared(p, stats, arc, x, train=True, key=jax.random.key(7), cfg=cfg)
+      logits, _, ns = M.apply_shared(p, stats, arc, x, train=True, key=jax.random.key(7),
+                                     cfg=cfg)
       assert logits.dtype == jnp.float32
       return _ce(logits, y), ns
     out[dt] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)

@@ -109,8 +109,11 @@ def test_child_global_norm_clip_matches_optax(bound):
 def test_l2_penalty_leaves_out_the_micro_aux_head():
   import jax
   from enas_jax.spaces import cifar_micro_child as mc
-  from enas_jax.train.image import l2_penalty
+  from enas_jax import spaces
+  from enas_jax.train import image
   cfg = mc.MicroChildConfig(num_layers=1, num_nodes=2, out_filters=4)
+  l2_params = spaces.entry("cifar_micro").child().l2_params  # the micro entry's L2 weights
+  l2_penalty = lambda p: image.l2_penalty(p, l2_params=l2_params)  # noqa: E731
   shapes, _ = jax.eval_shape(lambda k: mc.init_shared(k, cfg), jax.random.key(0))
   assert "aux" in shapes  # the key l2_penalty leaves out
   rng = np.random.default_rng(0)

@@ -112,10 +112,7 @@ class Targets:
     self.config = config
     self.space = run_lib.build_space(config)
     self.mesh = parallel.make_mesh()
-    if config.space.name in run_lib.IMAGE_SPACES:
-      self.data = data_lib.load_images(config.data)
-    else:
-      self.data = data_lib.load_corpus(config.data)
+    self.data = run_lib.load_data(config)
     self._search = None
     self._final = {}
 

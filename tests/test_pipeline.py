@@ -166,13 +166,17 @@ def test_final_eval_only_reproduces_the_trained_result(tmp_path):
 
 
 def test_named_arcs_set_the_space():
-  from enas_jax.train.run import NAMED_ARCS, build_space, resolve_arc
+  from enas_jax import spaces
+  from enas_jax.train.run import build_space, named_arc_config, resolve_arc
   from configs import ptb as ptb_config
   c = ptb_config.get_config("final")
-  for name, (text, n, agg) in NAMED_ARCS.items():
+  for name, named in spaces.entry("ptb").named_arcs.items():
     c2 = c.copy_and_resolve_references()
     with c2.unlocked():
       c2.arc = name
     space, arc = resolve_arc(c2, build_space(c2))
-    assert (space.num_nodes, space.aggregate) == (n, agg)
-    assert space.format(arc) == text
+    assert (space.num_nodes, space.aggregate) == (named.space["num_nodes"],
+                                                  named.space["aggregate"])
+    assert space.format(arc) == named.text
+    c3 = named_arc_config(c2)  # the config a final run of the name records
+    assert (c3.space.num_nodes, c3.space.aggregate) == (space.num_nodes, space.aggregate)

@@ -41,8 +41,9 @@ VARIANTS = {
 
 def make_step(cfg, static_arc=None):
   def loss_fn(params, stats, arc, x, y, key):
-    logits, new_stats = M.apply_shared(params, stats, arc if static_arc is None else static_arc,
-                                       x, train=True, key=key, cfg=cfg)
+    logits, _, new_stats = M.apply_shared(params, stats,
+                                          arc if static_arc is None else static_arc,
+                                          x, train=True, key=key, cfg=cfg)
     logp = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1)), new_stats
 

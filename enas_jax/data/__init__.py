@@ -12,9 +12,9 @@ from enas_jax.data.synthetic import synthetic_corpus
 SOURCES = ("ptb", "synthetic", "cifar10")  # "synthetic" serves both tasks (corpus or images).
 
 __all__ = ["PTB_FILES", "SOURCES", "Corpus", "ImageData", "augment", "batchify",
-           "default_cifar10_dir", "default_ptb_dir", "load_cifar10", "load_corpus", "load_images",
-           "load_ptb", "normalize", "num_windows", "synthetic_cifar", "synthetic_corpus",
-           "tokenize"]
+           "default_cifar10_dir", "default_ptb_dir", "load", "load_cifar10", "load_corpus",
+           "load_images", "load_ptb", "normalize", "num_windows", "synthetic_cifar",
+           "synthetic_corpus", "tokenize"]
 
 
 def default_ptb_dir() -> str:
@@ -69,3 +69,16 @@ def load_images(data_cfg) -> ImageData:
     return synthetic_cifar(num_train=get("num_train", 512), num_test=get("num_test", 128),
                            seed=get("seed", 0), num_valid=get("num_valid", 0))
   raise ValueError(f"unknown image data source {source!r}; valid: cifar10, synthetic.")
+
+
+# The loaders by the kind of data a search space trains on (its registry entry's
+# ``dataset``); ``data.source`` then names the data set.
+LOADERS = {"corpus": load_corpus, "images": load_images}
+
+
+def load(kind: str, data_cfg):
+  """``LOADERS[kind](data_cfg)``: ``"corpus"`` (:func:`load_corpus`) or
+  ``"images"`` (:func:`load_images`)."""
+  if kind not in LOADERS:
+    raise ValueError(f"unknown kind of data {kind!r}; valid: {', '.join(LOADERS)}.")
+  return LOADERS[kind](data_cfg)

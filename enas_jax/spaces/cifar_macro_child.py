@@ -357,8 +357,8 @@ def _search_branch(op: int, train: bool, cfg: MacroChildConfig):
 
 def apply_shared(params, batch_stats, arc, images_NHWC, *, train: bool, key=None,
                  cfg: MacroChildConfig):
-  """Logits ``[N, num_classes]`` and the new ``batch_stats`` of the shared child
-  for one arc.
+  """``(logits [N, num_classes], None, new batch_stats)`` of the shared child for
+  one arc (``None``: no auxiliary head; the image spaces' one convention).
 
   ``arc``: a traced/device ``int32`` array of the codec's length (one compiled
   function for every arc; invalid tokens are not caught here, ``lax.switch``
@@ -396,7 +396,8 @@ def apply_shared(params, batch_stats, arc, images_NHWC, *, train: bool, key=None
                                train=train, cfg=cfg)
       new_reduce.append(rs)
   logits = _head(params["fc"], layers[-1], train=train, key=key, cfg=cfg)
-  return logits, {"stem": st_stem, "layers": tuple(new_layers), "reduce": tuple(new_reduce)}
+  return logits, None, {"stem": st_stem, "layers": tuple(new_layers),
+                        "reduce": tuple(new_reduce)}
 
 
 # ---------------------------------------------------------------- fixed child
@@ -453,9 +454,9 @@ def _fixed_layer(diff, extra, *, op, first, train, cfg):
 
 
 def apply_fixed(params, batch_stats, arc, images_NHWC, *, train: bool, key=None,
-                cfg: MacroChildConfig):
-  """Logits and new ``batch_stats`` of the fixed child (``arc``: the numpy arc
-  that :func:`init_fixed` was given)."""
+                cfg: MacroChildConfig, progress=0.0):
+  """``(logits, None, new batch_stats)`` of the fixed child (``arc``: the numpy arc
+  that :func:`init_fixed` was given; ``progress`` is unused: no drop-path)."""
   ops, bits = _static_arc(arc, cfg, "apply_fixed")
   x, st_stem = _apply_stem(params["stem"], batch_stats["stem"], images_NHWC, train=train,
                            cfg=cfg)
@@ -476,7 +477,8 @@ def apply_fixed(params, batch_stats, arc, images_NHWC, *, train: bool, key=None,
                                train=train, cfg=cfg)
       new_reduce.append(rs)
   logits = _head(params["fc"], layers[-1], train=train, key=key, cfg=cfg)
-  return logits, {"stem": st_stem, "layers": tuple(new_layers), "reduce": tuple(new_reduce)}
+  return logits, None, {"stem": st_stem, "layers": tuple(new_layers),
+                        "reduce": tuple(new_reduce)}
 
 
 def count_params(params: Any) -> int:

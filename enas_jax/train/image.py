@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from enas_jax import backend, compile_cache, parallel
+from enas_jax import backend, compile_cache, parallel, spaces
 from enas_jax.data import cifar10 as cifar_data
-from enas_jax.spaces import cifar_micro_child, conv_ops
+from enas_jax.spaces import conv_ops
 from enas_jax.train import common
 
 ArcSampler = Callable[[dict, jax.Array], jax.Array]
@@ -80,12 +80,15 @@ def clip_by_global_norm(max_norm: float, kernels: str = "xla") -> optax.Gradient
   return optax.stateless(clip)
 
 
-def l2_penalty(params, kernels: str = "xla") -> jax.Array:
-  """``sum(w^2)`` over the child's weights except the micro auxiliary head's
-  (``params["aux"]``): the original's L2 covered only its optimised variables,
-  which left the aux head out (reference §6.1; its head was never trained at
-  all, ours is)."""
-  return conv_ops.l2_sum(cifar_micro_child.without_aux(params), kernels=kernels)
+def l2_penalty(params, kernels: str = "xla", *, l2_params=None) -> jax.Array:
+  """``sum(w^2)`` over the weights ``l2_params(params)`` selects (the space
+  entry's :attr:`~enas_jax.spaces.registry.ImageChild.l2_params`; default all).
+  The micro space's leaves out its auxiliary head (``params["aux"]``): the
+  original's L2 covered only its optimised variables, which left the aux head
+  out (reference §6.1; its head was never trained at all, ours is)."""
+  if l2_params is not None:
+    params = l2_params(params)
+  return conv_ops.l2_sum(params, kernels=kernels)
 
 
 def child_optimizer(child_cfg, schedule) -> optax.GradientTransformation:
@@ -111,47 +114,44 @@ def child_optimizer(child_cfg, schedule) -> optax.GradientTransformation:
 
 
 class ChildFns:
-  """The child network functions of a CIFAR space, in one calling convention:
+  """The child network functions of an image space (its entry's
+  :class:`~enas_jax.spaces.registry.ImageChild`), bound to a run config:
   ``init(key) -> (params, batch_stats)`` and
   ``apply(params, batch_stats, arc, images, train, key, progress) -> (logits, aux_logits | None, batch_stats)``.
   ``shared=True`` is the weight-shared search child (``arc`` traced, or a numpy
   arc to bake it in); ``shared=False`` the fixed final child of ``arc``."""
 
   def __init__(self, space_name: str, config, *, shared: bool, arc=None):
-    if space_name == "cifar_macro":
-      from enas_jax.spaces import cifar_macro_child as mod
-      self.cfg = mod.MacroChildConfig.from_config(config)
-    elif space_name == "cifar_micro":
-      from enas_jax.spaces import cifar_micro_child as mod
-      self.cfg = mod.MicroChildConfig.from_config(config)
-    else:
-      raise ValueError(f"ImageTask serves the CIFAR spaces, not {space_name!r}.")
-    self.mod, self.shared, self.space_name = mod, shared, space_name
+    entry = spaces.entry(space_name)
+    if entry.child is None:
+      raise ValueError(f"ImageTask serves the image spaces "
+                       f"({', '.join(e.name for e in spaces.entries() if e.child)}), "
+                       f"not {space_name!r} (task {entry.task!r}).")
+    self.child = entry.child()
+    self.cfg = self.child.config(config)
+    self.shared, self.space_name = shared, space_name
     self.arc = None if arc is None else np.asarray(arc, np.int32)
     if not shared and self.arc is None:
       raise ValueError("the fixed child needs its arc.")
 
   def init(self, key):
     if self.shared:
-      return self.mod.init_shared(key, self.cfg)
-    return self.mod.init_fixed(key, self.cfg, self.arc)
+      return self.child.init_shared(key, self.cfg)
+    return self.child.init_fixed(key, self.cfg, self.arc)
 
   def apply(self, params, batch_stats, arc, images, *, train, key, progress=0.0):
-    mod, cfg = self.mod, self.cfg
     if self.shared:
-      out = mod.apply_shared(params, batch_stats, arc, images, train=train, key=key, cfg=cfg)
-    elif self.space_name == "cifar_micro":
-      out = mod.apply_fixed(params, batch_stats, self.arc, images, train=train, key=key, cfg=cfg,
-                            progress=progress)
-    else:
-      out = mod.apply_fixed(params, batch_stats, self.arc, images, train=train, key=key, cfg=cfg)
-    if len(out) == 2:
-      logits, stats = out
-      return logits, None, stats
-    return out
+      return self.child.apply_shared(params, batch_stats, arc, images, train=train, key=key,
+                                     cfg=self.cfg)
+    return self.child.apply_fixed(params, batch_stats, self.arc, images, train=train, key=key,
+                                  cfg=self.cfg, progress=progress)
+
+  def l2_penalty(self, params) -> jax.Array:
+    """:func:`l2_penalty` over the weights the space's L2 covers."""
+    return l2_penalty(params, self.cfg.kernels, l2_params=self.child.l2_params)
 
   def count_params(self, params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+    return int(self.child.count_params(params))
 
 
 def _ce_and_correct(logits, labels):
@@ -296,7 +296,7 @@ class ImageTask(common.DeviceData):
         if aux_logits is not None and aux_w > 0:
           loss = loss + aux_w * jnp.mean(_ce_and_correct(aux_logits, y)[0])
         if l2 > 0:
-          loss = loss + l2 * l2_penalty(params, fns.cfg.kernels)
+          loss = loss + l2 * fns.l2_penalty(params)
         return loss, (ce, jnp.mean(correct), stats)
 
       (loss, (ce, acc, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

@@ -13,7 +13,6 @@ from enas_jax import data as data_lib
 from enas_jax import metrics as metrics_lib
 from enas_jax import parallel
 from enas_jax import spaces
-from enas_jax.spaces import cifar_macro, cifar_micro, ptb
 from enas_jax.train import common
 from enas_jax.train.final import FinalSetup, run_final
 from enas_jax.train.image import ImageTask
@@ -23,51 +22,52 @@ from enas_jax.train.search import SearchSetup, derive, run_search
 log = common.log
 
 
-IMAGE_SPACES = ("cifar_macro", "cifar_micro")
-
-
 def build_space(config):
-  """The search space the config names, with its sizes (PTB: and the structure
-  of its controller program, ``controller.node0_anchor`` / ``node1_input``)."""
-  s = config.space
-  if s.name == "ptb":
-    c = config.get("controller", {})
-    return spaces.get(s.name, num_nodes=int(s.num_nodes), num_activations=int(s.num_activations),
-                      aggregate=s.aggregate, node0_activations=int(s.node0_activations),
-                      node0_anchor=str(c.get("node0_anchor", "lstm")),
-                      node1_input=str(c.get("node1_input", "act_emb")))
-  if s.name == "cifar_macro":
-    return spaces.get(s.name, num_layers=int(s.num_layers))
-  if s.name == "cifar_micro":
-    return spaces.get(s.name, num_nodes=int(s.num_nodes))
-  return spaces.get(s.name)  # unknown names get the registry's error
+  """The search space the config names, with its sizes (its registry entry's
+  ``build``; PTB: and the structure of its controller program,
+  ``controller.node0_anchor`` / ``node1_input``)."""
+  return spaces.build(config)
 
 
-# Named arcs of the PTB space: (seed-format string, num_nodes, aggregate).
-NAMED_ARCS = {
-    "paper": (ptb.PAPER_ARC, 12, "loose_ends"),
-    "corrected": (str(ptb.from_corrected(ptb.CORRECTED_SHIPPED_ARC)), 9, "all"),
-}
-# Named arcs of the CIFAR spaces: the paper's (the seed's final scripts).
-IMAGE_NAMED_ARCS = {"cifar_macro": {"paper": cifar_macro.PAPER_ARC},
-                    "cifar_micro": {"paper": cifar_micro.PAPER_ARC}}
+def load_data(config):
+  """The data the config's space trains on: its entry's ``dataset`` loader
+  (``corpus`` or ``images``) reading ``config.data`` (``data.source`` names the set)."""
+  return data_lib.load(spaces.entry(config.space.name).dataset, config.data)
+
+
+def _with_space_fields(config, fields):
+  """The config with ``space.<field> = value`` for ``fields`` (a copy when any differs)."""
+  if all(config.space.get(k) == v for k, v in fields.items()):
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for k, v in fields.items():
+      config.space[k] = v
+  return config
+
+
+def named_arc_config(config):
+  """The config with the space fields of the named arc it trains (``config.arc``
+  a name of the space's ``named_arcs`` and no ``arc_file``: e.g. PTB
+  ``corrected`` sets ``space.num_nodes=9, space.aggregate="all"``); else the
+  config unchanged."""
+  named = spaces.entry(config.space.name).named_arcs
+  if config.arc_file or config.arc not in named:
+    return config
+  return _with_space_fields(config, named[config.arc].space)
 
 
 def resolve_arc(config, space):
   """The arc to train in final mode: ``arc_file`` if set, else ``arc``.
 
-  ``arc`` may name an arc (``paper``, ``corrected``); then its space settings
-  (``num_nodes``, ``aggregate``) replace the config's. Returns (space, arc).
+  ``arc`` may name an arc of the space (``paper``; PTB ``corrected``); then the
+  space fields it implies (PTB ``num_nodes``, ``aggregate``) replace the
+  config's. Returns (space, arc).
   """
-  named_image = IMAGE_NAMED_ARCS.get(config.space.name, {})
-  if not config.arc_file and config.arc in named_image:
-    return space, space.parse(named_image[config.arc])
-  if not config.arc_file and config.space.name == "ptb" and config.arc in NAMED_ARCS:
-    text, n, agg = NAMED_ARCS[config.arc]
-    s = config.space
-    space = spaces.get(s.name, num_nodes=n, num_activations=int(s.num_activations),
-                       aggregate=agg, node0_activations=int(s.node0_activations))
-    return space, space.parse(text)
+  entry = spaces.entry(config.space.name)
+  if not config.arc_file and config.arc in entry.named_arcs:
+    space = entry.build(named_arc_config(config))
+    return space, space.parse(entry.named_arcs[config.arc].text)
   if config.arc_file:
     path = os.path.expanduser(config.arc_file)
     if not os.path.exists(path):
@@ -80,30 +80,23 @@ def resolve_arc(config, space):
   else:
     text, where = config.arc, "config.arc"
   if not text:
-    names = NAMED_ARCS if config.space.name == "ptb" else named_image
     raise ValueError("final mode needs an arc: --config.arc=\"0 0 0 1 ...\" (or a name: "
-                     f"{', '.join(names)}) or --config.arc_file=PATH.")
+                     f"{', '.join(entry.named_arcs)}) or --config.arc_file=PATH.")
   try:
     return space, space.parse(text)
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None
 
 
+# The task class of each task kind (SpaceEntry.task).
+TASKS = {"lm": LMTask, "image": ImageTask}
+
+
 def _make_task(config, data, mesh, *, shared: bool, arc=None):
-  if config.space.name in IMAGE_SPACES:
+  task = TASKS[spaces.entry(config.space.name).task]
+  if task is ImageTask:
     return ImageTask(config, data, mesh, shared=shared, arc=arc)
-  return LMTask(config, data, mesh, shared=shared)
-
-
-def _final_config(config, space):
-  """The config with the space sizes of a named arc (PTB: num_nodes, aggregate)."""
-  if config.space.name != "ptb":
-    return config
-  if (space.num_nodes, space.aggregate) != (config.space.num_nodes, config.space.aggregate):
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.space.num_nodes, config.space.aggregate = space.num_nodes, space.aggregate
-  return config
+  return task(config, data, mesh, shared=shared)
 
 
 def _with_arc(config, arc_text: str):
@@ -142,16 +135,13 @@ def run(config, workdir: str) -> dict:
   space = build_space(config)
   if config.mode == "final":  # a bad arc is reported before any data is read
     space, arc = resolve_arc(config, space)
-    config = _with_arc(_final_config(config, space), space.format(arc))
+    config = _with_arc(named_arc_config(config), space.format(arc))
   common.prepare_workdir(config, workdir)
   # Recorded unresolved above (a run resumed on another backend is not refused);
   # from here on every "auto" is concrete for this backend.
   config = backend.resolve_config(config)
   print(f"implementation: {backend.describe(config)}", flush=True)
-  if config.space.name in IMAGE_SPACES:
-    data = data_lib.load_images(config.data)
-  else:
-    data = data_lib.load_corpus(config.data)
+  data = load_data(config)
   out = {}
   with metrics_lib.MetricWriter(workdir, enabled=common.is_main_process(),
                                 tensorboard=bool(config.tensorboard)) as writer:
@@ -219,8 +209,7 @@ def _run_then_final(config, data, mesh, workdir: str, best_arc: str) -> dict:
   fconfig = backend.resolve_config(fconfig)
   if common.config_to_dict(fconfig.data) != common.config_to_dict(config.data):
     # e.g. CIFAR final training uses all 50,000 images (data.num_valid 0)
-    data = (data_lib.load_images if fconfig.space.name in IMAGE_SPACES
-            else data_lib.load_corpus)(fconfig.data)
+    data = load_data(fconfig)
   task = _make_task(fconfig, data, mesh, shared=False, arc=arc)
   with metrics_lib.MetricWriter(fdir, enabled=common.is_main_process(),
                                 tensorboard=bool(fconfig.tensorboard)) as writer:
