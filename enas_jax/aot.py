@@ -89,21 +89,33 @@ def topology_devices(target: Target):
   # libtpu admits one process per host unless told otherwise; compiling needs
   # no exclusive chip, so parallel compiles (test workers) may share it.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  chip, shape = target.topology.split(":")
+  dims = [int(d) for d in shape.split("x")]
+  n_chips = int(np.prod(dims))
+  name = target.topology
+  if n_chips < 4:
+    # libtpu describes whole hosts (2x2 chips or more): a smaller slice is the
+    # first chips of one host, and a program for it is compiled on a mesh of those.
+    name = f"{chip}:" + "x".join(["2", "2"] + ["1"] * (len(dims) - 2))
   try:
     from jax.experimental import topologies
-    topo = topologies.get_topology_desc(platform=target.platform, topology_name=target.topology)
+    topo = topologies.get_topology_desc(platform=target.platform, topology_name=name)
   except ImportError as e:
     raise ValueError(f"cannot describe TPU topology {target.topology!r}: {e}; install the TPU "
                      f"compiler with `pip install -e .[tpu]` (libtpu).") from e
   except Exception as e:  # libtpu missing, or a topology it refuses
     msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if "topology" in msg.lower() or "divisible" in msg.lower() or "invalid" in msg.lower():
-      hint = ("use a slice shape the generation sells, e.g. v5e:2x2, v5e:2x4, v5p:2x2x1, "
-              "v6e:2x2 (single-chip shapes such as v5e:1x1 are refused)")
+      hint = ("use a slice shape the generation sells, e.g. v5e:1x1, v5e:2x2, v5e:2x4, "
+              "v5p:2x2x1, v6e:2x2")
     else:
       hint = "is libtpu installed (`pip install -e .[tpu]`) and importable?"
     raise ValueError(f"cannot describe TPU topology {target.topology!r}: {msg}; {hint}") from e
-  return list(topo.devices)
+  devices = list(topo.devices)
+  if n_chips < 4:
+    per_chip = cores_per_chip(devices)
+    devices = devices[:n_chips * per_chip]
+  return devices
 
 
 def cores_per_chip(devices) -> int:
