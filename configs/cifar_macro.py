@@ -15,7 +15,7 @@ Variants (``--config=configs/cifar_macro.py:VARIANT``):
 
 Shared fields and their sources: ``configs/cifar_common.py``. Differences from
 the original that change numbers: the search child runs the *sampled* op (the
-original always ran max pool, reference §5.3); gradients are really clipped.
+original always ran max pool); gradients are really clipped.
 """
 
 import os

@@ -33,7 +33,7 @@ CIFAR controllers; ``enas_lm`` ``controller.py``):
 * Next input: ``w_emb[op]`` after an op, ``anchor_j / (0.1 + (i - j))`` after a
   PTB-style pointer or ``anchor_j`` after a micro-style one, ``g_emb`` after an
   anchor step.
-* Micro controller (``enas_original.md`` §3.2): the program's ``cell`` index
+* Micro controller: the program's ``cell`` index
   clears the anchors at the start of each cell while (c, h) carries on, and
   ``zero_anchor`` steps store a zero anchor with a non-zero attention key. All
   of these are switched on by the program (and ``op_tanh_reduce != 1``); when a

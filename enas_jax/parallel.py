@@ -1,4 +1,4 @@
-"""Devices, mesh and shardings (DESIGN.md invariant 4: shardings, not pmap).
+"""Devices, mesh and shardings.
 
 One 1-D mesh over all devices with axis ``data``. Batches are sharded along
 their first axis, the state is replicated, and ``jax.jit`` inserts the

@@ -1,7 +1,7 @@
 """REINFORCE for the ENAS controller: baseline, loss, optimiser, train step.
 
 Follows the original (``melodyguan/enas`` ``get_train_ops`` and the
-controllers; ``enas_original.md`` §1, §2.8, §12.7):
+controllers):
 
 * reward ``R = reward_fn(arc) + entropy_weight · entropy`` (the entropy bonus
   goes into the reward, not the loss; it is stop-gradient);
@@ -44,8 +44,8 @@ def sequential_baseline(baseline: jax.Array, rewards: jax.Array,
   """Runs the EMA baseline over ``rewards`` in order.
 
   For each ``R_k``: ``b ← b − (1 − decay)(b − R_k)``, then
-  ``advantage_k = R_k − b`` (update first, then use, as recommended in
-  ``enas_original.md`` §12.7). Returns ``(new_baseline, advantages[K])``.
+  ``advantage_k = R_k − b`` (update first, then use, as the original
+  code does). Returns ``(new_baseline, advantages[K])``.
   """
   rewards = jnp.asarray(rewards, jnp.float32)
 
@@ -275,8 +275,8 @@ def make_skip_penalty(decisions: Decisions, cfg: ctrl.ControllerConfig, *, skip_
   For each layer ``l >= 1`` (each ``BITS`` step), ``KL_l = sum_j sum_k p_jk
   log(p_jk / rho_k)`` with ``p_j = [sigmoid(-q'_j), sigmoid(q'_j)]`` and ``rho =
   [1 - skip_target, skip_target]``; the penalty is the mean over layers, times
-  ``skip_weight``, averaged over the arcs, and added to the *loss* (reference
-  ``enas_original.md`` §3.1). As in the original, ``p`` uses ``sigmoid(q')``
+  ``skip_weight``, averaged over the arcs, and added to the *loss* (as in the
+  original code). As in the original, ``p`` uses ``sigmoid(q')``
   although bits are sampled with ``sigmoid(2 q')``.
   """
   if not 0.0 < skip_target < 1.0:

@@ -1,7 +1,6 @@
 """CIFAR-10: loading, train/valid split, normalisation and on-device augmentation.
 
-Follows the original's ``src/cifar10/data_utils.py`` and ``models.py``
-(reference notes §4):
+Follows the original's ``src/cifar10/data_utils.py`` and ``models.py``:
 
 * images are NHWC, pixels in [0, 1] (``/ 255``);
 * with ``num_valid > 0`` (search: 5,000) the LAST ``num_valid`` images of the

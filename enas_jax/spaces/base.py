@@ -1,4 +1,4 @@
-"""The search-space protocol shared by every space (DESIGN.md invariant 3).
+"""The search-space protocol shared by every space.
 
 A search space is a small object that tells the controller *what* to sample (its
 :class:`Decisions` program), converts arcs between their string form and a flat

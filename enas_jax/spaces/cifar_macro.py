@@ -5,8 +5,8 @@ for each layer ``l = 0 .. L-1`` an op id followed by ``l`` skip bits, all
 concatenated: ``L + L(L-1)/2`` tokens (78 for the search script's 12 layers,
 300 for the paper's 24-layer network). Ops: 0 conv 3x3, 1 separable conv 3x3,
 2 conv 5x5, 3 separable conv 5x5, 4 average pool, 5 max pool. Bit ``i`` of
-layer ``l`` is a skip connection from an earlier layer (reference
-``enas_original.md`` §3.1 and §7.2).
+layer ``l`` is a skip connection from an earlier layer (as in the
+original code).
 
 The codec, the uniform sampler and the controller's decision program (op, then
 skip bits, per layer) are here so far; the shared and fixed children come with
@@ -75,7 +75,7 @@ class MacroCodec(base.Codec):
   def _build_decisions(self) -> base.Decisions:
     """The seed's macro controller program: per layer an op step, then a skip-bit
     step over the earlier layers, whose LSTM output is stored as the layer's
-    anchor (reference ``enas_original.md`` §3.1)."""
+    anchor."""
     kind, node, nc, tok, wa = [], [], [], [], []
     for l in range(self.num_layers):
       p = int(self.op_positions[l])
@@ -153,7 +153,7 @@ def sizes_for_length(num_tokens: int) -> dict:
 
 def macro_reduction_layers(num_layers: int) -> list[int]:
   """Layers followed by a factorized reduction: ``floor(L/3)-1`` and ``2*floor(L/3)-1``
-  (none when L < 3; reference ``enas_original.md`` §5.1)."""
+  (none when L < 3)."""
   pd = num_layers // 3
   return [l for l in (pd - 1, 2 * pd - 1) if l >= 0]
 

@@ -5,11 +5,11 @@ cell, then the reduction cell. A cell of ``B`` nodes (the scripts' 5) has
 ``4B`` tokens: for node ``b = 2 .. B+1``, ``index_1 op_1 index_2 op_2``, where an
 index is ``0 .. b-1`` (0 and 1 are the cell's two inputs, older first; 2.. are
 earlier nodes) and an op is 0 sep 3x3, 1 sep 5x5, 2 avg pool, 3 max pool,
-4 identity (reference ``enas_original.md`` §3.2, §6, §7.3). The whole arc has
+4 identity. The whole arc has
 ``8B`` tokens (40 for B = 5).
 
 ``MicroCodec.decisions`` is the micro controller's decision program
-(reference §3.2): per cell two input-node steps on ``g_emb`` (zero anchors,
+of the original: per cell two input-node steps on ``g_emb`` (zero anchors,
 non-zero attention keys), then per node ``b`` two pointers over ``0 .. b-1``,
 two op softmaxes and one anchor step; the reduction cell continues the LSTM
 state with fresh anchors. It asks the controller for the learned op bias
@@ -33,7 +33,7 @@ OP_NAMES = ("sep3x3", "sep5x5", "avgpool", "maxpool", "identity")
 CELL_NAMES = ("normal", "reduction")
 # The micro controller's learned op bias at initialisation (``b_soft``) and the
 # constant added to normal-cell op logits after the tanh (``b_soft_no_learn``):
-# both favour the two separable convolutions (reference §3.2).
+# both favour the two separable convolutions.
 OP_BIAS_INIT = (10.0, 10.0, 0.0, 0.0, 0.0)
 NORMAL_OP_OFFSET = (0.25, 0.25, -0.25, -0.25, -0.25)
 # The paper's cells (seed scripts/cifar10_micro_final.sh): normal, then reduction.
@@ -56,7 +56,7 @@ class MicroCodec(base.Codec):
     self.decisions = self._build_decisions()
 
   def _build_decisions(self) -> base.Decisions:
-    """The micro controller's program (reference ``enas_original.md`` §3.2).
+    """The micro controller's program.
 
     Per cell (normal, then reduction; node indices count within the cell, the
     anchor slots being nodes ``0 .. B+1``): two ``ANCHOR`` steps for the input

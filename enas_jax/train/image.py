@@ -11,7 +11,7 @@ child updates; it fixes the position in the data (``step % num_batches`` in a
 per-epoch permutation drawn from ``fold_in(data_key, epoch)``), the epoch of
 the learning-rate schedule, and the randomness (``fold_in(key, step)``).
 
-Training follows the original's CIFAR recipe (``enas_original.md`` §1, §9.1):
+Training follows the original's CIFAR recipe:
 SGD with Nesterov momentum 0.9, cosine learning rate with warm restarts per
 epoch (SGDR: T0, Tmul), L2 as ``l2_reg * sum(w^2)`` over every child weight
 added to the loss, and gradient clipping that really clips (the original's
@@ -85,7 +85,7 @@ def l2_penalty(params, kernels: str = "xla", *, l2_params=None) -> jax.Array:
   entry's :attr:`~enas_jax.spaces.registry.ImageChild.l2_params`; default all).
   The micro space's leaves out its auxiliary head (``params["aux"]``): the
   original's L2 covered only its optimised variables, which left the aux head
-  out (reference §6.1; its head was never trained at all, ours is)."""
+  out (its head was never trained at all, ours is)."""
   if l2_params is not None:
     params = l2_params(params)
   return conv_ops.l2_sum(params, kernels=kernels)
@@ -378,7 +378,7 @@ class ImageTask(common.DeviceData):
   def reward_fn(self, reward_c: float = 1.0):
     """The controller's reward: ``reward_c`` x accuracy of one arc on a random
     validation minibatch (``data.reward_batch_size``, default the training batch),
-    no augmentation, as in the original (§3.3). Like the original's shuffled
+    no augmentation, as in the original. Like the original's shuffled
     batch, each call draws distinct images afresh from ``key``
     (:meth:`reward_indices`, on the device)."""
     self._need_valid("the controller's reward")

@@ -1,7 +1,7 @@
 """Language-model task of the PTB space: data on the device, jitted child steps,
 the controller's reward, validation and arc scoring.
 
-Everything here is a pure function of explicit state (DESIGN.md invariant 2);
+Everything here is a pure function of explicit state;
 :class:`LMTask` only holds static settings and the on-device data arrays, and
 hands out jitted functions that a notebook can call as the CLI does.
 
