@@ -180,3 +180,26 @@ def test_named_arcs_set_the_space():
     assert space.format(arc) == named.text
     c3 = named_arc_config(c2)  # the config a final run of the name records
     assert (c3.space.num_nodes, c3.space.aggregate) == (space.num_nodes, space.aggregate)
+
+
+def test_workdir_written_before_new_fields(tmp_path):
+  """A workdir recorded before a field existed resumes when this run's value
+  computes as the run did, and is refused with a message naming the field
+  otherwise; a renamed field maps its old values."""
+  cfg = tiny_ptb_config(**{"search.num_epochs": 1, "search.then_final": False,
+                           "controller.adam_form": "optax"})
+  common.prepare_workdir(cfg, str(tmp_path))
+  path = tmp_path / "config.json"
+  old = json.loads(path.read_text())
+  del old["controller"]["adam_form"], old["child"]["compute_dtype"]
+  old["search"]["final_recipe"] = {}
+  path.write_text(json.dumps(old))
+  assert common.prepare_workdir(cfg, str(tmp_path)) is True  # optax form, float32 on CPU
+  path.write_text(json.dumps(old))
+  tf1 = tiny_ptb_config(**{"search.num_epochs": 1, "search.then_final": False})
+  with pytest.raises(ValueError, match="controller.adam_form: the workdir's run predates"):
+    common.prepare_workdir(tf1, str(tmp_path))
+  lines = common._config_diff({"child.conv_impl": "custom"}, {"child.kernels": "cpu"})
+  assert lines == []
+  lines = common._config_diff({"child.conv_impl": "plain"}, {"child.kernels": "xla"})
+  assert len(lines) == 1 and "no equivalent" in lines[0]

@@ -19,8 +19,57 @@ RESUMABLE_FIELDS = {
     "search.num_epochs", "final.num_epochs", "log_every", "checkpoint_every",
     "keep_checkpoints", "tensorboard", "eval_only", "search.steps_per_dispatch",
     "final.steps_per_dispatch", "derive.batch", "distributed", "search.then_final",
-    "data.data_dir", "arc_file", "compilation_cache",
+    "data.data_dir", "arc_file", "compilation_cache", "data.download", "data.download_url",
 }
+# Prefixes of resumable fields: the final stage's recipe is checked by the final
+# stage's own workdir (``<workdir>/final/config.json``), not by the search's.
+RESUMABLE_PREFIXES = ("search.final_recipe.",)
+
+
+def _resolves_to_float32(value) -> bool:
+  from enas_jax import backend
+  try:
+    return backend.resolve_compute_dtype(value) == "float32"
+  except ValueError:
+    return False
+
+
+# Fields added to the schema after runs were written with it. A workdir whose
+# config.json lacks one resumes when this run's value computes what the run
+# computed then (its value, or a test on it); any other value is refused.
+LEGACY_VALUES = {
+    "controller.adam_form": lambda v: v == "optax",  # runs before it used optax's form
+    "controller.tie_op_logits": lambda v: v is False,
+    "controller.node0_anchor": lambda v: v == "lstm",
+    "controller.node1_input": lambda v: v == "act_emb",
+    "child.compute_dtype": _resolves_to_float32,  # every run before it was float32
+}
+# Renamed fields: old name -> (new name, old value -> the equivalent new value).
+RENAMED_FIELDS = {
+    "child.conv_impl": ("child.kernels", {"auto": "auto", "custom": "cpu"}),
+}
+
+
+def _config_diff(old: dict, new: dict) -> list[str]:
+  """The fields that keep a run recorded as ``old`` from resuming as ``new``
+  (flattened dicts), each as a line for the error message."""
+  old = dict(old)
+  for name, (new_name, mapping) in RENAMED_FIELDS.items():
+    if name in old and new_name not in old and name not in new:
+      value = old.pop(name)
+      old[new_name] = mapping.get(value, f"{name}={value!r} (no equivalent)")
+  lines = []
+  for k in sorted(set(old) | set(new)):
+    if k in RESUMABLE_FIELDS or k.startswith(RESUMABLE_PREFIXES) or old.get(k) == new.get(k):
+      continue
+    if k not in old and k in LEGACY_VALUES:
+      if LEGACY_VALUES[k](new.get(k)):
+        continue
+      lines.append(f"  {k}: the workdir's run predates this field (it computed as the "
+                   f"older default does), this run has {new.get(k)!r}")
+      continue
+    lines.append(f"  {k}: workdir has {old.get(k)!r}, this run has {new.get(k)!r}")
+  return lines
 
 
 class NonFiniteError(RuntimeError):
@@ -55,11 +104,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    a, b = flatten(old), flatten(current)
-    diff = sorted(k for k in set(a) | set(b)
-                  if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS)
-    if diff:
-      lines = [f"  {k}: workdir has {a.get(k)!r}, this run has {b.get(k)!r}" for k in diff[:20]]
+    lines = _config_diff(flatten(old), flatten(current))[:20]
+    if lines:
       raise ValueError(
           f"workdir {workdir} holds a run with a different config:\n" + "\n".join(lines) +
           "\nResume with the original settings, or pass a new --workdir.")
