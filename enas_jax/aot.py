@@ -427,7 +427,9 @@ def compile_row(config, row: str, target_text: str) -> dict:
       "topology": target.topology, "devices": n_dev, "devices_per_chip": per_chip,
       "batch_size": batch, **({"bptt": task.bptt, "hidden_size": task.cc.hidden_size}
                               if lm else
-                              {"num_layers": int(config.space.num_layers),
+                              {**({"num_layers": int(config.space.num_layers)}
+                                  if "num_layers" in config.space else {}),
+                               **{f: getattr(space, f) for f in spaces.entry(space.name).size_fields},
                                "out_filters": int(config.child.out_filters)}),
       "kernels": kernels,
       # A child config without the field computes in float32, whatever the config says.

@@ -132,7 +132,8 @@ def _image_row(config, row: str, steps: int) -> dict:
   state_bytes = 2 * _tree_bytes(state["params"]) + _tree_bytes(state["opt_state"])
   return {
       "space": space.name, "mode": row, "backend": jax.default_backend(),
-      "devices": len(jax.devices()), "batch_size": b, "num_layers": int(config.space.num_layers),
+      "devices": len(jax.devices()), "batch_size": b,
+      **({"num_layers": int(config.space.num_layers)} if "num_layers" in config.space else {}),
       **{f: getattr(space, f) for f in spaces.entry(space.name).size_fields},
       "out_filters": int(config.child.out_filters), "op_select": cfg.op_select,
       "kernels": cfg.kernels, "compute_dtype": cfg.compute_dtype,
