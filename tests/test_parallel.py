@@ -63,6 +63,78 @@ def test_two_fake_devices_match_one_device():
   np.testing.assert_allclose(two["ppl"], one["ppl"], rtol=1e-4)
 
 
+
+_PTB_SPLIT_SCRIPT = textwrap.dedent("""
+    import json, re, sys
+    sys.path.insert(0, ".")
+    sys.path.insert(0, "tests")
+    import jax, jax.numpy as jnp, numpy as np
+    from conftest import tiny_ptb_config
+    from enas_jax import data as data_lib, parallel
+    from enas_jax.train.lm import LMTask
+    from enas_jax.train.run import build_space
+
+    assert len(jax.devices()) == 2, jax.devices()
+
+    def cost(compiled):
+      txt = compiled.as_text()
+      ca = compiled.cost_analysis()
+      ca = ca[0] if isinstance(ca, list) else ca
+      return {"gathers": len(re.findall(r" all-gather(-start)?\\(", txt)),
+              "reduces": len(re.findall(r" all-reduce(-start)?\\(", txt)),
+              "flops": float(ca["flops"])}
+
+    out = {"1": {}, "2": {}}
+    # Fixed 35-token windows and the random-length ones (lax.switch over buckets).
+    for rb in (False, True):
+      cfg = tiny_ptb_config("search", **{"data.batch_size": 8, "data.eval_batch_size": 8,
+                                         "data.random_bptt": rb})
+      corpus = data_lib.load_corpus(cfg.data)
+      space = build_space(cfg)
+      arc = space.sample_uniform(jax.random.key(5))
+      for n in (1, 2):
+        task = LMTask(cfg, corpus, parallel.make_mesh(n), shared=True)
+        state = task.init_child(jax.random.key(0))
+        step = task.jit(task.train_step_fn(), out_shardings=(task.state_shardings(), task._rep))
+        r = {"step": cost(step.jitted.lower(task.data_arrays, state, arc,
+                                            jax.random.key(1)).compile())}
+        if not rb:
+          valid = task.make_search_valid(lambda p, k: space.sample_uniform(k), 2)
+          r["valid"] = cost(valid.jitted.lower(task.data_arrays, state["params"], {},
+                                               jax.random.key(2)).compile())
+        losses = []
+        for i in range(3):
+          state, m = step(state, arc, jax.random.key(10 + i))
+          losses.append(float(m["loss"]))
+        r["loss"] = losses
+        r["params"] = [np.asarray(x).ravel().tolist()
+                       for x in jax.tree_util.tree_leaves(state["params"])]
+        r["h_devices"] = len(state["h"].sharding.device_set)
+        out[str(n)]["random" if rb else "fixed"] = r
+    print(json.dumps(out))
+""")
+
+
+def test_ptb_step_splits_the_batch_over_two_fake_devices():
+  """Each device computes only its half of the batch (design invariant 4): the
+  compiled PTB child step and validation hold no all-gather of tokens or
+  activations (only the gradient and loss all-reduces), their FLOPs per device
+  fall, and three steps give the 1-device losses and weights."""
+  import numpy as np
+  one, two = _one_and_two_devices(_PTB_SPLIT_SCRIPT, timeout=600)
+  for kind in ("fixed", "random"):
+    a, b = one[kind], two[kind]
+    assert b["h_devices"] == 2
+    assert b["step"]["gathers"] == 0, kind  # was 2: the window's tokens and a [T,B,H] output
+    assert b["step"]["reduces"] > 0  # the gradient reduction is there
+    # Half the batch per device; the replicated weight update does not shrink.
+    assert b["step"]["flops"] < 0.7 * a["step"]["flops"], (kind, a["step"], b["step"])
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+    for pa, pb in zip(a["params"], b["params"]):
+      np.testing.assert_allclose(np.asarray(pb), np.asarray(pa), atol=1e-6)
+  assert two["fixed"]["valid"]["gathers"] == 0
+  assert two["fixed"]["valid"]["flops"] < 0.6 * one["fixed"]["valid"]["flops"]
+
 _MICRO_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, ".")

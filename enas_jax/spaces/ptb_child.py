@@ -369,24 +369,27 @@ def _run_cell(view, arc, x_BxT, h0_BxH, masks, cc, static, bn_stats):
 def token_ce(view, outs_TxBxH, y_BxT, masks=None, compute_dtype: str = "float32"):
   """Per-token cross-entropy [T,B] of the tied-embedding softmax.
 
-  Works on the time-major outputs flattened to 2-D: one [T*B, H] x [H, V]
-  matmul (an einsum that writes batch-major logits costs 2.5x on XLA:CPU).
-  Its inputs are in ``compute_dtype``; the logits and the softmax are float32.
+  One [B*T, H] x [H, V] matmul on the outputs flattened batch-major: with the
+  batch split over devices each device keeps its own rows (flattening the
+  time-major [T,B] into one axis cannot keep a split of B, and XLA gathered
+  the whole batch onto every device). Only the small [T,B,H] outputs are
+  transposed, never the [.., V] logits or their gradient. The matmul inputs
+  are in ``compute_dtype``; the logits and the softmax are float32.
   """
   if masks and "o" in masks:
     outs_TxBxH = outs_TxBxH * masks["o"][None]
   T, B, H = outs_TxBxH.shape
-  flat_NxH = outs_TxBxH.reshape(T * B, H)
+  flat_NxH = jnp.swapaxes(outs_TxBxH, 0, 1).reshape(B * T, H)
   if compute_dtype == "float32":
     logits_NxV = flat_NxH @ view["emb"].T  # tied embedding
   else:
     dt = backend.jnp_dtype(compute_dtype)
     logits_NxV = jnp.matmul(flat_NxH.astype(dt), view["emb"].astype(dt).T,
                             preferred_element_type=jnp.float32)
-  y_N = y_BxT.T.reshape(T * B)
+  y_N = y_BxT.reshape(B * T)
   lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
   tgt_N = jnp.take_along_axis(logits_NxV, y_N[:, None], axis=1)[:, 0]
-  return (lse_N - tgt_N).reshape(T, B)
+  return (lse_N - tgt_N).reshape(B, T).T
 
 
 def weight_penalty(view: dict, cc: ChildConfig) -> jax.Array:
