@@ -268,7 +268,7 @@ def test_cpu_init_one_draw_same_values_eager_and_jitted_with_he_normal_statistic
   assert abs(np.corrcoef(a, b)[0, 1]) < 0.2
 
 
-def test_xla_init_has_the_cpu_layout_and_he_normal_statistics():
+def test_xla_init_is_the_one_draw_initialiser_with_he_normal_statistics():
   from enas_jax.spaces import cifar_micro_child as mc
   cfg = mc.MicroChildConfig(num_layers=1, num_nodes=2, out_filters=8, kernels="xla")
   init = lambda k: mc.init_shared(k, cfg)  # noqa: E731
@@ -277,6 +277,7 @@ def test_xla_init_has_the_cpu_layout_and_he_normal_statistics():
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     assert u.shape == v.shape and u.dtype == v.dtype
+    np.testing.assert_array_equal(u, v)  # the same initialiser on both sets
   w = np.asarray(b[0]["cells"][0]["final"]["w"])  # fan_in = B + 2 = 4 rows
   std = np.sqrt(2.0 / 4)
   assert abs(w.std() / std - 1.0) < 0.1

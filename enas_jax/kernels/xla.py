@@ -2,9 +2,9 @@
 
 The baseline on GPU and TPU: ``lax.conv_general_dilated`` (depthwise through
 ``feature_group_count``), ``lax.reduce_window`` pools, batch norm differentiated
-by JAX, ``jax.checkpoint`` for rematerialisation and around switch branches,
-per-weight initialiser draws compiled in one jitted initialiser, and a plain sum
-of squares. The same functions as :mod:`enas_jax.kernels.cpu`
+by JAX, ``jax.checkpoint`` for rematerialisation and around switch branches, and a
+plain sum of squares. Initialisation is the CPU set's one-draw initialiser (a
+jitted per-weight initialiser costs a long compile on every start). The same functions as :mod:`enas_jax.kernels.cpu`
 (tests/test_kernels.py). Inputs may be float32 or bfloat16; batch-norm moments
 and the sum of squares are computed in float32.
 """
@@ -93,8 +93,14 @@ def recompute_in_backward(f: Callable) -> Callable:
 
 
 def init_params(init_fn: Callable, key: jax.Array, *args):
-  """``init_fn(key, *args)``, jitted: every weight its own draw."""
-  return jax.jit(lambda k: init_fn(k, *args))(key)
+  """The CPU set's initialiser (one truncated-normal draw cut into every weight).
+
+  A jitted initialiser with a draw per weight is the textbook form, but it
+  compiles for over a minute for the micro search child (hundreds of Threefry
+  and inverse-CDF blocks), on every start, for the same distribution.
+  """
+  from enas_jax.kernels import cpu
+  return cpu.init_params(init_fn, key, *args)
 
 
 def sum_of_squares(tree) -> jax.Array:
