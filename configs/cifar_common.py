@@ -7,6 +7,8 @@ on :func:`base`, then sets its space's values. "script" = the original repositor
 
 import ml_collections
 
+from enas_jax import config_util
+
 
 def base(space: str) -> ml_collections.ConfigDict:
   """Fields common to macro and micro, with the values both scripts share."""
@@ -109,6 +111,12 @@ def base(space: str) -> ml_collections.ConfigDict:
   # 2% of the speed, macro 8.4 -> 3.2 GiB for 15% (docs/performance.md).
   # "none": keep every activation. Not in the original (new here).
   c.child.remat = "none"
+  # Micro fixed child (final training): run consecutive cells of identical
+  # shapes (the later normal cells of a stage) as one lax.scan over their
+  # stacked weights, so that XLA compiles each such cell once (cold compile;
+  # docs/performance.md). False: every cell unrolled. Same function either
+  # way; the parameter layout (one entry per cell) does not change. New here.
+  c.child.scan_layers = True
 
   # ------------------------------------------------------------ controller
   c.controller = ml_collections.ConfigDict()
@@ -195,21 +203,8 @@ def base(space: str) -> ml_collections.ConfigDict:
   return c
 
 
-def final_recipe(search, final, exclude=()) -> ml_collections.ConfigDict:
-  """The fields of the sections of ``final`` whose values differ from ``search``'s
-  (nested, e.g. ``child.out_filters``): ``search.final_recipe``. Left out: the
-  top-level fields (mode, arc: the final stage sets them), the ``search`` and
-  ``final`` sections (the search config carries the final section's values) and
-  ``exclude`` (section names or dotted keys: the fields that shape the arc)."""
-  out = {}
-  for section, fields in final.items():
-    if not isinstance(fields, ml_collections.ConfigDict) or section in (
-        "search", "final", *exclude):
-      continue
-    for key, value in fields.items():
-      if f"{section}.{key}" not in exclude and value != search[section][key]:
-        out.setdefault(section, {})[key] = value
-  return ml_collections.ConfigDict(out)
+# search.final_recipe builder (shared with the other configs).
+final_recipe = config_util.final_recipe
 
 
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -52,6 +52,8 @@ Questions from the seed README's user notes, answered here:
 
 import ml_collections
 
+from enas_jax import config_util
+
 VARIANTS = ("search", "search_corrected", "final", "smoke")
 
 
@@ -346,21 +348,8 @@ def _search_corrected(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   return c
 
 
-def final_recipe(search, final, exclude=()) -> ml_collections.ConfigDict:
-  """The fields of the sections of ``final`` whose values differ from ``search``'s
-  (nested, e.g. ``child.hidden_size``): ``search.final_recipe``. Left out: the
-  top-level fields (mode, arc: the final stage sets them), the ``search`` and
-  ``final`` sections (the search config carries the final section's values) and
-  ``exclude`` (section names or dotted keys: the fields that shape the arc)."""
-  out = {}
-  for section, fields in final.items():
-    if not isinstance(fields, ml_collections.ConfigDict) or section in (
-        "search", "final", *exclude):
-      continue
-    for key, value in fields.items():
-      if f"{section}.{key}" not in exclude and value != search[section][key]:
-        out.setdefault(section, {})[key] = value
-  return ml_collections.ConfigDict(out)
+# search.final_recipe builder (shared with the other configs).
+final_recipe = config_util.final_recipe
 
 
 def get_config(variant: str = "search") -> ml_collections.ConfigDict:
