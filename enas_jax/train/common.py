@@ -20,6 +20,7 @@ RESUMABLE_FIELDS = {
     "keep_checkpoints", "tensorboard", "eval_only", "search.steps_per_dispatch",
     "final.steps_per_dispatch", "derive.batch", "distributed", "search.then_final",
     "data.data_dir", "arc_file", "compilation_cache", "data.download", "data.download_url",
+    "child.scan_layers",  # the same function, compiled rolled or unrolled
 }
 # Prefixes of resumable fields: the final stage's recipe is checked by the final
 # stage's own workdir (``<workdir>/final/config.json``), not by the search's.
