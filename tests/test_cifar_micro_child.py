@@ -269,6 +269,50 @@ def test_fixed_child_remat_cells_is_the_same_function_with_less_memory(fixed):
   assert temps["cells"] < 0.8 * temps["none"], temps
 
 
+def test_fixed_child_scanned_cells_equal_unrolled_cells(fixed):
+  # 12 layers: cells 2-3, 7-8 and 12-13 have the same shapes; scan_layers runs
+  # each pair as one lax.scan. Same weights -> same logits, aux logits, new
+  # statistics and gradients as the unrolled cells (to float rounding), drop-path on.
+  arc, hw = fixed["arc"], 8
+  x = jax.random.normal(jax.random.key(4), (N, hw, hw, 3), jnp.float32)
+  out = {}
+  for scan in (False, True):
+    cfg = mc.MicroChildConfig(num_layers=12, num_nodes=B, out_filters=4, kernels="cpu",
+                              scan_layers=scan)
+    params, stats = mc.init_fixed(jax.random.key(0), cfg, arc)
+    groups = mc._fixed_groups(mc._fixed_plan(cfg, arc)[0], params, stats, cfg)
+    assert [len(g) for g in groups] == (
+        [1, 1, 2, 1, 1, 1, 2, 1, 1, 1, 2] if scan else [1] * cfg.num_cells)
+
+    def loss(p, cfg=cfg):
+      logits, aux, ns = mc.apply_fixed(p, stats, arc, x, train=True, key=jax.random.key(3),
+                                       cfg=cfg, progress=0.7)
+      return jnp.sum(logits ** 2) + 0.4 * jnp.sum(aux ** 2), (logits, aux, ns)
+    out[scan] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  (la, (lo_a, aux_a, ns_a)), g_a = out[False]
+  (lb, (lo_b, aux_b, ns_b)), g_b = out[True]
+  np.testing.assert_allclose(lb, la, rtol=1e-5)
+  np.testing.assert_allclose(lo_b, lo_a, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(aux_b, aux_a, rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(ns_b) == jax.tree.structure(ns_a)
+  assert jax.tree.structure(g_b) == jax.tree.structure(g_a)
+  # Per leaf, relative to its norm: at batch 2 the BNs of 2x2 maps amplify the
+  # rounding of single elements.
+  for a, b in zip(jax.tree.leaves((ns_a, g_a)), jax.tree.leaves((ns_b, g_b))):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.linalg.norm(b - a) <= 1e-3 * np.linalg.norm(a) + 1e-7, (a.shape, np.abs(b - a).max())
+
+
+def test_fixed_child_paper_sizes_scan_groups():
+  # The final network (15 layers): the last three normal cells of each stage are
+  # one scan; the aux head's cell (12) ends a run.
+  arc = cifar_micro.MicroCodec(5).validate(np.array(cifar_micro.PAPER_ARC.split(), np.int32))
+  cfg = mc.MicroChildConfig(num_layers=15, out_filters=36, kernels="cpu", scan_layers=True)
+  params, stats = jax.eval_shape(lambda k: mc.init_fixed(k, cfg, arc), jax.random.key(0))
+  groups = mc._fixed_groups(mc._fixed_plan(cfg, arc)[0], params, stats, cfg)
+  assert [g for g in groups if len(g) > 1] == [[2, 3, 4], [8, 9, 10], [14, 15, 16]]
+
+
 def test_fixed_child_loose_input_of_reduction_cell_is_reduced():
   # Reduction cell with input 0 loose: node 2 = sep3(1) + max(1), node 3 = id(2) +
   # avg(1); its output concatenates FR(input 0) and node 3.

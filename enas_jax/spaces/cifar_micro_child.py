@@ -68,6 +68,11 @@ In reduction cells the ops on inputs 0/1 have stride 2. Drop-path on ops 0-3
 concat of loose ends (k C channels, no 1x1); the next cell gets ``[previous
 cell's uncalibrated output, this output]``. BN: batch statistics and
 moving-average updates when ``train``, moving averages otherwise.
+With ``scan_layers``, runs of consecutive cells with identical shapes (the
+third and later normal cells of a stage) run as one ``lax.scan`` over their
+weights, stacked inside the step: XLA compiles such a cell once instead of once
+per cell (shorter cold compile, slower steps on CPU: docs/performance.md). The
+parameter layout (one entry per cell) and the function are the same either way.
 
 Auxiliary head (both children, ``params["aux"]``)
 -------------------------------------------------
@@ -134,6 +139,7 @@ class MicroChildConfig:
   platform: str | None = None
   checkpoint_branches: bool = True
   remat: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self):
     def need_int(name, lo):
@@ -152,6 +158,8 @@ class MicroChildConfig:
       raise ValueError(f"child.bn_decay must be in [0, 1), got {self.bn_decay!r}.")
     if not self.bn_eps > 0.0:
       raise ValueError(f"child.bn_eps must be > 0, got {self.bn_eps!r}.")
+    if not isinstance(self.scan_layers, (bool, np.bool_)):
+      raise ValueError(f"child.scan_layers must be True or False, got {self.scan_layers!r}.")
     if self.remat not in ("none", "cells"):
       raise ValueError(f"child.remat must be 'none' or 'cells', got {self.remat!r}.")
     impl = backend.resolve(self.kernels, self.compute_dtype, self.op_select, self.platform)
@@ -181,7 +189,7 @@ class MicroChildConfig:
         **{k: c.get(k, d[k].default) for k in (
             "keep_prob", "drop_path_keep_prob", "use_aux_heads", "bn_decay", "bn_eps",
             "op_select", "kernels", "compute_dtype", "platform", "checkpoint_branches",
-            "remat")})
+            "remat", "scan_layers")})
 
   @property
   def reduction_cells(self) -> tuple[int, int]:
@@ -808,9 +816,10 @@ def init_fixed(key: jax.Array, cfg: MicroChildConfig, arc):
   return params, stats
 
 
-def _drop_path(x, keep, key):
-  mask = jax.random.bernoulli(key, keep, (x.shape[0], 1, 1, 1))
-  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), 0.0)
+def _drop_path(x, keep, u):
+  """Keeps example ``n`` of ``x`` (scaled by ``1 / keep``) where ``u[n] < keep``
+  (``u`` uniform in [0, 1): a Bernoulli(keep) mask per example)."""
+  return jnp.where((u < keep)[:, None, None, None], x / jnp.asarray(keep, x.dtype), 0.0)
 
 
 def _fixed_op(p, s, x, op, stride, cfg, train):
@@ -831,16 +840,20 @@ def _fixed_op(p, s, x, op, stride, cfg, train):
   return x, s
 
 
-def _fixed_cell(diff, extra, *, i, cell, cfg, train):
+def _fixed_cell(diff, extra, *, cell, cfg, train):
   """Cell ``i`` of the fixed child: ``(output, new statistics)``. ``keep`` and
   ``key``: the drop-path keep probability and the network's drop-path key (both
-  None without drop-path)."""
-  (p, s, x_older, x_newer), (keep, key) = diff, extra
+  None without drop-path); ``i`` (int or traced int32) seeds the cell's masks."""
+  (p, s, x_older, x_newer), (keep, key, i) = diff, extra
   red, cell_arc = cell["reduction"], cell["arc"]
   ns = {}
   x0, x1 = _calibrate(p, s, [x_older, x_newer], cfg, train, ns)
   x1, ns["base"] = _conv_bn(p["base"], s["base"], x1, cfg, train)
   nodes = [x0, x1]
+  if keep is not None:
+    # One draw per cell for all its branches' masks ([B, 2, N]): a threefry
+    # hash per branch made ~13% of the final step's compiled instructions.
+    u = jax.random.uniform(jax.random.fold_in(key, i), (cfg.num_nodes, 2, x1.shape[0]))
   ns["nodes"] = []
   for b in range(cfg.num_nodes):
     outs, nsb = [], {}
@@ -850,7 +863,7 @@ def _fixed_cell(diff, extra, *, i, cell, cfg, train):
       y, nsb[name] = _fixed_op(p["nodes"][b][name], s["nodes"][b][name], nodes[idx], op,
                                stride, cfg, train)
       if keep is not None and op < 4:
-        y = _drop_path(y, keep, jax.random.fold_in(key, (i * cfg.num_nodes + b) * 2 + t // 2))
+        y = _drop_path(y, keep, u[b, t // 2])
       outs.append(y)
     ns["nodes"].append(nsb)
     nodes.append(outs[0] + outs[1])
@@ -886,22 +899,62 @@ def apply_fixed(params, batch_stats, arc, images_NHWC, *, train: bool, key, cfg,
   layers = [x, x]
   aux_logits = None
   new_cells = []
-  for i, cell in enumerate(plan):
-    keep = drop_path_keep(i, progress, cfg) if use_dp else None
-    run = functools.partial(_fixed_cell, i=i, cell=cell, cfg=cfg, train=train)
+  for group in _fixed_groups(plan, params, batch_stats, cfg):
+    i, cell = group[0], plan[group[0]]
+    run = functools.partial(_fixed_cell, cell=cell, cfg=cfg, train=train)
     if cfg.remat == "cells" and train:
       # Saves only the cell's inputs; its activations are recomputed in the
       # backward pass.
       run = remat.recompute_in_backward(run, cfg.kernels)
-    x, new_cell = run((params["cells"][i], batch_stats["cells"][i], layers[0], layers[1]),
-                      (keep, k_dp if use_dp else None))
-    new_cells.append(new_cell)
-    layers = [layers[-1], x]
-    if i == cfg.aux_cell and "aux" in params and train:
+    keeps = [drop_path_keep(j, progress, cfg) if use_dp else None for j in group]
+    if len(group) == 1:
+      x, new_cell = run((params["cells"][i], batch_stats["cells"][i], layers[0], layers[1]),
+                        (keeps[0], k_dp if use_dp else None, i))
+      new_cells.append(new_cell)
+      layers = [layers[-1], x]
+    else:
+      # Cells of identical shapes: one lax.scan over their stacked weights, so
+      # that XLA compiles the cell once (the weights are stacked here, in the
+      # step: the parameter layout stays one entry per cell).
+      stack = lambda *a: jnp.stack(a)
+      xs = (jax.tree.map(stack, *[params["cells"][j] for j in group]),
+            jax.tree.map(stack, *[batch_stats["cells"][j] for j in group]),
+            jnp.stack(keeps) if use_dp else None,
+            jnp.asarray(group, jnp.int32))
+
+      def body(carry, step, run=run):
+        p, s, keep, j = step
+        y, ns = run((p, s, carry[0], carry[1]), (keep, k_dp if use_dp else None, j))
+        return (carry[1], y), ns
+
+      (older, x), stacked = jax.lax.scan(body, (layers[0], layers[1]), xs)
+      new_cells.extend(jax.tree.map(lambda a, k=k: a[k], stacked) for k in range(len(group)))
+      layers = [older, x]
+    if group[-1] == cfg.aux_cell and "aux" in params and train:
       aux_logits = _aux_head(params["aux"], x, cfg)
   new_stats["cells"] = new_cells
   logits = _head(params["fc"], x, cfg, train, k_head if train else None)
   return logits, aux_logits, new_stats
+
+
+def _fixed_groups(plan, params, batch_stats, cfg):
+  """Runs of consecutive cells that :func:`apply_fixed` scans together: same
+  plan (shapes, arc, loose ends) and same parameter shapes; the aux head's
+  cell ends a run. One run per cell when ``cfg.scan_layers`` is off."""
+  def sig(i):
+    c = plan[i]
+    shapes = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)),
+                          (params["cells"][i], batch_stats["cells"][i]))
+    return (c["C"], c["reduction"], tuple(c["inputs"]), tuple(np.asarray(c["arc"]).tolist()),
+            tuple(c["loose"]), jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)))
+  groups = []
+  for i in range(len(plan)):
+    if (cfg.scan_layers and groups and groups[-1][-1] != cfg.aux_cell
+        and sig(groups[-1][-1]) == sig(i)):
+      groups[-1].append(i)
+    else:
+      groups.append([i])
+  return groups
 
 
 __all__ = [
