@@ -389,7 +389,8 @@ def test_bad_num_layers_raises():
     M.MacroChildConfig(num_layers=2.5, out_filters=8)
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "xla"])
+# xla is -m slow: its casts are the cpu case's; the kernels are compared in test_kernels.py.
+@pytest.mark.parametrize("kernels", ["cpu", pytest.param("xla", marks=pytest.mark.slow)])
 def test_bfloat16_child_agrees_with_float32(kernels):
   """compute_dtype=bfloat16 (float32 weights, statistics, logits and
   gradients): loss and gradient close to float32's. Seen: loss 1.4e-3 (cpu) /
