@@ -269,6 +269,9 @@ def test_fixed_child_remat_cells_is_the_same_function_with_less_memory(fixed):
   assert temps["cells"] < 0.8 * temps["none"], temps
 
 
+# -m slow (~65 s): child.scan_layers is off by default; the scan groups at the
+# paper's sizes are checked in the default suite (test_fixed_child_paper_sizes_scan_groups).
+@pytest.mark.slow
 def test_fixed_child_scanned_cells_equal_unrolled_cells(fixed):
   # 12 layers: cells 2-3, 7-8 and 12-13 have the same shapes; scan_layers runs
   # each pair as one lax.scan. Same weights -> same logits, aux logits, new
@@ -416,7 +419,10 @@ def _flat(tree):
   return np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(tree)])
 
 
-@pytest.mark.parametrize("kernels", ["cpu", pytest.param("xla", marks=pytest.mark.slow)])
+# -m slow (~18 s cold): the default suite checks bfloat16 on the macro and PTB
+# children and every kernel's dtypes (test_kernels.py).
+@pytest.mark.parametrize("kernels", [pytest.param("cpu", marks=pytest.mark.slow),
+                                     pytest.param("xla", marks=pytest.mark.slow)])
 def test_bfloat16_child_agrees_with_float32(shared, kernels):
   """compute_dtype=bfloat16: float32 parameters, statistics, logits and
   gradients; loss and gradient close to float32's. Seen (arc 0): loss 2.8e-3
