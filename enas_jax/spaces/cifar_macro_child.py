@@ -1,13 +1,13 @@
 """Child networks of the CIFAR-10 macro space: the weight-shared one and the fixed one.
 
-Both are plain pytrees plus pure functions (reference ``enas_original.md`` §5).
+Both are plain pytrees plus pure functions.
 Tensor names carry their layout: ``x_NHWC`` activations, ``w_HWIO`` k x k
 kernels, ``w_IO`` 1x1 kernels stored as matrices, ``w_depth_HWC`` depthwise
 kernels, ``w_CK`` the classifier. Every batch norm (BN) has learned
 ``{"scale", "offset"}`` in ``params`` and moving ``{"mean", "var"}`` in
 ``batch_stats``, at the same path.
 
-Skeleton (both children, §5.1). A stem (3x3 conv 3 -> C, BN, no ReLU) is
+Skeleton (both children). A stem (3x3 conv 3 -> C, BN, no ReLU) is
 ``layers[0]``; layer ``l`` reads the last entry of the list and appends its
 output. Skip bit ``j`` of layer ``l`` (``l`` bits) refers to ``[stem, L_0, ...,
 L_{l-2}][j]``: the immediate predecessor is always the input, never a skip
@@ -18,7 +18,7 @@ its own factorized reduction (``conv_ops.factorized_reduce`` + BN, separate
 weights per tensor). Head: global average pool (no ReLU before it), dropout
 with ``keep_prob`` in training, FC ``[C, num_classes]`` without bias.
 
-Shared child (search, §5.2), ``C`` constant throughout (not doubled)::
+Shared child (search), ``C`` constant throughout (not doubled)::
 
   params = {"stem": {"w_HWIO", "bn"},
             "layers": ({"branches": (b0, ..., b5), "skip_bn"  (l > 0)}, ...),
@@ -34,7 +34,7 @@ For ``l > 0`` the layer output is ``BN(op_out + sum_{bit_j = 1} layers[j])``.
 
 *The sampled op is used.* The original's search child always ran the max-pool
 branch, whatever the controller sampled (a Python late-binding bug in its
-``tf.case``, §5.3); that bug is not copied. The op is picked with
+``tf.case``); that bug is not copied. The op is picked with
 :func:`conv_ops.select_branch` (``lax.switch`` whose backward pass recomputes
 the taken branch, or a ``jnp.where`` mask): every branch takes and returns the
 layer's whole branch-statistics tuple and replaces only its own entries, so the
@@ -47,7 +47,7 @@ When ``arc`` is a numpy array instead, the same :func:`apply_shared` builds only
 the chosen branches and adds only the selected skips (the arc "baked in"): the
 static network the benchmark compares against, and the tests' reference.
 
-Fixed child (final training, §5.4 with corrections), channels doubled at each
+Fixed child (final training, with corrections), channels doubled at each
 reduction (C -> 2C -> 4C; every list tensor reduced to the new width), only the
 arc's ops have parameters::
 
@@ -297,7 +297,7 @@ def _init_op(keys, op: int, c: int):
 
 def _apply_op(op: int, p, s, x_NHWC, *, train, cfg, fixed: bool):
   """One op. Search (``fixed=False``): 1x1-BN-ReLU-op[-BN-ReLU]. Fixed: a leading
-  ReLU and no trailing ReLU (the original's two layer orders, §5.4 table)."""
+  ReLU and no trailing ReLU (the original's two layer orders)."""
   h = jax.nn.relu(x_NHWC) if fixed else x_NHWC
   h = _pointwise(h, p["w_in_IO"])
   h, st_in = _bn(h, p["bn_in"], s["bn_in"], train=train, cfg=cfg)

@@ -1,10 +1,9 @@
 """Child networks of the CIFAR-10 micro (cell) space: weight-shared and fixed.
 
-Both children are pytrees plus pure functions (reference ``enas_original.md``
-§6). Activations are NHWC (``x_NHWC``), 1x1 convolutions are ``[C_in, C_out]``
+Both children are pytrees plus pure functions. Activations are NHWC (``x_NHWC``), 1x1 convolutions are ``[C_in, C_out]``
 matrices, depthwise kernels ``[k, k, C]``, other kernels HWIO.
 
-Skeleton (both children, §6.1)
+Skeleton (both children)
 ------------------------------
 Stem 3x3 conv 3 -> 3C + BN (no ReLU); ``num_layers + 2`` cells, reduction cells
 at ``[pd, 2pd + 1]`` (``pd = num_layers // 3``) with C doubled before each;
@@ -16,7 +15,7 @@ else with ReLU -> 1x1 -> BN when its channels differ from C; input 1 with
 ReLU -> 1x1 -> BN when its channels differ. FR = stride-2 subsample -> 1x1
 (C/2) and shifted subsample -> 1x1 (C/2), concat, BN.
 
-Weight-shared child (search, §6.2): :func:`init_shared`, :func:`apply_shared`
+Weight-shared child (search): :func:`init_shared`, :func:`apply_shared`
 ------------------------------------------------------------------------------
 ``params["cells"][i]``: ``reduce`` (FR before a reduction cell, reduction
 cells only), ``calib_x`` / ``calib_y`` (only where needed), ``nodes[b]``
@@ -54,7 +53,7 @@ calibrations, ``final``); the sep-conv BNs use batch statistics only.
   also keeps dropout on when it evaluates the shared child (reward, validation);
   pass ``train=True`` to reproduce that.
 
-Fixed child (final training, §6.3): :func:`init_fixed`, :func:`apply_fixed`
+Fixed child (final training): :func:`init_fixed`, :func:`apply_fixed`
 ---------------------------------------------------------------------------
 Only the arc's ops get parameters. Per cell: calibration, ``base`` (ReLU -> 1x1
 -> BN on input 1), and per node/branch the op's parameters: sep ``{"stacks":
@@ -88,7 +87,7 @@ exclude from L2 or count separately (:func:`count_params` ``exclude_aux``). The
 pool window is ``min(5, H)`` so that images smaller than 32x32 (tests) work; at
 32x32 it is the original's 5x5 -> 2x2 and the 2x2 kernel matches its ``hw``.
 
-Initialisation (reference §1): Keras ``he_normal`` (truncated, std
+Initialisation: Keras ``he_normal`` (truncated, std
 ``sqrt(2 / fan_in)``) with the fan-in of the *original variable's shape*; for
 the shared child's 2-D tables (``w_depth [b+2, k k C]``, ``w_point [b+2, C C]``,
 ``final_conv/w [B+2, C C]``; the first two stacked here) that fan-in is the
@@ -496,7 +495,7 @@ def _pick_weights(p_nodes, cell_arc, static):
 
 
 def _shared_cell(p, s, layers, cell_arc, cfg, static):
-  """One search cell (§6.2). Returns (output [N,H,W,C], new statistics)."""
+  """One search cell. Returns (output [N,H,W,C], new statistics)."""
   new_s = dict(s)
   x0, x1 = _calibrate(p, s, layers, cfg, True, new_s)
   ws = _pick_weights(p["nodes"], cell_arc, static)
