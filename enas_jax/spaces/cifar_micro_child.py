@@ -1,7 +1,8 @@
 """Child networks of the CIFAR-10 micro (cell) space: weight-shared and fixed.
 
 Both children are pytrees plus pure functions. Activations are NHWC
-(``x_NHWC``), 1x1 convolutions are ``[C_in, C_out]`` matrices, depthwise kernels ``[k, k, C]``, other kernels HWIO.
+(``x_NHWC``), 1x1 convolutions are ``[C_in, C_out]`` matrices, depthwise
+kernels ``[k, k, C]``, other kernels HWIO.
 
 Skeleton (both children)
 ------------------------------
