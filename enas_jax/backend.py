@@ -102,6 +102,23 @@ def resolve(kernels: str = "auto", compute_dtype: str = "auto", op_select: str =
                         op_select=resolve_op_select(op_select, p))
 
 
+class ResolvedChild:
+  """Mixin for the frozen child-config dataclasses with ``kernels``,
+  ``compute_dtype``, ``op_select`` and ``platform`` fields: ``_resolve_impl()``
+  (call it in ``__post_init__``) replaces them by their resolved values, and
+  ``dtype`` is the jnp compute dtype."""
+
+  def _resolve_impl(self) -> None:
+    impl = resolve(self.kernels, self.compute_dtype, self.op_select, self.platform)
+    for name, value in impl.as_dict().items():
+      object.__setattr__(self, name, value)
+
+  @property
+  def dtype(self):
+    """The jnp compute dtype of activations and conv/matmul inputs."""
+    return jnp_dtype(self.compute_dtype)
+
+
 def resolve_config(config, platform: str | None = None):
   """A locked copy of ``config`` with ``child.kernels``, ``child.compute_dtype``
   and ``child.op_select`` resolved for ``platform``, plus ``child.platform``
@@ -126,6 +143,6 @@ def describe(config) -> dict:
   return {k: c.get(k) for k in ("platform", "kernels", "compute_dtype", "op_select") if k in c}
 
 
-__all__ = ["Implementation", "resolve", "resolve_config", "resolve_kernels",
+__all__ = ["Implementation", "ResolvedChild", "resolve", "resolve_config", "resolve_kernels",
            "resolve_compute_dtype", "resolve_op_select", "platform_name", "describe",
            "jnp_dtype", "PLATFORMS", "KERNEL_SETS", "COMPUTE_DTYPES", "OP_SELECT_MODES"]

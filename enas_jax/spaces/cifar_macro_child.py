@@ -106,7 +106,7 @@ def _is_num(v) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class MacroChildConfig:
+class MacroChildConfig(backend.ResolvedChild):
   """Static settings of a macro child (hashable: safe to close over in jit).
 
   ``kernels``, ``compute_dtype`` and ``op_select`` accept ``"auto"`` and are
@@ -151,14 +151,7 @@ class MacroChildConfig:
     if self.remat not in ("none", "layers"):
       raise ValueError(f"child.remat must be 'none' or 'layers' for the macro space, got "
                        f"{self.remat!r}.")
-    impl = backend.resolve(self.kernels, self.compute_dtype, self.op_select, self.platform)
-    for name, value in impl.as_dict().items():
-      object.__setattr__(self, name, value)
-
-  @property
-  def dtype(self):
-    """The jnp compute dtype of activations and conv/matmul inputs."""
-    return backend.jnp_dtype(self.compute_dtype)
+    self._resolve_impl()
 
   @classmethod
   def from_config(cls, config) -> MacroChildConfig:

@@ -117,7 +117,7 @@ AUX_POOL, AUX_POOL_STRIDE, AUX_PROJ, AUX_KERNEL, AUX_WIDTH = 5, 3, 128, 2, 768
 
 
 @dataclasses.dataclass(frozen=True)
-class MicroChildConfig:
+class MicroChildConfig(backend.ResolvedChild):
   """Static settings of a micro child (hashable: safe to close over in jit).
 
   ``kernels``, ``compute_dtype`` and ``op_select`` accept ``"auto"`` and hold
@@ -162,14 +162,7 @@ class MicroChildConfig:
       raise ValueError(f"child.scan_layers must be True or False, got {self.scan_layers!r}.")
     if self.remat not in ("none", "cells"):
       raise ValueError(f"child.remat must be 'none' or 'cells', got {self.remat!r}.")
-    impl = backend.resolve(self.kernels, self.compute_dtype, self.op_select, self.platform)
-    for name, value in impl.as_dict().items():
-      object.__setattr__(self, name, value)
-
-  @property
-  def dtype(self):
-    """The jnp compute dtype of activations and conv/matmul inputs."""
-    return backend.jnp_dtype(self.compute_dtype)
+    self._resolve_impl()
 
   @classmethod
   def from_config(cls, config) -> MicroChildConfig:

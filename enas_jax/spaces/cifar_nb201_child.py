@@ -88,7 +88,7 @@ def _is_int(v) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class NB201ChildConfig:
+class NB201ChildConfig(backend.ResolvedChild):
   """Static settings of a NAS-Bench-201 child (hashable: safe to close over in jit).
 
   ``kernels``, ``compute_dtype`` and ``op_select`` accept ``"auto"`` and hold
@@ -124,14 +124,7 @@ class NB201ChildConfig:
     if self.remat not in ("none", "cells"):
       raise ValueError(f"child.remat must be 'none' or 'cells' for the NAS-Bench-201 space, "
                        f"got {self.remat!r}.")
-    impl = backend.resolve(self.kernels, self.compute_dtype, self.op_select, self.platform)
-    for name, value in impl.as_dict().items():
-      object.__setattr__(self, name, value)
-
-  @property
-  def dtype(self):
-    """The jnp compute dtype of activations and conv/matmul inputs."""
-    return backend.jnp_dtype(self.compute_dtype)
+    self._resolve_impl()
 
   @property
   def num_cells(self) -> int:
