@@ -62,7 +62,7 @@ def test_search_derive_final_then_resume_matches_uninterrupted(tmp_path):
   fcfg = backend.resolve_config(run_lib.final_stage_config(_with_recipe(), out_full["best_arc"]))
   task = LMTask(fcfg, data.load_corpus(fcfg.data), parallel.make_mesh(), shared=False)
   shapes = jax.eval_shape(task.init_child, jax.random.key(0))
-  assert out_full["final"]["num_params"] == task.count_params(shapes["params"])
+  assert out_full["final"]["num_params"] == task.count_params(shapes.params)
   other = _with_recipe(**{"search.final_recipe.child.hidden_size": 10})
   with pytest.raises(ValueError, match="child.hidden_size: workdir has 12, this run has 10"):
     common.prepare_workdir(run_lib.final_stage_config(other, out_full["best_arc"]),

@@ -21,6 +21,8 @@ import pytest
 from enas_jax import parallel, spaces
 from enas_jax.data import synthetic_corpus
 from enas_jax.spaces import ptb_child as pc
+from enas_jax.train import lm as lm_lib
+from enas_jax.train import task as task_lib
 from enas_jax.train.lm import LMTask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,33 +189,32 @@ def test_shared_matches_fixed(k):
   state = ts.init_child(jax.random.key(k))
   # Start mid-epoch (step 1) from a nonzero state, so h0 matters.
   h_init = 0.3 * jax.random.normal(jax.random.key(7), (B, H))
-  state = dict(state, h=h_init, step=jnp.int32(1))
-  x, y = ts._window(ts.valid, 3, T)
+  state = state.replace(h=h_init, step=jnp.int32(1))
+  x, y = lm_lib.window(ts.data["valid"], 3, T)
   key = jax.random.key(11)
-  shared_step = ts.train_step_fn()
+  shared_step = functools.partial(task_lib.train_step, ts)
 
   @jax.jit
   def run_shared(state, arc):
     # The arc is traced: the view is gathered inside the compiled function.
-    ce, h = pc.eval_ce_sum(pc.gather(state["params"], arc, cc), arc, x, y, h_init, cc,
+    ce, h = pc.eval_ce_sum(pc.gather(state.params, arc, cc), arc, x, y, h_init, cc,
                            static=False)
-    new_state, metrics = shared_step(state, arc, key)
+    new_state, metrics = shared_step(state, ts.data, arc, key)
     return ce, h, new_state, metrics
 
   arc_np = np.asarray(arc, np.int32)
-  fixed_step = tf.train_step_fn(arc_static=arc_np)
+  fixed_step = functools.partial(task_lib.train_step, tf, arc_static=arc_np)
 
   @jax.jit
   def run_fixed(fstate):
-    ce, h = pc.eval_ce_sum(fstate["params"], arc_np, x, y, h_init, cc, static=True)
-    new_state, metrics = fixed_step(fstate, None, key)
+    ce, h = pc.eval_ce_sum(fstate.params, arc_np, x, y, h_init, cc, static=True)
+    new_state, metrics = fixed_step(fstate, tf.data, None, key)
     return ce, h, new_state, metrics
 
   arc_j = jnp.asarray(arc_np)
-  old = _np(state["params"])
-  view = pc.gather(state["params"], arc_j, cc)
-  fstate = {"params": view, "opt_state": tf.tx.init(view), "h": h_init, "step": jnp.int32(1),
-            "batch_stats": {}}
+  old = _np(state.params)
+  view = pc.gather(state.params, arc_j, cc)
+  fstate = state.replace(params=view, opt_state=tf.tx.init(view))
   ce_s, h_s, new_s, m_s = _np(run_shared(state, arc_j))
   ce_f, h_f, new_f, m_f = _np(run_fixed(fstate))
 
@@ -226,19 +227,19 @@ def test_shared_matches_fixed(k):
     np.testing.assert_allclose(m_s[name], m_f[name], rtol=2e-5, atol=1e-6, err_msg=name)
   assert m_s["finite"] and m_f["finite"]
   assert m_s["loss"] > m_s["ce"] > 0
-  np.testing.assert_allclose(new_s["h"], new_f["h"], rtol=2e-5, atol=1e-6)
-  assert int(new_s["step"]) == int(new_f["step"]) == 2
+  np.testing.assert_allclose(new_s.h, new_f.h, rtol=2e-5, atol=1e-6)
+  assert int(new_s.step) == int(new_f.step) == 2
 
   # After the SGD step the arc's slices of the shared weights equal the fixed
   # child's updated parameters...
-  new_view = _np(pc.gather(new_s["params"], arc_j, cc))
+  new_view = _np(pc.gather(new_s.params, arc_j, cc))
   for name in ("emb", "w0", "w_nodes"):
-    np.testing.assert_allclose(new_view[name], new_f["params"][name], rtol=2e-5, atol=1e-6,
+    np.testing.assert_allclose(new_view[name], new_f.params[name], rtol=2e-5, atol=1e-6,
                                err_msg=name)
   assert not np.array_equal(new_view["w0"], np.asarray(view["w0"]))
   assert not np.array_equal(new_view["w_nodes"], np.asarray(view["w_nodes"]))
   # ...and every slice the arc did not use is bit-identical to before.
-  new = new_s["params"]
+  new = new_s.params
   r0, rows = used_rows(arc, cc)
   keep = unused_mask([r0], cc.num_acts)
   np.testing.assert_array_equal(new["w0"][keep], old["w0"][keep])
@@ -293,15 +294,15 @@ def test_train_chunk_compiles_once():
     total += n
     assert int(sums["n"]) == n and int(sums["first_bad"]) == -1
     assert np.isfinite(sums["loss"]) and sums["loss"] > 0
-    assert int(state["step"]) == total
+    assert int(state.step) == total
   assert total >= 50
   assert chunk._cache_size() == 1
   # The state keeps its declared layout: params replicated, h batch-sharded.
   rep = parallel.replicated(MESH)
-  for leaf in jax.tree_util.tree_leaves(state["params"]):
+  for leaf in jax.tree_util.tree_leaves(state.params):
     assert leaf.sharding.is_equivalent_to(rep, leaf.ndim)
     assert leaf.sharding.spec == rep.spec
-  assert state["h"].sharding.spec == parallel.batch_sharding(MESH).spec
+  assert state.h.sharding.spec == parallel.batch_sharding(MESH).spec
 
 
 def test_eval_through_gather_compiles_once():
@@ -309,7 +310,7 @@ def test_eval_through_gather_compiles_once():
   cc = ts.cc
   space = spaces.get("ptb", num_nodes=N)
   sh = pc.init_shared(jax.random.key(0), cc)
-  x, y = ts._window(ts.valid, 0, T)
+  x, y = lm_lib.window(ts.data["valid"], 0, T)
   h0 = jnp.zeros((B, H))
   f = jax.jit(lambda p, a: pc.eval_ce_sum(pc.gather(p, a, cc), a, x, y, h0, cc, False)[0])
   arcs = np.asarray(jax.vmap(space.sample_uniform)(jax.random.split(jax.random.key(9), 50)))
@@ -324,9 +325,9 @@ def test_eval_through_gather_compiles_once():
 
 def test_score_arcs_matches_fixed_valid():
   ts, tf = make_tasks(aggregate="all")
-  sh = ts.init_child(jax.random.key(2))["params"]
+  sh = ts.init_child(jax.random.key(2)).params
   arcs = jnp.asarray(ARCS[:2], jnp.int32)
-  score = ts.make_score_arcs(num_windows=3)
+  score = ts.make_score_arcs(3)
   ppl = np.asarray(score(sh, arcs))
   assert ppl.shape == (2,) and np.isfinite(ppl).all() and ppl[0] != ppl[1]
   for k in range(2):
@@ -334,10 +335,11 @@ def test_score_arcs_matches_fixed_valid():
     np.testing.assert_allclose(ppl[k], float(fixed(pc.gather(sh, arcs[k], ts.cc))), rtol=2e-5)
   # The reward is c / ppl of one window with a zero state: at most c, positive.
   reward = jax.jit(ts.reward_fn(80.0))
-  r = float(reward(arcs[0], jax.random.key(0), {"params": sh}))
+  r = float(reward(arcs[0], jax.random.key(0),
+                   {"params": sh, "batch_stats": {}, "data": ts.data}))
   assert 0.0 < r < 80.0
-  ce_fn = jax.jit(ts.window_ce_fn())
-  col = int(jax.random.randint(jax.random.key(0), (), 0, ts.valid.shape[1] - T))
+  ce_fn = jax.jit(functools.partial(lm_lib.window_ce, ts, ts.data))
+  col = int(jax.random.randint(jax.random.key(0), (), 0, ts.data["valid"].shape[1] - T))
   s, _ = ce_fn(sh, arcs[0], col, jnp.zeros((B, H)))
   np.testing.assert_allclose(r, 80.0 / np.exp(float(s) / (B * T)), rtol=1e-5)
 

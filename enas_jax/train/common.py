@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -131,50 +130,3 @@ def write_text(path: str, text: str) -> None:
 
 def to_float_dict(tree: dict) -> dict:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
-
-
-class DeviceData:
-  """Mixin for tasks whose datasets live on the device as global arrays.
-
-  Jitted functions must not close over arrays that span other processes'
-  devices (multi-host runs), so the task's arrays (``self.data_arrays``, also
-  readable as attributes, e.g. ``self.train``) enter every jitted function it
-  hands out as an explicit first argument: :meth:`jit` wraps a function so that
-  while it is traced the attributes resolve to the traced arguments. Functions
-  traced inside another jitted function (the controller's reward) use
-  :meth:`using` with the arrays passed in the reward context.
-  """
-
-  def _set_data(self, name: str, array) -> None:
-    self.__dict__.setdefault("data_arrays", {})[name] = array
-
-  def __getattr__(self, name):
-    arrays = self.__dict__.get("data_arrays", {})
-    if name in arrays:
-      return arrays[name]
-    raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-
-  @contextlib.contextmanager
-  def using(self, arrays):
-    """Resolves the data attributes to ``arrays`` (traced values) inside the block."""
-    saved = self.__dict__["data_arrays"]
-    self.__dict__["data_arrays"] = arrays
-    try:
-      yield
-    finally:
-      self.__dict__["data_arrays"] = saved
-
-  def jit(self, fn, *, donate_argnums=(), out_shardings=None):
-    """``jax.jit(fn)`` with the task's arrays passed as a hidden first argument.
-    The returned callable takes ``fn``'s arguments; ``_cache_size()`` works."""
-    def inner(arrays, *args):
-      with self.using(arrays):
-        return fn(*args)
-    kw = {} if out_shardings is None else {"out_shardings": out_shardings}
-    jitted = jax.jit(inner, donate_argnums=tuple(i + 1 for i in donate_argnums), **kw)
-
-    def call(*args):
-      return jitted(self.__dict__["data_arrays"], *args)
-    call._cache_size = jitted._cache_size
-    call.jitted = jitted
-    return call

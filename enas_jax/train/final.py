@@ -1,4 +1,5 @@
-"""Final training: one fixed arc trained from scratch, then valid and test perplexity."""
+"""Final training: one fixed arc trained from scratch, then valid and test
+metrics. The state is a :class:`~enas_jax.train.state.FinalState`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import numpy as np
 
 from enas_jax import metrics as metrics_lib
 from enas_jax.train import common
-from enas_jax.train.search import best_key, better, open_run_state, run_child_epoch_part
+from enas_jax.train.search import better, open_run_state, run_child_epoch_part, worst
+from enas_jax.train.state import FinalState
 
 log = common.log
 
@@ -25,36 +27,35 @@ class FinalSetup:
     self.arc = space.validate(arc)
     self.child_chunk = task.make_train_chunk(arc_static=self.arc)
     f = config.final
+    # Images: valid may be absent (final training on all 50,000 images).
+    self.valid = task.make_fixed_valid(self.arc, int(f[task.valid_units_field]))
     if task.metric == "ppl":
-      self.valid = task.make_fixed_valid(self.arc, int(f.valid_windows))
       self.test = task.make_test_eval(self.arc, int(f.test_batch_size), int(f.test_bptt))
-    else:  # images: valid may be absent (final training on all 50,000 images)
-      self.valid = task.make_fixed_valid(self.arc, int(f.get("valid_batches", 0)))
+    else:
       self.test = task.make_test_eval(self.arc)
     root = jax.random.key(int(config.seed))
     self.keys = {n: jax.random.fold_in(root, 100 + i) for i, n in enumerate(("child_init", "child"))}
 
-  def init_state(self) -> dict:
-    return {"child": self.task.init_child(self.keys["child_init"]),
-            "epochs_done": jnp.int32(0),
-            best_key(self.task): jnp.float32(-np.inf if self.task.higher_is_better else np.inf),
-            # Validation perplexity per epoch (NaN-filled; fixed size so that
-            # checkpoints restore whatever num_epochs says): the averaging trigger.
-            "valid_history": jnp.full((HISTORY_CAP,), jnp.nan, jnp.float32)}
+  def init_state(self) -> FinalState:
+    return FinalState(child=self.task.init_child(self.keys["child_init"]),
+                      epochs_done=jnp.int32(0), best_valid=worst(self.task),
+                      # Validation value per epoch (NaN-filled; fixed size so that
+                      # checkpoints restore whatever num_epochs says): the averaging trigger.
+                      valid_history=jnp.full((HISTORY_CAP,), jnp.nan, jnp.float32),
+                      metric=self.task.metric)
 
-  def eval_params(self, state) -> dict:
+  def eval_params(self, state: FinalState):
     """The weights to evaluate: the running average once it holds at least one
     step, else the raw weights (averaging switched on at the last epoch, a budget
     ending at a pass boundary, or ``eval_only`` on the trigger epoch's checkpoint
     would otherwise evaluate the all-zero empty average)."""
-    child = state["child"]
-    return child["avg"]["params"] if uses_average(state) else child["params"]
+    return state.child.avg["params"] if uses_average(state) else state.child.params
 
 
-def uses_average(state) -> bool:
+def uses_average(state: FinalState) -> bool:
   """Whether evaluation uses the averaged weights: averaging is on and at least
   one step has been averaged (``avg.n``, checkpointed with the state)."""
-  avg = state["child"].get("avg")
+  avg = getattr(state.child, "avg", None)
   return avg is not None and bool(avg["active"]) and int(avg["n"]) > 0
 
 
@@ -76,18 +77,17 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
     raise FileNotFoundError(
         f"eval_only: no checkpoint under {os.path.join(workdir, 'checkpoints')}; "
         f"train first (same command without --config.eval_only) or pass the run's --workdir.")
-  num_params = task.count_params(state["child"]["params"])
+  num_params = task.count_params(state.child.params)
   if common.is_main_process():
     print(f"final training of arc {setup.space.format(setup.arc)} "
           f"({num_params:,} parameters)", flush=True)
   num_epochs = int(config.final.num_epochs)
   nb = task.num_batches
   budget = num_epochs * nb  # nominal epochs x windows of length bptt, as the corrected code counts
-  nonmono = int(config.final.get("average_nonmono", 10))
-  progress = metrics_lib.Progress(budget, start_step=int(state["child"]["step"]),
+  progress = metrics_lib.Progress(budget, start_step=int(state.child.step),
                                   items_per_step=task.tokens_per_step, item_name=task.item_name)
   while not config.eval_only:
-    epoch, step = int(state["epochs_done"]), int(state["child"]["step"])
+    epoch, step = int(state.epochs_done), int(state.child.step)
     if task.random_bptt:
       # Passes over the data have a random number of steps; the run ends at the
       # step budget (possibly mid-pass).
@@ -100,8 +100,8 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
       end = (epoch + 1) * nb
     state = run_child_epoch_part(setup, state, end, writer, progress, ckpt,
                                  config, prefix="train", ctrl_params={})
-    step = int(state["child"]["step"])
-    if task.random_bptt and step >= budget and int(state["child"]["pos"]) != 0:
+    step = int(state.child.step)
+    if task.random_bptt and step >= budget and int(state.child.pos) != 0:
       break  # budget reached mid-pass: straight to the final evaluation
     # PTB: test only at the end (its batch-1 pass is slow); CIFAR: test every
     # epoch, as the original's eval_every_epochs=1.
@@ -111,28 +111,28 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
     # The value the history and the best-so-far record follow: validation, or
     # (CIFAR final training on all 50,000 images, no validation set) test.
     watch = m.get(f"valid/{metric}", m.get(f"test/{metric}"))
-    if "avg" in state["child"]:
+    avg = getattr(state.child, "avg", None)
+    if avg is not None:
       ppl = watch
-      hist = np.asarray(state["valid_history"])[:epoch].tolist()
-      avg = state["child"]["avg"]
+      hist = np.asarray(state.valid_history)[:epoch].tolist()
+      nonmono = int(config.final.average_nonmono)
       if not bool(avg["active"]) and should_start_averaging(hist, ppl, nonmono):
-        state["child"]["avg"] = dict(avg, active=jnp.bool_(True))
+        state = state.replace(child=state.child.replace(avg=dict(avg, active=jnp.bool_(True))))
         if common.is_main_process():
           print(f"epoch {epoch + 1}: valid ppl {ppl:.2f} is worse than the best before the "
                 f"last {nonmono} epochs: starting weight averaging", flush=True)
-      m["train/averaging"] = float(bool(state["child"]["avg"]["active"]))
+      m["train/averaging"] = float(bool(state.child.avg["active"]))
     if epoch < HISTORY_CAP:
-      state["valid_history"] = state["valid_history"].at[epoch].set(watch)
-    state["epochs_done"] = jnp.int32(epoch + 1)
-    bk = best_key(task)
-    state[bk] = better(task, state[bk], watch)
+      state = state.replace(valid_history=state.valid_history.at[epoch].set(watch))
+    state = state.replace(epochs_done=jnp.int32(epoch + 1),
+                          best_valid=better(task, state.best_valid, watch))
     writer.write(step, m)
     if common.is_main_process():
       shown = " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k.startswith(("valid/", "test/")))
       print(f"epoch {epoch + 1} | step {step:,}/{budget:,} | {shown}", flush=True)
     ckpt.save(step, state, {"stage": "final", "epoch": epoch + 1})
   ckpt.close()
-  step = int(state["child"]["step"])
+  step = int(state.child.step)
   t0 = time.time()
   m = epoch_metrics(setup, state, with_test=True)
   eval_s = time.time() - t0
@@ -145,7 +145,8 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
                   averaged=uses_average(state))
   else:
     result["eval_seconds"] = round(eval_s, 1)
-    aux = state["child"]["params"].get("aux") if isinstance(state["child"]["params"], dict) else None
+    params = state.child.params
+    aux = params.get("aux") if isinstance(params, dict) else None
     if aux is not None:
       result["num_params_aux_head"] = task.count_params(aux)
   writer.write(step, m)
@@ -155,11 +156,11 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
   return result
 
 
-def epoch_metrics(setup: FinalSetup, state: dict, with_test: bool) -> dict:
+def epoch_metrics(setup: FinalSetup, state: FinalState, with_test: bool) -> dict:
   """``valid/<metric>`` (when a validation split exists) and, with ``with_test``,
   ``test/<metric>`` of the weights to evaluate (the average once it started)."""
   task, params = setup.task, setup.eval_params(state)
-  stats = state["child"]["batch_stats"]
+  stats = state.child.batch_stats
   m = {}
   if setup.valid is not None:
     m[f"valid/{task.metric}"] = float(setup.valid(params, stats))

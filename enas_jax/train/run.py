@@ -37,7 +37,7 @@ def load_data(config):
 
 def _with_space_fields(config, fields):
   """The config with ``space.<field> = value`` for ``fields`` (a copy when any differs)."""
-  if all(config.space.get(k) == v for k, v in fields.items()):
+  if all(config.space[k] == v for k, v in fields.items()):
     return config
   config = config.copy_and_resolve_references()
   with config.unlocked():

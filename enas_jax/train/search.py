@@ -7,8 +7,9 @@ derive: sample arcs from the trained controller, score each on validation
 data, write ``best_arc.txt`` and ``arcs.jsonl``.
 
 The loop talks to the space through its protocol (``decisions``, codec,
-``sample_uniform``) and to the task (here :class:`~enas_jax.train.lm.LMTask`)
-through its jitted functions.
+``sample_uniform``) and to the task (:class:`~enas_jax.train.task.Task`)
+through its jitted functions. The state is a
+:class:`~enas_jax.train.state.SearchState`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from enas_jax import metrics as metrics_lib
 from enas_jax import parallel
 from enas_jax import reinforce
 from enas_jax.train import common
+from enas_jax.train.state import SearchState
 
 log = common.log
 
@@ -48,7 +50,7 @@ class SearchSetup:
     cc = config.controller
     self.optimizer = reinforce.make_optimizer(float(cc.lr), b1=float(cc.adam_b1),
                                               eps=float(cc.adam_eps),
-                                              form=str(cc.get("adam_form", "tf1")))
+                                              form=str(cc.adam_form))
     sampler = config.search.sampler
     if sampler == "controller":
       self.sample_arc = lambda p, k: ctrl.sample(p, k, self.decisions, self.ctrl_cfg)["arc"]
@@ -59,7 +61,9 @@ class SearchSetup:
     self.child_chunk = task.make_train_chunk(self.sample_arc)
     self.sample_one = jax.jit(self.sample_arc)  # one arc on the host side (logs)
     extra = None
-    if float(cc.get("skip_weight", 0.0)) > 0:  # the macro space's skip penalty (KL)
+    # The macro space's skip penalty (KL); configs of spaces without skip
+    # decisions (PTB) have no skip_weight field.
+    if "skip_weight" in cc and float(cc.skip_weight) > 0:
       extra = reinforce.make_skip_penalty(self.decisions, self.ctrl_cfg,
                                           skip_target=float(cc.skip_target),
                                           skip_weight=float(cc.skip_weight))
@@ -70,27 +74,24 @@ class SearchSetup:
         extra_loss_fn=extra)
     self.controller_phase = jax.jit(phase, donate_argnums=(0,))
     self.search_valid = task.make_search_valid(
-        self.sample_arc, int(config.search.get("valid_windows", 0)
-                             or config.search.get("valid_batches", 0)))
+        self.sample_arc, int(config.search[task.valid_units_field]))
     root = jax.random.key(int(config.seed))
     self.keys = {n: jax.random.fold_in(root, i) for i, n in
                  enumerate(("child_init", "ctrl_init", "child", "ctrl", "valid", "derive", "show"))}
 
-  def init_state(self) -> dict:
+  def init_state(self) -> SearchState:
     """The full search state (invariant 6): child, controller, epoch, records."""
     ctrl_state = reinforce.init_state(self.keys["ctrl_init"], self.decisions, self.ctrl_cfg,
                                       self.optimizer)
-    return {
-        "child": self.task.init_child(self.keys["child_init"]),
-        "ctrl": parallel.replicate(ctrl_state, self.task.mesh),
-        "epochs_done": jnp.int32(0),
-        best_key(self.task): jnp.float32(-np.inf if self.task.higher_is_better else np.inf),
-    }
+    return SearchState(child=self.task.init_child(self.keys["child_init"]),
+                       ctrl=parallel.replicate(ctrl_state, self.task.mesh),
+                       epochs_done=jnp.int32(0), best_valid=worst(self.task),
+                       metric=self.task.metric)
 
 
-def best_key(task) -> str:
-  """The state's best-so-far record: ``best_valid_ppl`` (PTB) or ``best_valid_acc``."""
-  return f"best_valid_{task.metric}"
+def worst(task) -> jax.Array:
+  """The best-so-far record's start: the worst value of the task's metric."""
+  return jnp.float32(-np.inf if task.higher_is_better else np.inf)
 
 
 def better(task, a, b):
@@ -121,21 +122,21 @@ def run_child_epoch_part(setup, state, end_step: int, writer, progress, ckpt, co
             config.final.steps_per_dispatch)
   log_every = max(1, int(config.log_every))
   ckpt_every = int(config.checkpoint_every)
-  step = int(state["child"]["step"])
+  step = int(state.child.step)
   progress.mark(step)
   sums, n_acc = {k: 0.0 for k in task.SUM_KEYS}, 0
   items = 0  # tokens or images since the last progress line (windows vary in length)
   if ctrl_params is None:
-    ctrl_params = state["ctrl"]["params"] if "ctrl" in state else {}
+    ctrl_params = state.ctrl["params"]
   epoch_end = False
   while step < end_step and not epoch_end:
     n = min(spd, end_step - step, log_every - step % log_every)
-    child, acc = chunk(state["child"], ctrl_params, key, jnp.int32(n))
+    child, acc = chunk(state.child, ctrl_params, key, jnp.int32(n))
     acc = jax.device_get(acc)
-    epoch = int(state["epochs_done"])
+    epoch = int(state.epochs_done)
     if int(acc["first_bad"]) >= 0:
       _raise_nonfinite(int(acc["first_bad"]), epoch, ckpt, "the child loss or gradient")
-    state["child"] = child
+    state = state.replace(child=child)
     step += int(acc["n"])
     # With variable-length windows a chunk stops early at the end of a pass.
     epoch_end = task.random_bptt and bool(acc["epoch_end"])
@@ -171,61 +172,59 @@ def open_run_state(setup, workdir: str, stage: str):
   resumed = ckpt.latest_step() is not None
   if resumed:
     state, _ = ckpt.restore(state)
-    log.info("resumed %s from step %s (epoch %s)", stage, int(state["child"]["step"]),
-             int(state["epochs_done"]))
+    log.info("resumed %s from step %s (epoch %s)", stage, int(state.child.step),
+             int(state.epochs_done))
   return ckpt, state, resumed
 
 
-def run_search(setup: SearchSetup, workdir: str, writer) -> dict:
+def run_search(setup: SearchSetup, workdir: str, writer) -> SearchState:
   """Runs (or resumes) the search in ``workdir``; returns the final state."""
   config, task = setup.config, setup.task
   ckpt, state, _ = open_run_state(setup, workdir, "search")
   num_epochs = int(config.search.num_epochs)
   nb = task.num_batches
-  progress = metrics_lib.Progress(num_epochs * nb, start_step=int(state["child"]["step"]),
+  progress = metrics_lib.Progress(num_epochs * nb, start_step=int(state.child.step),
                                   items_per_step=task.tokens_per_step, item_name=task.item_name)
   use_ctrl = config.search.sampler == "controller"
   budget = num_epochs * nb
   while True:
-    epoch = int(state["epochs_done"])
+    epoch = int(state.epochs_done)
     if task.random_bptt:
       # Variable-length windows (the corrected code's search): an epoch is one
       # pass over the data, of a random number of steps; the run ends at the
       # budget of num_epochs x (windows of length bptt) steps, possibly mid-pass.
-      if int(state["child"]["step"]) >= budget:
+      if int(state.child.step) >= budget:
         break
       state = run_child_epoch_part(setup, state, budget, writer, progress, ckpt, config)
-      step = int(state["child"]["step"])
-      if step >= budget and int(state["child"]["pos"]) != 0:
+      step = int(state.child.step)
+      if step >= budget and int(state.child.pos) != 0:
         ckpt.save(step, state, {"stage": "search", "epoch": epoch})
         break  # mid-pass: no controller phase (the corrected code just stops)
     else:
       if epoch >= num_epochs:
         break
       state = run_child_epoch_part(setup, state, (epoch + 1) * nb, writer, progress, ckpt, config)
-      step = int(state["child"]["step"])
+      step = int(state.child.step)
     m = {}
     if use_ctrl and epoch + 1 >= int(config.search.controller_start_epoch):
       t0 = time.time()
-      ctx = {"params": state["child"]["params"], "batch_stats": state["child"]["batch_stats"],
-             "data": task.data_arrays}
-      state["ctrl"], cm = setup.controller_phase(state["ctrl"], ctx,
-                                                 jax.random.fold_in(setup.keys["ctrl"], epoch))
+      ctrl_state, cm = setup.controller_phase(state.ctrl, task.reward_context(state.child),
+                                              jax.random.fold_in(setup.keys["ctrl"], epoch))
+      state = state.replace(ctrl=ctrl_state)
       cm = common.to_float_dict(cm)
       if not all(math.isfinite(v) for v in cm.values()):
         _raise_nonfinite(step, epoch, ckpt, "a controller metric")
       m.update(cm)
       m["controller/seconds"] = time.time() - t0
-    val = float(setup.search_valid(state["child"]["params"], state["ctrl"]["params"],
+    val = float(setup.search_valid(state.child.params, state.ctrl["params"],
                                    jax.random.fold_in(setup.keys["valid"], epoch),
-                                   state["child"]["batch_stats"]))
-    state["epochs_done"] = jnp.int32(epoch + 1)
-    bk = best_key(task)
-    state[bk] = better(task, state[bk], val)
+                                   state.child.batch_stats))
+    state = state.replace(epochs_done=jnp.int32(epoch + 1),
+                          best_valid=better(task, state.best_valid, val))
     m.update({f"valid/{task.metric}": val, "epoch": epoch + 1})
     writer.write(step, m)
     if use_ctrl and common.is_main_process():
-      arc = setup.sample_one(state["ctrl"]["params"], jax.random.fold_in(setup.keys["show"], epoch))
+      arc = setup.sample_one(state.ctrl["params"], jax.random.fold_in(setup.keys["show"], epoch))
       writer.write_text(step, "controller/sample_arc", setup.space.format(np.asarray(arc)))
     if common.is_main_process():
       extra = "" if "controller/reward" not in m else (
@@ -236,7 +235,7 @@ def run_search(setup: SearchSetup, workdir: str, writer) -> dict:
   return state
 
 
-def derive(setup: SearchSetup, state: dict, workdir: str, writer) -> tuple[str, float]:
+def derive(setup: SearchSetup, state: SearchState, workdir: str, writer) -> tuple[str, float]:
   """Samples ``derive.num_samples`` arcs, scores each on validation data (PTB:
   perplexity with the state carried across windows; CIFAR: accuracy), no
   dropout, writes ``arcs.jsonl`` (all candidates, best first), ``best_arc.txt``
@@ -247,16 +246,15 @@ def derive(setup: SearchSetup, state: dict, workdir: str, writer) -> tuple[str, 
   batch = max(1, int(config.derive.batch))
   key = setup.keys["derive"]
   sample_many = jax.jit(jax.vmap(setup.sample_arc, in_axes=(None, 0)))
-  arcs = np.asarray(sample_many(state["ctrl"]["params"], jax.random.split(key, n)))
-  score = task.make_score_arcs(int(config.derive.get("valid_windows", 0)
-                                   or config.derive.get("valid_batches", 0)))
+  arcs = np.asarray(sample_many(state.ctrl["params"], jax.random.split(key, n)))
+  score = task.make_score_arcs(int(config.derive[task.valid_units_field]))
   scores = []
   for i in range(0, n, batch):
     chunk = arcs[i:i + batch]
     if chunk.shape[0] < batch:  # pad: keep one compiled shape
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - chunk.shape[0], 0)])
-    scores.extend(np.asarray(score(state["child"]["params"], jnp.asarray(chunk),
-                                   state["child"]["batch_stats"])).tolist()[:n - i])
+    scores.extend(np.asarray(score(state.child.params, jnp.asarray(chunk),
+                                   state.child.batch_stats)).tolist()[:n - i])
   scores = np.asarray(scores[:n])
   order = np.argsort(-scores if task.higher_is_better else scores, kind="stable")
   rows = [{"rank": r + 1, "arc": space.format(arcs[j]), f"valid_{metric}": float(scores[j]),
@@ -270,7 +268,7 @@ def derive(setup: SearchSetup, state: dict, workdir: str, writer) -> tuple[str, 
       visualize.write_arc_diagram(space, arcs[order[0]], workdir, stem="best_arc")
     except Exception as e:  # a diagram never fails a finished search
       log.warning("could not draw the best arc: %s", e)
-  step = int(state["child"]["step"])
+  step = int(state.child.step)
   writer.write(step, {f"derive/best_valid_{metric}": best[f"valid_{metric}"],
                       f"derive/median_valid_{metric}": float(np.median(scores))})
   writer.write_text(step, "derive/best_arc", best["arc"])

@@ -1,0 +1,247 @@
+"""The task core: what training and evaluating a child does the same way for
+every task, written once.
+
+A task (:class:`~enas_jax.train.lm.LMTask`, :class:`~enas_jax.train.image.ImageTask`)
+holds static settings and its datasets on the device (``task.data``, a dict of
+arrays), and writes only what differs: how a step draws its batch
+(:meth:`Task.run_step`), the loss (:meth:`Task.loss`) and evaluation
+(:meth:`Task.valid_sum`, :meth:`Task.score_arc`, :meth:`Task.to_metric`).
+
+The step functions here are pure module-level functions of explicit state
+with the data as an argument: ``train_step(task, state, data, arc, key)`` runs
+on any arrays laid out as ``task.data`` (a notebook may build them itself), and
+jitted functions never close over device arrays (in a multi-host run those span
+other processes' devices). The ``Task.make_*`` methods jit them with the arc a
+traced int32 array (one compilation for every arc) and bind ``task.data``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from enas_jax import parallel
+from enas_jax.train.state import ChildState
+
+ArcSampler = Callable[[Any, jax.Array], jax.Array]  # (controller params, key) -> arc
+
+
+class Bound:
+  """A jitted ``fn(data, *args)`` called as ``fn(*args)`` with ``task.data``
+  (read at call time). ``jitted`` is the jax function (``.lower(data, ...)``)."""
+
+  def __init__(self, task, fn, *, donate_argnums=(), out_shardings=None):
+    kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+    self.task = task
+    self.jitted = jax.jit(fn, donate_argnums=tuple(i + 1 for i in donate_argnums), **kw)
+
+  def __call__(self, *args):
+    return self.jitted(self.task.data, *args)
+
+  def _cache_size(self) -> int:
+    return self.jitted._cache_size()
+
+
+class Task:
+  """Static settings shared by every task, the hooks each writes, and the
+  jitted functions the loops use.
+
+  Set by the subclass: ``config``, ``mesh``, ``shared``, ``batch_size``,
+  ``eval_batch_size``, ``num_batches`` (steps per epoch), ``tokens_per_step``,
+  ``tx`` (the child optimizer), ``num_valid_units`` (validation windows or
+  batches), ``data`` (the device arrays) and the class attributes below.
+  """
+
+  metric: str  # the validation metric ("ppl" or "acc")
+  higher_is_better: bool
+  item_name: str  # what a progress line counts ("tokens", "images")
+  SUM_KEYS: tuple  # the step metrics a train chunk sums
+  valid_units_field: str  # the search/derive/final field counting validation units
+  random_bptt = False  # variable-length steps: a chunk also stops at an epoch's end
+  data: dict
+
+  def __init__(self, config, mesh, *, shared: bool):
+    self.config, self.mesh, self.shared = config, mesh, shared
+    # Fault injection for tests: a NaN loss at this child step (-1: off).
+    self.inject_nan_at_step = int(config.debug.inject_nan_at_step)
+
+  # ------------------------------------------------------------ task hooks
+  def init_child(self, key: jax.Array) -> ChildState:
+    raise NotImplementedError
+
+  def run_step(self, state, data, arc, key, static: bool):
+    """Draws the step's batch from ``data`` and returns
+    ``apply_update(self, state, arc, key, batch, static)`` (plus step metrics)."""
+    raise NotImplementedError
+
+  def loss(self, params, state, arc, batch, key, static: bool):
+    """``(loss, (metrics, state_updates))`` of ``params`` (the trained view)."""
+    raise NotImplementedError
+
+  def view(self, params, arc, static: bool):
+    """The weights a step trains (the shared PTB child: the arc's slices)."""
+    return params
+
+  def merge(self, params, arc, new_view, static: bool):
+    """``params`` with the trained view written back."""
+    return new_view
+
+  def after_update(self, state):
+    """The state after an update, for what follows the weights (averaging)."""
+    return state
+
+  def grad_norm(self, grads) -> jax.Array:
+    return optax.tree.norm(grads)
+
+  def reward_value(self, data, params, batch_stats, arc, key, reward_c: float) -> jax.Array:
+    raise NotImplementedError
+
+  def valid_sum(self, data, params, batch_stats, arc, i) -> jax.Array:
+    """The metric's sum over validation unit ``i`` (window or batch), fresh state."""
+    raise NotImplementedError
+
+  def score_arc(self, data, params, batch_stats, arc, num: int, static: bool = False):
+    """The metric of one arc on the first ``num`` validation units (derive)."""
+    total = jax.lax.map(lambda i: self.valid_sum(data, params, batch_stats, arc, i),
+                        jnp.arange(num)).sum()
+    return self.to_metric(total, num)
+
+  def to_metric(self, total, num: int) -> jax.Array:
+    raise NotImplementedError
+
+  def check_valid(self, what: str) -> None:
+    """Raises when ``what`` needs validation data the task does not have."""
+
+  # ---------------------------------------------------------- shared parts
+  @property
+  def replicated(self):
+    return parallel.replicated(self.mesh)
+
+  def state_shardings(self) -> ChildState:
+    """Shardings of the child state: all replicated."""
+    rep = self.replicated
+    return ChildState(params=rep, opt_state=rep, step=rep, batch_stats=rep)
+
+  def count_params(self, params) -> int:
+    """Number of scalars in a parameter pytree (arrays or shapes)."""
+    return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
+
+  def progress_metrics(self, prefix: str, sums: dict, n: int) -> dict:
+    """The metrics a progress line reports from a chunk's sums."""
+    return {f"{prefix}/{k}": sums[k] / n for k in self.SUM_KEYS}
+
+  def num_units(self, num: int) -> int:
+    """``num`` validation units, all when ``num <= 0``."""
+    return self.num_valid_units if num <= 0 else min(num, self.num_valid_units)
+
+  def reward_context(self, child: ChildState) -> dict:
+    """The controller phase's reward context for the child state ``child``."""
+    return {"params": child.params, "batch_stats": child.batch_stats, "data": self.data}
+
+  def jit(self, fn, **kw) -> Bound:
+    return Bound(self, fn, **kw)
+
+  def make_train_chunk(self, sample_arc: ArcSampler | None = None, arc_static=None) -> Bound:
+    """Jitted ``(state, ctrl_params, key, num_steps) -> (state, sums)`` (:func:`train_chunk`)."""
+    # Pin the returned state's layout: otherwise sharding propagation from the
+    # batch-sharded data can hand back weights sharded along `data`, and the
+    # next call, fed that state, compiles again.
+    return self.jit(functools.partial(train_chunk, self, sample_arc, arc_static),
+                    donate_argnums=(0,), out_shardings=(self.state_shardings(), self.replicated))
+
+  def reward_fn(self, reward_c: float) -> Callable:
+    """The controller's reward ``(arc, key, ctx) -> scalar`` (:func:`reward`)."""
+    self.check_valid("the controller's reward")
+    return functools.partial(reward, self, float(reward_c))
+
+  def make_search_valid(self, sample_arc: ArcSampler, num: int = 0) -> Bound:
+    """Jitted ``(params, ctrl_params, key, stats=None) -> metric`` (:func:`search_valid`)."""
+    self.check_valid("search validation")
+    return self.jit(functools.partial(search_valid, self, sample_arc, self.num_units(num)))
+
+  def make_score_arcs(self, num: int = 0) -> Bound:
+    """Jitted ``(params, arcs[K, A], stats=None) -> metric[K]`` (:func:`score_arcs`)."""
+    self.check_valid("derive")
+    return self.jit(functools.partial(score_arcs, self, self.num_units(num)))
+
+
+# ------------------------------------------------------------ step functions
+def apply_update(task: Task, state: ChildState, arc, key, batch, static: bool, lr_scale=None):
+  """One optimizer step on ``batch``: gradient of ``task.loss``, its norm,
+  the optimizer update (scaled by ``lr_scale`` if given). Returns
+  ``(state, metrics)`` with ``loss``, ``grad_norm``, ``finite`` and the loss's metrics."""
+  view = task.view(state.params, arc, static)
+  (loss, (metrics, changes)), grads = jax.value_and_grad(task.loss, has_aux=True)(
+      view, state, arc, batch, key, static)
+  if task.inject_nan_at_step >= 0:
+    loss = jnp.where(state.step == task.inject_nan_at_step, jnp.nan, loss)
+  gnorm = task.grad_norm(grads)
+  updates, opt_state = task.tx.update(grads, state.opt_state, view)
+  if lr_scale is not None:
+    updates = jax.tree_util.tree_map(lambda u: u * lr_scale, updates)
+  params = task.merge(state.params, arc, optax.apply_updates(view, updates), static)
+  state = task.after_update(state.replace(params=params, opt_state=opt_state,
+                                          step=state.step + 1, **changes))
+  return state, dict(metrics, loss=loss, grad_norm=gnorm,
+                     finite=jnp.isfinite(loss) & jnp.isfinite(gnorm))
+
+
+def train_step(task: Task, state: ChildState, data: dict, arc, key, arc_static=None):
+  """The pure child update ``(state, metrics)`` at ``state.step`` on ``data``
+  (arrays laid out as ``task.data``). ``arc``: a traced int32 array, or with
+  ``arc_static`` (a numpy arc) the arc is baked in. ``metrics`` also has
+  ``tokens`` (items per batch row) and ``epoch_end``."""
+  static = arc_static is not None
+  return task.run_step(state, data, arc_static if static else arc, key, static)
+
+
+def train_chunk(task: Task, sample_arc, arc_static, data, state, ctrl_params, key, num_steps):
+  """``num_steps`` (a traced scalar: one compilation for any count) child
+  updates in one ``while_loop``; each shared step trains a fresh arc
+  ``sample_arc(ctrl_params, fold_in(key, step))`` unless ``arc_static`` is
+  given. With variable-length steps the chunk also stops at an epoch's end.
+  Returns ``(state, sums)``: sums of ``task.SUM_KEYS``, ``n`` steps, ``tokens``,
+  ``epoch_end`` and ``first_bad``, the first step whose loss or gradient was not
+  finite (-1 if none)."""
+  fresh = task.shared and arc_static is None and sample_arc is not None
+
+  def cond(carry):
+    more = carry[1]["n"] < num_steps
+    return more & ~carry[1]["epoch_end"] if task.random_bptt else more
+
+  def body(carry):
+    st, acc = carry
+    k_arc, k_step = jax.random.split(jax.random.fold_in(key, st.step))
+    arc = sample_arc(ctrl_params, k_arc) if fresh else None
+    new, m = train_step(task, st, data, arc, k_step, arc_static)
+    bad = jnp.where((acc["first_bad"] < 0) & ~m["finite"], st.step, acc["first_bad"])
+    return new, dict({k: acc[k] + m[k] for k in task.SUM_KEYS}, n=acc["n"] + 1, first_bad=bad,
+                     epoch_end=m["epoch_end"], tokens=acc["tokens"] + m["tokens"])
+
+  acc0 = dict({k: jnp.float32(0.0) for k in task.SUM_KEYS}, n=jnp.int32(0),
+              first_bad=jnp.int32(-1), epoch_end=jnp.bool_(False), tokens=jnp.int32(0))
+  return jax.lax.while_loop(cond, body, (state, acc0))
+
+
+def reward(task: Task, reward_c: float, arc, key, ctx: dict):
+  """The controller's reward of one arc; ``ctx``: :meth:`Task.reward_context`."""
+  return task.reward_value(ctx["data"], ctx["params"], ctx["batch_stats"], arc, key, reward_c)
+
+
+def search_valid(task: Task, sample_arc, num: int, data, params, ctrl_params, key, stats=None):
+  """Search validation: the first ``num`` validation units, each with a freshly
+  sampled arc (``fold_in(key, i)``) and a fresh state."""
+  def one(i):
+    arc = sample_arc(ctrl_params, jax.random.fold_in(key, i))
+    return task.valid_sum(data, params, stats, arc, i)
+  return task.to_metric(jax.lax.map(one, jnp.arange(num)).sum(), num)
+
+
+def score_arcs(task: Task, num: int, data, params, arcs, stats=None):
+  """Each arc's validation metric on the first ``num`` units (derive)."""
+  return jax.lax.map(lambda a: task.score_arc(data, params, stats, a, num), arcs)
