@@ -13,16 +13,12 @@ Variants (``--config=configs/cifar_macro.py:VARIANT``):
   convolutions and working pooling ops (the original had neither).
 * ``smoke``: search -> derive -> final on generated images in a few minutes.
 
-Shared fields and their sources: ``configs/cifar_common.py``. Differences from
+Shared fields and their sources: ``enas_jax/config_base.py``. Differences from
 the original that change numbers: the search child runs the *sampled* op (the
 original always ran max pool); gradients are really clipped.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cifar_common  # noqa: E402  (a sibling file)
+from enas_jax import config_base
 
 VARIANTS = ("search", "final", "smoke")
 
@@ -57,7 +53,7 @@ def _final(c):
 
 
 def _smoke(c):
-  c = cifar_common.smoke(c)
+  c = config_base.cifar_smoke(c)
   c.space.num_layers = 6  # reductions after layers 1 and 3
   return c
 
@@ -67,11 +63,11 @@ def get_config(variant: str = "search"):
   if variant not in VARIANTS:
     raise ValueError(f"configs/cifar_macro.py: unknown variant {variant!r}; choose one of "
                      f"{VARIANTS}.")
-  c = _search(cifar_common.base("cifar_macro"))
+  c = _search(config_base.cifar("cifar_macro"))
   c.variant = variant
   if variant == "search":  # the derived arc keeps the search's num_layers (its length)
-    c.search.final_recipe = cifar_common.final_recipe(
-        c, _final(_search(cifar_common.base("cifar_macro"))), exclude=("space.num_layers",))
+    c.search.final_recipe = config_base.final_recipe(
+        c, _final(_search(config_base.cifar("cifar_macro"))), exclude=("space.num_layers",))
   if variant == "final":
     c = _final(c)
   elif variant == "smoke":

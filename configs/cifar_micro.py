@@ -13,16 +13,12 @@ Variants (``--config=configs/cifar_micro.py:VARIANT``):
   0.4) plus cutout 16, which the paper's 2.89% needs and no script set.
 * ``smoke``: search -> derive -> final on generated images in a few minutes.
 
-Shared fields and their sources: ``configs/cifar_common.py``. Differences from
+Shared fields and their sources: ``enas_jax/config_base.py``. Differences from
 the original: the auxiliary head is trained (the original left its weights at
 their initialisation); gradients are really clipped.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cifar_common  # noqa: E402  (a sibling file)
+from enas_jax import config_base
 
 VARIANTS = ("search", "final", "smoke")
 
@@ -73,7 +69,7 @@ def _final(c):
 
 
 def _smoke(c):
-  c = cifar_common.smoke(c)
+  c = config_base.cifar_smoke(c)
   c.space.num_layers = 3  # 5 cells: reductions at cells 1 and 3
   c.space.num_nodes = 5
   c.child.out_filters = 8
@@ -85,11 +81,11 @@ def get_config(variant: str = "search"):
   if variant not in VARIANTS:
     raise ValueError(f"configs/cifar_micro.py: unknown variant {variant!r}; choose one of "
                      f"{VARIANTS}.")
-  c = _micro_fields(cifar_common.base("cifar_micro"))
+  c = _micro_fields(config_base.cifar("cifar_micro"))
   c.variant = variant
   if variant == "search":  # the derived cells keep num_nodes; the stack takes final's 15 layers
-    c.search.final_recipe = cifar_common.final_recipe(
-        c, _final(_micro_fields(cifar_common.base("cifar_micro"))), exclude=("space.num_nodes",))
+    c.search.final_recipe = config_base.final_recipe(
+        c, _final(_micro_fields(config_base.cifar("cifar_micro"))), exclude=("space.num_nodes",))
   if variant == "final":
     c = _final(c)
   elif variant == "smoke":

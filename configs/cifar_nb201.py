@@ -18,22 +18,18 @@ Variants (``--config=configs/cifar_nb201.py:VARIANT``):
 
 Values: "benchmark" = NAS-Bench-201's published code (the AutoDL-Projects
 repository: ``scripts-search/algos/ENAS.sh``, ``configs/nas-benchmark/``);
-"ENAS" = the ENAS scripts (``configs/cifar_common.py``). Weight decay: PyTorch's
+"ENAS" = the ENAS scripts (``enas_jax/config_base.py``). Weight decay: PyTorch's
 ``weight_decay = d`` adds ``d w`` to the gradient, our ``l2_reg`` adds
 ``l2_reg * sum(w^2)`` to the loss, so ``l2_reg = d / 2``.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cifar_common  # noqa: E402  (a sibling file)
+from enas_jax import config_base
 
 VARIANTS = ("search", "final", "smoke")
 
 
 def _nb201_fields(c):
-  del c.space.num_layers  # not a size of this space (cifar_common's macro/micro field)
+  del c.space.num_layers  # not a size of this space (config_base.cifar's macro/micro field)
   c.space.num_nodes = 4  # nodes per cell, the input included (benchmark 4); arc: n(n-1)/2 tokens
   c.space.cells_per_stage = 5  # N, cells per stage; 3 stages (benchmark 5, search and final)
   c.child.out_filters = 16  # C, the first stage's channels, doubled twice (benchmark 16)
@@ -97,7 +93,7 @@ def _final(c):
 
 
 def _smoke(c):
-  c = cifar_common.smoke(c)
+  c = config_base.cifar_smoke(c)
   c.space.cells_per_stage = 1  # 3 cells and the 2 residual blocks
   c.child.out_filters = 8  # smoke size
   c.controller.lstm_size = 16  # smoke size
@@ -109,11 +105,11 @@ def get_config(variant: str = "search"):
   if variant not in VARIANTS:
     raise ValueError(f"configs/cifar_nb201.py: unknown variant {variant!r}; choose one of "
                      f"{VARIANTS}.")
-  c = _nb201_fields(cifar_common.base("cifar_nb201"))
+  c = _nb201_fields(config_base.cifar("cifar_nb201"))
   c.variant = variant
   if variant == "search":  # the derived cell keeps num_nodes; the network is the same
-    c.search.final_recipe = cifar_common.final_recipe(
-        c, _final(_nb201_fields(cifar_common.base("cifar_nb201"))),
+    c.search.final_recipe = config_base.final_recipe(
+        c, _final(_nb201_fields(config_base.cifar("cifar_nb201"))),
         exclude=("space.num_nodes",))
   if variant == "final":
     c = _final(c)

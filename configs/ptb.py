@@ -52,21 +52,15 @@ Questions from the seed README's user notes, answered here:
 
 import ml_collections
 
-from enas_jax import config_util
+from enas_jax import config_base
 
 VARIANTS = ("search", "search_corrected", "final", "smoke")
 
 
 def _base() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.name = "ptb"  # used for the default workdir runs/<name>_<variant>
-  c.variant = "search"  # set by get_config(variant); names the default workdir
-  c.seed = 0  # all randomness flows from jax.random.key(seed)
-  # "search": search then derive; "final": train config.arc from scratch.
-  c.mode = "search"
-  c.arc = ""  # final: the arc to train, seed format (see README "Arc strings")
-  c.arc_file = ""  # final: a file holding the arc string (e.g. a search's best_arc.txt)
-  c.eval_only = False  # final: evaluate the newest checkpoint (valid and test), no training
+  # Run fields, the controller's shared fields, search/derive/final basics and
+  # logging: enas_jax/config_base.py. This file sets PTB's values and adds its fields.
+  c = config_base.common("ptb")
 
   # ------------------------------------------------------------------ data
   c.data = ml_collections.ConfigDict()
@@ -167,15 +161,11 @@ def _base() -> ml_collections.ConfigDict:
   c.child.bn_eps = 1.0  # epsilon (seed 1.0)
 
   # ------------------------------------------------------------ controller
-  c.controller = ml_collections.ConfigDict()
   c.controller.lstm_size = 64  # corrected 64; seed 100
-  c.controller.lstm_layers = 1  # stacked LSTM layers (all original scripts: 1)
   c.controller.init_range = 0.01  # U(-r, r). Corrected 0.01; seed 0.1
   c.controller.temperature = 5.0  # corrected 5; seed 5 (ptb_final.sh comments: 2)
   c.controller.tanh_constant = 2.25  # corrected 2.25; seed 2.5; paper 2.5
   c.controller.locality_prior = True  # subtract (i-j)^2/6 from pointer logits (both codes)
-  # "sampled": the originals' p(a)*(-log p(a)) of the sampled token; "full": categorical entropy.
-  c.controller.entropy_mode = "sampled"
   c.controller.entropy_weight = 1e-5  # added to the reward. Corrected 1e-5; seed 1e-3; paper 1e-4
   c.controller.baseline_decay = 0.999  # EMA baseline. Corrected 0.999; seed 0.99
   c.controller.lr = 5e-5  # Adam. Corrected 5e-5; seed 1e-3; paper 3.5e-4
@@ -183,11 +173,6 @@ def _base() -> ml_collections.ConfigDict:
   # defaults (0.9, 1e-8): search_corrected.
   c.controller.adam_b1 = 0.0  # seed 0.0; corrected 0.9
   c.controller.adam_eps = 1e-3  # seed 1e-3; corrected 1e-8
-  # Where eps enters Adam. "tf1": TF1's AdamOptimizer, which both original codes
-  # (and so the paper's results) used: m / (sqrt(v) + eps) with the uncorrected v,
-  # the bias correction folded into the lr. "optax": optax.adam, eps added to the
-  # corrected sqrt(v_hat); with eps 1e-3 its early steps are up to ~30x larger.
-  c.controller.adam_form = "tf1"
   c.controller.num_aggregate = 10  # arcs whose REINFORCE gradients are averaged per update (both 10)
   c.controller.train_steps = 25  # updates per controller phase. Corrected 25; seed 100; paper 2000 arcs
   c.controller.reward_c = 80.0  # reward = c / valid_ppl (both codes)
@@ -204,37 +189,20 @@ def _base() -> ml_collections.ConfigDict:
   c.controller.node1_input = "act_emb"
 
   # ---------------------------------------------------------------- search
-  c.search = ml_collections.ConfigDict()
   # Child epochs. Corrected 600 nominal epochs (124,200 steps of 128x35);
   # seed 100 (batch 20); paper 150.
   c.search.num_epochs = 600
-  # "controller" (ENAS) or "uniform": the random-search baseline with the same
-  # shared training and derive, arcs drawn uniformly.
-  c.search.sampler = "controller"
-  c.search.controller_start_epoch = 1  # first epoch after which the controller trains (both: 1)
   c.search.steps_per_dispatch = 50  # child steps per jitted call (host syncs only between calls)
   c.search.valid_windows = 0  # validation windows per epoch (0 = all: 16 of 128x35 on PTB)
-  c.search.then_final = False  # after derive, train the best arc from scratch in <workdir>/final
-  # The final stage's recipe (then_final), filled by the search variant: the final
-  # variant's values where they differ from the search's (data.batch_size 64,
-  # random_bptt, child.hidden_size 800, the final dropouts, weight_decay_mode l2,
-  # grad_clip 0.25, ...). The final stage takes these, the final section, and every
-  # other field from this config, overrides included; its space is the search's
-  # (the derived arc's). Override e.g. --config.search.final_recipe.child.hidden_size=400.
-  # Empty in the smoke variant: its final stage keeps the small sizes.
-  c.search.final_recipe = ml_collections.ConfigDict()
+  # search.final_recipe here: the final variant's data.batch_size 64, random_bptt,
+  # child.hidden_size 800, the final dropouts, weight_decay_mode l2, grad_clip
+  # 0.25, ...; its space is the search's (the derived arc's). Override e.g.
+  # --config.search.final_recipe.child.hidden_size=400.
 
   # ---------------------------------------------------------------- derive
-  c.derive = ml_collections.ConfigDict()
-  # Arcs sampled from the trained controller and scored; the best is written to
-  # best_arc.txt. Neither original code derives automatically (the corrected
-  # code has no derive step); 100 follows the PyTorch port.
-  c.derive.num_samples = 100
   c.derive.valid_windows = 0  # validation windows per arc, state carried (0 = all)
-  c.derive.batch = 10  # arcs scored per jitted call
 
   # ----------------------------------------------------------------- final
-  c.final = ml_collections.ConfigDict()
   # Nominal epochs: the budget is num_epochs x (windows of length bptt per pass)
   # steps, as the corrected code counts (3000 -> 1,242,000 steps at batch 64, about
   # 2,870 real passes with random lengths). Corrected GPU 3000; seed 2000.
@@ -249,21 +217,6 @@ def _base() -> ml_collections.ConfigDict:
   c.final.valid_windows = 0  # 0 = all validation windows, state carried
   c.final.test_batch_size = 1  # corrected: test at batch 1, bptt 1, state carried
   c.final.test_bptt = 1  # window length of the test pass (state carried across windows)
-
-  # --------------------------------------------------------------- logging
-  c.log_every = 50  # child steps between metric lines (rounded to dispatches)
-  c.checkpoint_every = 0  # child steps between mid-epoch checkpoints (0: epoch ends only)
-  c.keep_checkpoints = 3  # newest checkpoints kept in <workdir>/checkpoints
-  c.tensorboard = True  # also write TensorBoard event files to <workdir>/tensorboard
-  c.distributed = "auto"  # jax.distributed.initialize(): "auto" (from the environment), True, False
-  # Keep compiled steps in JAX's persistent compilation cache (a per-user folder,
-  # see enas_jax/compile_cache.py) so a rerun skips compiling; False: off (as does
-  # ENAS_JAX_COMPILATION_CACHE=0). Not in the original code (TensorFlow 1 graphs).
-  c.compilation_cache = True
-  c.debug = ml_collections.ConfigDict()
-  # Fault injection: make the child loss NaN at this step (-1: off). Used by the
-  # tests of the "stop on NaN, keep the last good checkpoint" behaviour.
-  c.debug.inject_nan_at_step = -1
   return c
 
 
@@ -348,8 +301,7 @@ def _search_corrected(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   return c
 
 
-# search.final_recipe builder (shared with the other configs).
-final_recipe = config_util.final_recipe
+final_recipe = config_base.final_recipe  # the search.final_recipe builder
 
 
 def get_config(variant: str = "search") -> ml_collections.ConfigDict:

@@ -4,6 +4,7 @@ import importlib
 import inspect
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
@@ -66,11 +67,35 @@ def _uncommented(fn):
 
 
 def test_every_field_has_a_comment():
-  from configs import cifar_common, cifar_macro, cifar_micro
-  fns = [ptb_config._base, cifar_common.base, cifar_macro._search, cifar_macro._final,
-         cifar_micro._micro_fields, cifar_micro._final]
+  from configs import cifar_macro, cifar_micro, cifar_nb201
+  from enas_jax import config_base
+  fns = [config_base.common, config_base._controller, config_base.cifar, ptb_config._base,
+         cifar_macro._search, cifar_macro._final, cifar_micro._micro_fields, cifar_micro._final,
+         cifar_nb201._nb201_fields, cifar_nb201._final]
   missing = [m for fn in fns for m in _uncommented(fn)]
   assert not missing, missing
+
+
+def test_uncommented_finds_a_bare_field():
+  def bare():
+    c = types.SimpleNamespace()
+    c.x = 1
+    # a comment above
+    c.y = 2
+    c.z = 3  # a comment on the line
+  assert _uncommented(bare) == ["c.x = 1"]
+
+
+def test_configs_import_the_base_as_a_module():
+  """Config files import the shared schema (enas_jax.config_base) with a plain
+  import: none edits sys.path or imports a sibling file."""
+  import pathlib
+  files = sorted(pathlib.Path(ROOT, "configs").glob("*.py"))
+  assert files
+  for f in files:
+    src = f.read_text()
+    assert "sys.path" not in src, f"{f.name} edits sys.path"
+    assert "from enas_jax import config_base" in src, f"{f.name} does not build on config_base"
 
 
 def test_unknown_config_key_is_a_clear_cli_error(tmp_path):
