@@ -248,9 +248,8 @@ def retarget_task(task, mesh) -> None:
   arrays become abstract values with the same partition specs on ``mesh``, and
   every sharding it builds from then on (``state_shardings``, batch shardings
   inside the step) uses ``mesh``. Needs nothing from the task classes beyond
-  their ``mesh`` attribute and :class:`~enas_jax.train.common.DeviceData`."""
-  arrays = {k: _retarget(v, mesh) for k, v in task.data_arrays.items()}
-  task.__dict__["data_arrays"] = arrays
+  their ``mesh`` and ``data`` (the dict of arrays every jitted function takes)."""
+  task.data = {k: _retarget(v, mesh) for k, v in task.data.items()}
   task.mesh = mesh
 
 
@@ -411,7 +410,7 @@ def compile_row(config, row: str, target_text: str) -> dict:
   num_steps = jax.ShapeDtypeStruct((), np.int32, sharding=rep)
   t0 = time.perf_counter()
   with count_compiles() as compiles:
-    lowered = chunk.jitted.lower(task.data_arrays, state, ctrl_params, key, num_steps)
+    lowered = chunk.jitted.lower(task.data, state, ctrl_params, key, num_steps)
     compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   stats = analyse(compiled)

@@ -129,7 +129,7 @@ def _image_row(config, row: str, steps: int) -> dict:
             else config.final.steps_per_dispatch)
   state, acc, compile_s, dt, rss_before = _time_chunk(chunk, state, ctrl_params, steps, spd)
   cfg = task.fns.cfg
-  state_bytes = 2 * _tree_bytes(state["params"]) + _tree_bytes(state["opt_state"])
+  state_bytes = 2 * _tree_bytes(state.params) + _tree_bytes(state.opt_state)
   return {
       "space": space.name, "mode": row, "backend": jax.default_backend(),
       "devices": len(jax.devices()), "batch_size": b,
@@ -138,7 +138,7 @@ def _image_row(config, row: str, steps: int) -> dict:
       "out_filters": int(config.child.out_filters), "op_select": cfg.op_select,
       "kernels": cfg.kernels, "compute_dtype": cfg.compute_dtype,
       "checkpoint_branches": cfg.checkpoint_branches,
-      "num_params": task.count_params(state["params"]),
+      "num_params": task.count_params(state.params),
       "compile_count": int(chunk._cache_size()), "compile_s": round(compile_s, 3),
       "steps": steps, "steps_per_s": round(steps / dt, 4),
       "examples_per_s": round(steps * b / dt, 1), "ms_per_step": round(1000 * dt / steps, 2),
@@ -169,14 +169,14 @@ def run_row(config, row: str, steps: int) -> dict:
   task = LMTask(config, corpus, mesh, shared=shared)
   chunk, ctrl_params = aot.chunk_for_row(task, space, row, arc, config, mesh)
   state = task.init_child(jax.random.key(0))
-  num_params = ptb_child.count_params(state["params"])
+  num_params = task.count_params(state.params)
   spd = int(config.search.steps_per_dispatch if config.mode == "search"
             else config.final.steps_per_dispatch)
   state, acc, compile_s, dt, rss_before = _time_chunk(chunk, state, ctrl_params, steps, spd)
   # Bytes the step must hold: parameters, the gradient it computes (the used
   # slices for the shared step; all weights for a fixed one) and optimizer state.
-  view = ptb_child.gather(state["params"], arc, task.cc) if shared else state["params"]
-  state_bytes = _tree_bytes(state["params"]) + _tree_bytes(view) + _tree_bytes(state["opt_state"])
+  view = ptb_child.gather(state.params, arc, task.cc) if shared else state.params
+  state_bytes = _tree_bytes(state.params) + _tree_bytes(view) + _tree_bytes(state.opt_state)
   B, T = task.batch_size, task.bptt
   # With variable-length windows the tokens per step are the mean real length.
   tokens = float(acc["tokens"]) / max(int(acc["n"]), 1) * B if task.random_bptt else B * T

@@ -19,7 +19,7 @@ def _task(**over):
 
 def test_reward_indices_are_fresh_distinct_and_not_windows():
   task, _ = _task()  # 32 validation images, reward batch 8
-  n, b = len(task.data.valid_y), task.reward_batch
+  n, b = len(task.images.valid_y), task.reward_batch
   assert (n, b) == (32, 8)
   draw = jax.jit(jax.vmap(task.reward_indices))
   idx = np.asarray(draw(jax.random.split(jax.random.key(0), 4000)))
@@ -39,10 +39,10 @@ def test_reward_uses_the_drawn_images_and_compiles_once():
   # The child's scorer replaced by "sum of the images' labels" (the real child's
   # reward runs in the pipeline tests): the reward is then the label sum of
   # reward_indices(key), which tells which images it used.
-  task._correct = lambda params, stats, arc, x, y: jnp.sum(y).astype(jnp.float32)  # noqa
+  task.correct = lambda params, stats, arc, x, y: jnp.sum(y).astype(jnp.float32)  # noqa
   reward = jax.jit(task.reward_fn(float(task.reward_batch)))
-  ctx = {"params": {}, "batch_stats": {}, "data": task.data_arrays}
-  y = np.asarray(task.data.valid_y)
+  ctx = {"params": {}, "batch_stats": {}, "data": task.data}
+  y = np.asarray(task.images.valid_y)
   for k in range(4):
     key = jax.random.key(k)
     arc = jnp.asarray(space.sample_uniform(jax.random.key(100 + k)))

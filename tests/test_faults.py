@@ -163,7 +163,7 @@ def check_restorable(workdir, targets):
           found["unreadable"].append(f"{stage} step {s} ({str(e)[-90:]})")
           assert TOLERATE_PARTLY_DELETED_OLD_STEPS and s != steps[-1], str(e)
           continue
-        assert int(state["child"]["step"]) == s, (stage, s)
+        assert int(state.child.step) == s, (stage, s)
         assert meta.get("stage") in ("search", "child", "final", "train"), meta
     found[stage] = steps
   return found
@@ -669,8 +669,8 @@ def test_nan_in_cifar_run_stops_with_restorable_checkpoint(tmp_path):
     assert last is not None and last <= 5
     assert f"newest checkpoint (step {last})" in str(e.value)
     state, meta = ck.restore(Targets(cfg).search())
-  assert int(state["child"]["step"]) == last and meta["step"] == last
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["child"]["params"]))
+  assert int(state.child.step) == last and meta["step"] == last
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.child.params))
 
 
 def _full_disk_on_save(monkeypatch, failing_save):
@@ -716,7 +716,7 @@ def test_full_disk_during_a_run_keeps_previous_checkpoint(tmp_path, monkeypatch)
   with ckpt_lib.Checkpointer(ckdir) as ck:
     assert ck.all_steps() == [20]
     state, meta = ck.restore(Targets(cfg).search())
-  assert int(state["child"]["step"]) == 20 and meta == {"stage": "child", "step": 20}
+  assert int(state.child.step) == 20 and meta == {"stage": "child", "step": 20}
   # Space again: the same command resumes from step 20 and ends as an
   # uninterrupted run does.
   run_lib.run(cfg, wd)

@@ -11,6 +11,7 @@ from enas_jax import data as data_lib
 from enas_jax import parallel
 from enas_jax.spaces import ptb_child as pc
 from enas_jax.train.final import should_start_averaging
+from enas_jax.train import lm as lm_lib
 from enas_jax.train.lm import LMTask
 
 ARC = np.array([0, 0, 1, 1, 2, 0, 3], np.int32)  # 4 nodes
@@ -78,9 +79,9 @@ def test_variable_length_chunk_compiles_once_and_stops_at_epoch_end():
     steps += int(acc["n"])
     if acc["epoch_end"]:
       ends += 1
-      assert int(st["pos"]) == 0  # the next window starts a new pass
-    seen_pos.append(int(st["pos"]))
-  assert int(st["step"]) == steps
+      assert int(st.pos) == 0  # the next window starts a new pass
+    seen_pos.append(int(st.pos))
+  assert int(st.step) == steps
   assert ends >= 1  # tiny rows: several passes
   assert chunk._cache_size() == 1  # every length, every bucket: one compilation
   # Lengths vary: the tokens per step are not a constant.
@@ -93,15 +94,15 @@ def test_averaging_is_the_uniform_mean_of_iterates_since_start():
   chunk = task.make_train_chunk(arc_static=ARC)
   st = task.init_child(jax.random.key(0))
   st, _ = chunk(st, {}, jax.random.key(1), jnp.int32(3))  # not active: avg untouched
-  assert int(st["avg"]["n"]) == 0
-  np.testing.assert_array_equal(np.asarray(st["avg"]["params"]["w0"]), 0.0)
-  st["avg"] = dict(st["avg"], active=jnp.bool_(True))
+  assert int(st.avg["n"]) == 0
+  np.testing.assert_array_equal(np.asarray(st.avg["params"]["w0"]), 0.0)
+  st = st.replace(avg=dict(st.avg, active=jnp.bool_(True)))
   seen = []
   for _ in range(4):
     st, _ = chunk(st, {}, jax.random.key(1), jnp.int32(1))
-    seen.append(np.asarray(st["params"]["w0"]))
-  assert int(st["avg"]["n"]) == 4
-  np.testing.assert_allclose(np.asarray(st["avg"]["params"]["w0"]), np.mean(seen, axis=0),
+    seen.append(np.asarray(st.params["w0"]))
+  assert int(st.avg["n"]) == 4
+  np.testing.assert_allclose(np.asarray(st.avg["params"]["w0"]), np.mean(seen, axis=0),
                              rtol=1e-5, atol=1e-7)
 
 
@@ -110,13 +111,14 @@ def test_fixed_valid_carries_state_across_windows():
   params = pc.init_fixed(jax.random.key(0), task.cc)
   E = task.num_valid_windows
   carried = float(task.make_fixed_valid(ARC)(params))
-  ce_fn = jax.jit(task.window_ce_fn(ARC))  # one compile for every window (eager: ~10x slower)
+  # One compile for every window (eager: ~10x slower).
+  ce_fn = jax.jit(lambda p, col, h: lm_lib.window_ce(task, task.data, p, ARC, col, h, static=True))
   h = jnp.zeros((task.eval_batch_size, task.cc.hidden_size))
   tot_c, tot_r = 0.0, 0.0
   for w in range(E):
-    s, h = ce_fn(params, None, w * task.bptt, h)
+    s, h = ce_fn(params, w * task.bptt, h)
     tot_c += float(s)
-    tot_r += float(ce_fn(params, None, w * task.bptt, jnp.zeros_like(h))[0])
+    tot_r += float(ce_fn(params, w * task.bptt, jnp.zeros_like(h))[0])
   n = E * task.eval_batch_size * task.bptt
   np.testing.assert_allclose(carried, np.exp(tot_c / n), rtol=1e-5)
   assert abs(np.exp(tot_r / n) - carried) > 1e-6  # resetting per window is different
@@ -138,17 +140,24 @@ def test_averaging_trigger_with_nonmono_zero_compares_with_the_whole_history():
 
 def test_eval_params_skip_an_average_that_holds_no_step():
   from enas_jax.train.final import FinalSetup, uses_average
+  from enas_jax.train.state import ChildState, FinalState, LMChildState
   raw, avg = {"w": jnp.ones(2)}, {"w": jnp.zeros(2)}
 
+  def final_state(child):
+    return FinalState(child=child, epochs_done=jnp.int32(0), best_valid=jnp.float32(0),
+                      valid_history=jnp.zeros(1))
+
   def state(active, n):
-    return {"child": {"params": raw, "avg": {"params": avg, "active": jnp.bool_(active),
-                                             "n": jnp.int32(n)}}}
+    return final_state(LMChildState(
+        params=raw, opt_state=(), step=jnp.int32(0), batch_stats={}, h=jnp.zeros(1),
+        pos=jnp.int32(0), avg={"params": avg, "active": jnp.bool_(active), "n": jnp.int32(n)}))
 
   pick = lambda st: FinalSetup.eval_params(None, st)  # noqa: E731 (uses no attribute)
   assert pick(state(True, 0)) is raw and not uses_average(state(True, 0))
   assert pick(state(False, 0)) is raw
   assert pick(state(True, 1)) is avg and uses_average(state(True, 1))
-  assert pick({"child": {"params": raw}}) is raw and not uses_average({"child": {"params": raw}})
+  plain = final_state(ChildState(params=raw, opt_state=(), step=jnp.int32(0), batch_stats={}))
+  assert pick(plain) is raw and not uses_average(plain)
 
 
 def _final_run(monkeypatch, workdir, average, **over):

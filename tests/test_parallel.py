@@ -30,14 +30,14 @@ _SCRIPT = textwrap.dedent("""
       space = build_space(cfg)
       setup = SearchSetup(cfg, space, LMTask(cfg, corpus, mesh, shared=True))
       st = setup.init_state()
-      child, acc = setup.child_chunk(st["child"], st["ctrl"]["params"], setup.keys["child"],
+      child, acc = setup.child_chunk(st.child, st.ctrl["params"], setup.keys["child"],
                                      jnp.int32(30))
-      ctrl_state, cm = setup.controller_phase(st["ctrl"], {"params": child["params"]},
+      ctrl_state, cm = setup.controller_phase(st.ctrl, setup.task.reward_context(child),
                                               setup.keys["ctrl"])
-      ppl = setup.search_valid(child["params"], ctrl_state["params"], setup.keys["valid"])
-      out[n] = {"loss": float(acc["loss"]), "emb": np.asarray(child["params"]["emb"]).tolist(),
-                "h_sharding": str(child["h"].sharding), "reward": float(cm["controller/reward"]),
-                "ppl": float(ppl), "devices_h": len(child["h"].sharding.device_set)}
+      ppl = setup.search_valid(child.params, ctrl_state["params"], setup.keys["valid"])
+      out[n] = {"loss": float(acc["loss"]), "emb": np.asarray(child.params["emb"]).tolist(),
+                "h_sharding": str(child.h.sharding), "reward": float(cm["controller/reward"]),
+                "ppl": float(ppl), "devices_h": len(child.h.sharding.device_set)}
     print(json.dumps(out))
 """)
 
@@ -71,6 +71,7 @@ _PTB_SPLIT_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from conftest import tiny_ptb_config
     from enas_jax import data as data_lib, parallel
+    from enas_jax.train import task as task_lib
     from enas_jax.train.lm import LMTask
     from enas_jax.train.run import build_space
 
@@ -95,21 +96,21 @@ _PTB_SPLIT_SCRIPT = textwrap.dedent("""
       for n in (1, 2):
         task = LMTask(cfg, corpus, parallel.make_mesh(n), shared=True)
         state = task.init_child(jax.random.key(0))
-        step = task.jit(task.train_step_fn(), out_shardings=(task.state_shardings(), task._rep))
-        r = {"step": cost(step.jitted.lower(task.data_arrays, state, arc,
-                                            jax.random.key(1)).compile())}
+        step = jax.jit(lambda st, d, a, k: task_lib.train_step(task, st, d, a, k),
+                       out_shardings=(task.state_shardings(), task.replicated))
+        r = {"step": cost(step.lower(state, task.data, arc, jax.random.key(1)).compile())}
         if not rb:
           valid = task.make_search_valid(lambda p, k: space.sample_uniform(k), 2)
-          r["valid"] = cost(valid.jitted.lower(task.data_arrays, state["params"], {},
+          r["valid"] = cost(valid.jitted.lower(task.data, state.params, {},
                                                jax.random.key(2)).compile())
         losses = []
         for i in range(3):
-          state, m = step(state, arc, jax.random.key(10 + i))
+          state, m = step(state, task.data, arc, jax.random.key(10 + i))
           losses.append(float(m["loss"]))
         r["loss"] = losses
         r["params"] = [np.asarray(x).ravel().tolist()
-                       for x in jax.tree_util.tree_leaves(state["params"])]
-        r["h_devices"] = len(state["h"].sharding.device_set)
+                       for x in jax.tree_util.tree_leaves(state.params)]
+        r["h_devices"] = len(state.h.sharding.device_set)
         out[str(n)]["random" if rb else "fixed"] = r
     print(json.dumps(out))
 """)
@@ -159,14 +160,13 @@ _MICRO_SCRIPT = textwrap.dedent("""
       # of batch norm's moments a 6e-8 difference between the two summation
       # orders grew to 7e-5 after two steps and 4e-3 after three), so only the
       # first step's weights can be compared tightly.
-      child, acc = setup.child_chunk(st["child"], st["ctrl"]["params"], setup.keys["child"],
+      child, acc = setup.child_chunk(st.child, st.ctrl["params"], setup.keys["child"],
                                      jnp.int32(1))
-      ctx = {"params": child["params"], "batch_stats": child["batch_stats"],
-             "data": setup.task.data_arrays}
-      ctrl_state, cm = setup.controller_phase(st["ctrl"], ctx, setup.keys["ctrl"])
-      w = child["params"]["cells"][2]["nodes"][1]["sep3"]["w_point"]
+      ctrl_state, cm = setup.controller_phase(st.ctrl, setup.task.reward_context(child),
+                                              setup.keys["ctrl"])
+      w = child.params["cells"][2]["nodes"][1]["sep3"]["w_point"]
       out[n] = {"loss": float(acc["loss"]), "w": np.asarray(w)[0, :, 0].tolist(),
-                "stem": np.asarray(child["params"]["stem"]["w"]).tolist(),
+                "stem": np.asarray(child.params["stem"]["w"]).tolist(),
                 "reward": float(cm["controller/reward"]), "devices": len(w.sharding.device_set)}
     print(json.dumps(out))
 """)
@@ -209,9 +209,9 @@ _MICRO_FINAL_REMAT_SCRIPT = textwrap.dedent("""
       chunk = task.make_train_chunk(arc_static=arc)
       state, acc = chunk(task.init_child(jax.random.key(0)), {}, jax.random.key(1),
                          jnp.int32(1))
-      w = state["params"]["stem"]["w"]
+      w = state.params["stem"]["w"]
       out[n] = {"loss": float(acc["loss"]), "stem": np.asarray(w).tolist(),
-                "devices": len(state["params"]["fc"]["w"].sharding.device_set)}
+                "devices": len(state.params["fc"]["w"].sharding.device_set)}
     print(json.dumps(out))
 """)
 

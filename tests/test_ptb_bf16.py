@@ -111,7 +111,7 @@ def test_bf16_training_tracks_f32():
     state, sums = chunk(state, {}, jax.random.key(7), 40)
     assert int(sums["first_bad"]) == -1
     ces[dt] = float(sums["ce"]) / int(sums["n"])
-    assert state["h"].dtype == jnp.float32
-    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state["params"]))
+    assert state.h.dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params))
   assert ces["bfloat16"] != ces["float32"]
   assert abs(ces["bfloat16"] - ces["float32"]) < 0.02, ces

@@ -46,13 +46,13 @@ def test_search_chunk_with_batch_norm_carries_stats_and_compiles_once():
   space = build_space(cfg)
   chunk = task.make_train_chunk(lambda p, k: space.sample_uniform(k))
   st = task.init_child(jax.random.key(0))
-  before = np.asarray(st["batch_stats"]["mean"]).copy()
+  before = np.asarray(st.batch_stats["mean"]).copy()
   for n in (3, 5):
     st, acc = chunk(st, {}, jax.random.key(1), jnp.int32(n))
   assert int(acc["first_bad"]) == -1
-  assert not np.allclose(np.asarray(st["batch_stats"]["mean"]), before)
+  assert not np.allclose(np.asarray(st.batch_stats["mean"]), before)
   assert chunk._cache_size() == 1
   score = task.make_score_arcs(2)
   arcs = jnp.stack([space.sample_uniform(jax.random.key(i)) for i in range(2)])
-  ppl = score(st["params"], arcs, st["batch_stats"])
+  ppl = score(st.params, arcs, st.batch_stats)
   assert np.all(np.isfinite(np.asarray(ppl)))
