@@ -74,7 +74,7 @@ def enable(cache_dir: str | None = None, *, config=None) -> str | None:
     return None
   if configured:
     return configured
-  wanted = True if config is None else config.get("compilation_cache", True)
+  wanted = True if config is None else config.compilation_cache
   if not isinstance(wanted, bool):
     raise ValueError(f"config.compilation_cache must be True or False, not {wanted!r}.")
   if not (wanted and _switch_on()):

@@ -297,11 +297,10 @@ def build(config) -> PTBSpace:
   """The space a run config describes: ``space.*`` and the controller program's
   structure (``controller.node0_anchor`` / ``node1_input``)."""
   s = config.space
-  c = config.get("controller", None) or {}
+  c = config.controller
   return PTBSpace(num_nodes=int(s.num_nodes), num_activations=int(s.num_activations),
                   aggregate=s.aggregate, node0_activations=int(s.node0_activations),
-                  node0_anchor=str(c.get("node0_anchor", "lstm")),
-                  node1_input=str(c.get("node1_input", "act_emb")))
+                  node0_anchor=str(c.node0_anchor), node1_input=str(c.node1_input))
 
 
 def sizes_for_length(num_tokens: int) -> dict:

@@ -98,11 +98,11 @@ class ChildConfig:
     ``child.compute_dtype``) are resolved by :mod:`enas_jax.backend` for
     ``child.platform`` when the config names one, else for the running backend."""
     c, s = config.child, config.space
-    platform = c.get("platform", None)
+    platform = c.get("platform", None)  # not a config field: set for cross-target builds (aot)
     # op_select "auto" is "switch" (measured on XLA:CPU: switch 1.01-1.08x the
     # static cell, mask 1.08-1.15x; no GPU/TPU measurement yet).
     op_select = backend.resolve_op_select(c.op_select, platform)
-    compute_dtype = backend.resolve_compute_dtype(c.get("compute_dtype", "auto"), platform)
+    compute_dtype = backend.resolve_compute_dtype(c.compute_dtype, platform)
     return cls(
         vocab_size=int(config.data.vocab_size), hidden_size=int(c.hidden_size),
         num_nodes=int(s.num_nodes), aggregate=s.aggregate, init_range=float(c.init_range),
@@ -111,9 +111,9 @@ class ChildConfig:
         beta=float(c.beta), weight_decay=float(c.weight_decay),
         weight_decay_mode=c.weight_decay_mode,
         share_across_activations=bool(c.share_across_activations),
-        op_select=op_select, scan_unroll=int(c.get("scan_unroll", 1)),
-        remat=c.get("remat", "none"), batch_norm=bool(c.get("batch_norm", False)),
-        bn_decay=float(c.get("bn_decay", 0.999)), bn_eps=float(c.get("bn_eps", 1.0)),
+        op_select=op_select, scan_unroll=int(c.scan_unroll),
+        remat=c.remat, batch_norm=bool(c.batch_norm),
+        bn_decay=float(c.bn_decay), bn_eps=float(c.bn_eps),
         compute_dtype=compute_dtype)
 
 
