@@ -88,8 +88,8 @@ def common(name: str) -> ml_collections.ConfigDict:
 
 
 def _controller() -> ml_collections.ConfigDict:
-  """The controller fields of every space (read by
-  ``enas_jax.controller.ControllerSettings.from_config``)."""
+  """The controller fields of every space (read once, by
+  ``enas_jax.reinforce.ControllerSettings.from_config``)."""
   c = ml_collections.ConfigDict()
   c.lstm_size = 64  # hidden size of the controller LSTM (CIFAR scripts 64)
   c.lstm_layers = 1  # stacked LSTM layers (all original scripts: 1)

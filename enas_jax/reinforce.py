@@ -18,6 +18,8 @@ Everything is pure and jittable; the sampled arcs never leave the device.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -127,6 +129,89 @@ def init_state(rng: jax.Array, decisions: Decisions, cfg: ctrl.ControllerConfig,
       "baseline": jnp.zeros((), jnp.float32),
       "step": jnp.zeros((), jnp.int32),
   }
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerSettings:
+  """The run config's ``controller`` section, read and checked once.
+
+  ``net`` is the network's :class:`~enas_jax.controller.ControllerConfig`; the
+  other fields are the REINFORCE training settings (their meaning and sources:
+  the configs' comments). Frozen (hashable): build it at the top with
+  :meth:`from_config` and pass it down instead of the ConfigDict.
+  """
+
+  net: ctrl.ControllerConfig
+  lr: float
+  num_aggregate: int
+  train_steps: int
+  entropy_weight: float
+  baseline_decay: float
+  reward_c: float
+  adam_b1: float = 0.0
+  adam_eps: float = 1e-3
+  adam_form: str = "tf1"
+  skip_target: float = 0.4
+  skip_weight: float = 0.0  # 0: no skip penalty
+
+  def __post_init__(self):
+    def bad(name, want):
+      raise ValueError(f"controller.{name} must be {want}, got {getattr(self, name)!r}.")
+    for name in ("num_aggregate", "train_steps"):
+      if int(getattr(self, name)) < 1:
+        bad(name, ">= 1")
+    if not float(self.lr) > 0:
+      bad("lr", "> 0")
+    if not 0.0 <= float(self.baseline_decay) <= 1.0:
+      bad("baseline_decay", "in [0, 1]")
+    if not 0.0 <= float(self.adam_b1) < 1.0:
+      bad("adam_b1", "in [0, 1)")
+    if not float(self.adam_eps) >= 0:
+      bad("adam_eps", ">= 0")
+    if self.adam_form not in ADAM_FORMS:
+      bad("adam_form", f"one of {ADAM_FORMS}")
+    for name in ("entropy_weight", "reward_c"):
+      if not math.isfinite(float(getattr(self, name))):
+        bad(name, "finite")
+    if not float(self.skip_weight) >= 0:
+      bad("skip_weight", ">= 0 (0 turns the skip penalty off)")
+    if float(self.skip_weight) > 0 and not 0.0 < float(self.skip_target) < 1.0:
+      bad("skip_target", "in (0, 1) when skip_weight > 0")
+
+  @classmethod
+  def from_config(cls, section: Any) -> "ControllerSettings":
+    """From a run config's ``controller`` section (a ConfigDict or a mapping).
+
+    Every training field is required; ``skip_target``/``skip_weight`` are
+    optional because only the spaces with skip decisions (macro) have them in
+    their schema. ``net`` is ``ControllerConfig.from_config(section)``.
+    """
+    required = ("lr", "num_aggregate", "train_steps", "entropy_weight", "baseline_decay",
+                "reward_c", "adam_b1", "adam_eps", "adam_form")
+    missing = [k for k in required if k not in section]
+    if missing:
+      raise ValueError(f"the controller config section has no {missing}; build it from one "
+                       f"of configs/*.py (enas_jax.config_base declares these fields).")
+    f = {k: section[k] for k in required}
+    optional = {k: float(section[k]) for k in ("skip_target", "skip_weight") if k in section}
+    return cls(
+        net=ctrl.ControllerConfig.from_config(section), lr=float(f["lr"]),
+        num_aggregate=int(f["num_aggregate"]), train_steps=int(f["train_steps"]),
+        entropy_weight=float(f["entropy_weight"]), baseline_decay=float(f["baseline_decay"]),
+        reward_c=float(f["reward_c"]), adam_b1=float(f["adam_b1"]),
+        adam_eps=float(f["adam_eps"]), adam_form=str(f["adam_form"]), **optional)
+
+  def optimizer(self) -> optax.GradientTransformation:
+    """The controller's Adam (:func:`make_optimizer`) with these settings."""
+    return make_optimizer(self.lr, b1=self.adam_b1, eps=self.adam_eps, form=self.adam_form)
+
+  def extra_loss_fn(self, decisions: Decisions) -> Optional[Callable[[dict, jax.Array],
+                                                                      jax.Array]]:
+    """The skip penalty (:func:`make_skip_penalty`) when ``skip_weight > 0``, else None."""
+    if self.skip_weight > 0:
+      return make_skip_penalty(decisions, self.net, skip_target=self.skip_target,
+                               skip_weight=self.skip_weight)
+    return None
 
 
 RewardFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -299,3 +384,15 @@ def make_skip_penalty(decisions: Decisions, cfg: ctrl.ControllerConfig, *, skip_
     return skip_weight * jnp.mean(jax.vmap(one)(arcs))
 
   return penalty
+
+
+def make_phase(decisions: Decisions, settings: ControllerSettings,
+               optimizer: optax.GradientTransformation, reward_fn: RewardFn):
+  """:func:`make_train_phase` with everything from ``settings``: its network
+  config, ``train_steps`` updates of ``num_aggregate`` arcs, its entropy weight
+  and baseline decay, and its skip penalty when ``skip_weight > 0``. Pass
+  ``settings.optimizer()`` (the same one :func:`init_state` got)."""
+  return make_train_phase(
+      decisions, settings.net, optimizer, reward_fn, num_aggregate=settings.num_aggregate,
+      entropy_weight=settings.entropy_weight, baseline_decay=settings.baseline_decay,
+      num_steps=settings.train_steps, extra_loss_fn=settings.extra_loss_fn(decisions))

@@ -255,3 +255,78 @@ def test_reinforce_learns_a_target_arc():
   assert rewards[-1] > rewards[0] + 0.3, rewards
   assert rewards[-1] > 0.75, rewards
   assert lp1 > lp0 + 2.0, (lp0, lp1)
+
+
+# ----------------------------------------------------------------------------
+# The controller section as typed settings.
+
+
+@pytest.mark.parametrize("name", ["ptb", "cifar_macro", "cifar_micro", "cifar_nb201"])
+def test_settings_read_every_config(name):
+  import importlib
+  mod = importlib.import_module(f"configs.{name}")
+  for variant in mod.VARIANTS:
+    cc = mod.get_config(variant).controller
+    s = R.ControllerSettings.from_config(cc)
+    assert s.net == C.ControllerConfig.from_config(cc)
+    for field in ("lr", "num_aggregate", "train_steps", "entropy_weight", "baseline_decay",
+                  "reward_c", "adam_b1", "adam_eps", "adam_form"):
+      assert getattr(s, field) == cc[field], (variant, field)
+    # Only the macro space has skip decisions, and only its config a skip penalty.
+    assert s.skip_weight == (cc.skip_weight if "skip_weight" in cc else 0.0)
+    assert (s.skip_weight > 0) == (name == "cifar_macro")
+    hash(s)  # frozen: usable as a static argument
+
+
+def _section(**overrides):
+  from configs import cifar_macro
+  c = cifar_macro.get_config("smoke").controller.to_dict()
+  c.update(overrides)
+  return c
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_aggregate", 0, "controller.num_aggregate"),
+    ("train_steps", 0, "controller.train_steps"),
+    ("lr", 0.0, "controller.lr"),
+    ("baseline_decay", 1.5, "controller.baseline_decay"),
+    ("adam_b1", 1.0, "controller.adam_b1"),
+    ("adam_form", "adamw", "controller.adam_form"),
+    ("entropy_weight", float("nan"), "controller.entropy_weight"),
+    ("skip_weight", -1.0, "controller.skip_weight"),
+    ("skip_target", 1.0, "controller.skip_target"),
+    ("entropy_mode", "exact", "entropy_mode"),
+])
+def test_settings_bad_values_raise(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    R.ControllerSettings.from_config(_section(**{field: value}))
+
+
+def test_settings_missing_field_is_a_clear_error():
+  c = _section()
+  del c["train_steps"]
+  with pytest.raises(ValueError, match="train_steps"):
+    R.ControllerSettings.from_config(c)
+
+
+def test_make_phase_equals_explicit_train_phase_with_skip_penalty():
+  """make_phase(settings) builds the same phase as make_train_phase with the
+  fields passed one by one (macro: the skip penalty included)."""
+  decisions = spaces.get("cifar_macro", num_layers=3).decisions
+  s = R.ControllerSettings.from_config(
+      _section(lstm_size=8, num_aggregate=2, train_steps=2, skip_weight=0.8))
+  reward = lambda arc, rng, ctx: jnp.mean((arc == 0).astype(jnp.float32))  # noqa: E731
+  opt = s.optimizer()
+  state = R.init_state(jax.random.key(0), decisions, s.net, opt)
+  got = jax.jit(R.make_phase(decisions, s, opt, reward))(state, None, jax.random.key(1))
+  extra = R.make_skip_penalty(decisions, s.net, skip_target=0.4, skip_weight=0.8)
+  opt2 = R.make_optimizer(s.lr, b1=s.adam_b1, eps=s.adam_eps, form=s.adam_form)
+  want = jax.jit(R.make_train_phase(
+      decisions, s.net, opt2, reward, num_aggregate=2, entropy_weight=s.entropy_weight,
+      baseline_decay=s.baseline_decay, num_steps=2, extra_loss_fn=extra))(
+          state, None, jax.random.key(1))
+  assert "controller/extra_loss" in got[1]
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert R.ControllerSettings.from_config(_section(skip_weight=0.0)).extra_loss_fn(
+      decisions) is None
