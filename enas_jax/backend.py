@@ -20,6 +20,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 KERNEL_SETS = ("auto", "cpu", "xla")
@@ -72,6 +73,22 @@ def resolve_op_select(op_select: str = "auto", platform: str | None = None) -> s
   del platform  # the same on every platform, measured on CPU only so far
   _check("child.op_select", op_select, OP_SELECT_MODES)
   return "switch" if op_select == "auto" else op_select
+
+
+# child.scan_layers "auto": scan the layers/cells of identical shapes (one
+# compiled body per run instead of one per layer) where compile time is the
+# cost. GPU/TPU: on; the per-step cost of a scan is a loop's dispatch and the
+# stacking of the run's weights, small against these steps. CPU: MEASURED_BELOW.
+_DEFAULT_SCAN = {"cpu": False, "gpu": True, "tpu": True}
+
+
+def resolve_scan_layers(scan_layers="auto", platform: str | None = None) -> bool:
+  """``child.scan_layers``: True, False, or ``"auto"`` (the platform's default)."""
+  if scan_layers == "auto":
+    return _DEFAULT_SCAN[platform_name(platform)]
+  if not isinstance(scan_layers, (bool, np.bool_)):
+    raise ValueError(f"child.scan_layers must be True, False or 'auto', got {scan_layers!r}.")
+  return bool(scan_layers)
 
 
 def jnp_dtype(name: str):
@@ -144,5 +161,6 @@ def describe(config) -> dict:
 
 
 __all__ = ["Implementation", "ResolvedChild", "resolve", "resolve_config", "resolve_kernels",
-           "resolve_compute_dtype", "resolve_op_select", "platform_name", "describe",
+           "resolve_compute_dtype", "resolve_op_select",
+           "resolve_scan_layers", "platform_name", "describe",
            "jnp_dtype", "PLATFORMS", "KERNEL_SETS", "COMPUTE_DTYPES", "OP_SELECT_MODES"]

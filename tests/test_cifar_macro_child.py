@@ -149,6 +149,24 @@ def test_skip_bits_are_used():
   assert not np.allclose(o0, o1)
 
 
+def test_scanned_layers_equal_unrolled_layers():
+  # L = 4: reductions after layers 0 and 1, layers 2-3 one lax.scan (layers 0
+  # and 1 scans of one). Same weights -> same logits, statistics and gradients
+  # (train and eval) as the unrolled layers, and one compile for every arc.
+  params, stats = _init()
+  x, y = _data()
+  cfg, fn = _jitted("switch", "cpu")  # the platform's default, shared with the tests above
+  fns = {cfg.scan_layers: fn,
+         not cfg.scan_layers: jax.jit(functools.partial(_run, cfg=_cfg(
+             scan_layers=not cfg.scan_layers)))}
+  assert M._stages(_cfg()) == [(0, 0), (1, 1), (2, 3)]
+  for arc in _arcs(2, seed=30):
+    a = jnp.asarray(arc, jnp.int32)
+    got, want = (fns[s](params, stats, a, x, y, jax.random.key(7)) for s in (True, False))
+    _assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
+  assert fns[True]._cache_size() == 1
+
+
 @pytest.mark.parametrize("op_select,kernels", [("switch", "cpu"), ("mask", "cpu"),
                                                ("switch", "xla")])
 def test_one_compilation_for_many_arcs(op_select, kernels):

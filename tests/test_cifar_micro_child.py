@@ -171,6 +171,32 @@ def test_one_compilation_for_many_arcs(shared):
   assert shared["switch_xla"]._cache_size() == 1
 
 
+def test_scanned_search_cells_equal_unrolled_cells(shared):
+  # TINY: cell 0 alone (calibrations), cells 1 (reduction) and 2 (aux head after
+  # it) run as one lax.scan. Same weights -> same loss, logits, aux logits,
+  # statistics and gradients as the unrolled cells, and one compile for every arc.
+  cfg = mc.MicroChildConfig(**TINY, kernels="cpu", scan_layers=True)
+  assert mc._shared_groups(shared["params"], cfg, True) == [[0], [1, 2]]
+  f = jax.jit(jax.value_and_grad(_loss_fn(cfg), has_aux=True))
+  for i, a in enumerate(shared["arcs"]):
+    res = f(shared["params"], shared["stats"], jnp.asarray(a), shared["x"], jax.random.key(7))
+    ref = shared["switch_res"][i]
+    assert jax.tree.structure(res) == jax.tree.structure(ref)
+    for u, v in zip(jax.tree.leaves(res), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)
+  assert f._cache_size() == 1
+
+
+def test_search_scan_groups_at_search_size():
+  # The search network (6 layers, 8 cells): each stage after its first cell is
+  # one scan (reductions at cells 2 and 5 start a run; cell 0 calibrates both
+  # inputs, cell 1 its input 0).
+  cfg = mc.MicroChildConfig(num_layers=6, out_filters=20, kernels="cpu", scan_layers=True)
+  params, _ = jax.eval_shape(lambda k: mc.init_shared(k, cfg), jax.random.key(0))
+  assert mc._shared_groups(params, cfg, True) == [[0], [1], [2, 3, 4], [5, 6, 7]]
+  assert mc._shared_groups(params, cfg, False) == [[i] for i in range(8)]
+
+
 def test_eval_mode_has_no_aux_and_ignores_moving_averages(shared):
   cfg = mc.MicroChildConfig(**TINY, op_select="mask", kernels="xla")
   arc = shared["arcs"][0]

@@ -1,9 +1,10 @@
 """The XLA:CPU kernel set: hand-written gradients and shifted-slice forms.
 
 On XLA:CPU a convolution whose *backward* pass sits inside a ``lax.switch``
-branch runs 13-20x slower than the same static network (XLA keeps it in a
-layout the CPU backend runs with a slow loop emitter), and several of XLA's
-autodiff gradients are several times slower than hand-written ones. This set:
+branch runs an order of magnitude slower than the same static network (XLA
+keeps it in a layout the CPU backend runs with a slow loop emitter), and several
+of XLA's autodiff gradients are several times slower than hand-written ones
+(measurements: docs/performance.md). This set:
 
 1. :func:`conv2d` (stride 1): a ``jax.custom_vjp`` whose backward convolutions
    are written in the canonical NHWC/HWIO form (input gradient = convolution of
@@ -14,7 +15,7 @@ autodiff gradients are several times slower than hand-written ones. This set:
    switch that recomputes the taken branch (the forward saves only the operand),
    so autodiff does not emit the zero-filled residuals of every branch;
 3. :func:`depthwise_conv2d` as a sum of shifted slices (XLA:CPU's grouped
-   convolution is about 30x slower), with a custom gradient at stride 1;
+   convolution is much slower), with a custom gradient at stride 1;
 4. batch norm (:func:`bn_batch`) and the stride-1 pools with hand-written
    gradients; kernel gradients summed over a few images at a time;
 5. :func:`recompute_in_backward`: rematerialisation that holds on XLA:CPU;
@@ -326,17 +327,10 @@ def max_pool(x_NHWC: jax.Array, k: int = 3, stride: int = 1):
 def _bn_batch_impl(x, scale, offset, eps):
   r = x.shape[0] * x.shape[1] * x.shape[2]
   # One pass over x for both moments, of x shifted by the batch mean of its
-  # first pixel (close to the mean: var = E[d^2] - E[d]^2 with d = x - shift
-  # then cancels only as far as that shift is from the mean, not as far as the
-  # mean is from 0). A mean over the batch: a closer estimate than one
-  # image's pixel.
-  # And no ``x - mean`` in the forward: XLA merged it with the backward's own
-  # ``x - mean`` and kept that centred copy alive from the forward pass to
-  # the backward (micro search step: ~0.15 GB of the peak; written as
-  # ``square(mean - x)`` it was still stored). The shift matters: the batch
-  # mean of the centre pixel gave 5e-3 relative differences between the
-  # traced and baked gradients of the tests' small micro child (this one:
-  # 5e-5). A Welford-style reduction would not depend on it.
+  # first pixel (var = E[d^2] - E[d]^2 with d = x - shift cancels only as far
+  # as the shift is from the mean, so the shift must be close to it). No
+  # ``x - mean`` in the forward: XLA merged it with the backward's own and kept
+  # that centred copy alive until the backward (docs/performance.md).
   x_dtype, x = x.dtype, _f32(x)  # bfloat16 inputs: moments and y computed in float32
   shift = jax.lax.stop_gradient(jnp.mean(x[:, 0, 0], axis=0))
   d = x - shift
@@ -367,8 +361,7 @@ def _bn_batch_bwd(res, cts):
   x_dtype, x, g = x.dtype, _f32(x), _f32(g)
   r = x.shape[0] * x.shape[1] * x.shape[2]
   rstd = jax.lax.rsqrt(var + eps)
-  # Two plain reductions: 1.3-3x faster on XLA:CPU than one variadic reduce of
-  # both (measured at [160, 32, 32, 20], [160, 16, 16, 40], [128, 32, 32, 36]).
+  # Two plain reductions: faster on XLA:CPU than one variadic reduce of both.
   sg, sgx = jnp.sum(g, (0, 1, 2)), jnp.sum(g * (x - mean), (0, 1, 2))
   # dx = k1 g + k2 (x - mean) + k3, written with x itself: a standalone
   # ``x - mean`` needs only forward values, and XLA computed it during the
@@ -484,8 +477,7 @@ def _checkpointed_switch(index, branches: tuple, operand):
   ``jax.checkpoint`` around each branch did the same recomputation, but the
   forward conditional still had to return one joint residual tuple for all
   branches: every branch zero-filled the slots of the others (a full activation
-  for a pool branch, every weight of the separable branches), 550 zero
-  broadcasts per micro search step. Branches must not close over traced values
+  for a pool branch, every weight of the separable branches). Branches must not close over traced values
   that need gradients (pass them in ``operand``).
   """
   def run(index, operand):
@@ -517,12 +509,12 @@ def _checkpointed_switch(index, branches: tuple, operand):
 def sum_of_squares(tree) -> jax.Array:
   """``sum(x ** 2)`` over every element of every leaf, as one reduction.
 
-  The micro search child has 1,340 weight tensors. A reduction per leaf (and,
-  under autodiff, the slices that transpose a concatenation) is a kernel per
-  leaf for XLA to compile: the L2 term, the gradient norm and the global-norm
-  clip together added ~30 s and ~0.7 GB to compiling the search step. Here the
-  leaves are concatenated into one reduction, and the gradient (``2 x g``) is
-  written per leaf, where it fuses with the optimizer's own element-wise work."""
+  A reduction per leaf (and, under autodiff, the slices that transpose a
+  concatenation) is a kernel per leaf for XLA to compile, which made the L2
+  term, the gradient norm and the clip a large part of compiling the search
+  step (docs/performance.md). Here the leaves are concatenated into one
+  reduction, and the gradient (``2 x g``) is written per leaf, where it fuses
+  with the optimizer's own element-wise work."""
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)

@@ -126,6 +126,7 @@ class MacroChildConfig(backend.ResolvedChild):
   platform: str | None = None
   checkpoint_branches: bool = True
   remat: str = "none"
+  scan_layers: bool | str = "auto"
 
   def __post_init__(self):
     if not _is_int(self.num_layers) or self.num_layers < 1:
@@ -151,6 +152,8 @@ class MacroChildConfig(backend.ResolvedChild):
     if self.remat not in ("none", "layers"):
       raise ValueError(f"child.remat must be 'none' or 'layers' for the macro space, got "
                        f"{self.remat!r}.")
+    object.__setattr__(self, "scan_layers",
+                       backend.resolve_scan_layers(self.scan_layers, self.platform))
     self._resolve_impl()
 
   @classmethod
@@ -165,7 +168,7 @@ class MacroChildConfig(backend.ResolvedChild):
         kernels=c.get("kernels", "auto"), compute_dtype=c.get("compute_dtype", "auto"),
         platform=c.get("platform", None),
         checkpoint_branches=c.get("checkpoint_branches", True),
-        remat=c.get("remat", "none"))
+        remat=c.get("remat", "none"), scan_layers=c.get("scan_layers", "auto"))
 
   @property
   def pool_layers(self) -> tuple[int, ...]:
@@ -363,6 +366,9 @@ def apply_shared(params, batch_stats, arc, images_NHWC, *, train: bool, key=None
   branches = [_search_branch(op, train, cfg) for op in range(NUM_OPS)]
   x, st_stem = _apply_stem(params["stem"], batch_stats["stem"], images_NHWC, train=train,
                            cfg=cfg)
+  if cfg.scan_layers and not _is_static_arc(arc):
+    return _apply_shared_scanned(params, batch_stats, ops, bits, x, st_stem, branches,
+                                 train=train, key=key, cfg=cfg)
   layers = [x]
   new_layers, new_reduce = [], []
   for l in range(cfg.num_layers):
@@ -389,6 +395,67 @@ def apply_shared(params, batch_stats, arc, images_NHWC, *, train: bool, key=None
                                train=train, cfg=cfg)
       new_reduce.append(rs)
   logits = _head(params["fc"], layers[-1], train=train, key=key, cfg=cfg)
+  return logits, None, {"stem": st_stem, "layers": tuple(new_layers),
+                        "reduce": tuple(new_reduce)}
+
+
+def _stages(cfg: MacroChildConfig):
+  """``[(first, last)]`` layers of each stage (the reductions end a stage)."""
+  ends = list(cfg.pool_layers) + [cfg.num_layers - 1]
+  starts = [0] + [pl + 1 for pl in cfg.pool_layers]
+  return [(a, b) for a, b in zip(starts, ends) if a <= b]
+
+
+def _apply_shared_scanned(params, batch_stats, ops, bits, x, st_stem, branches, *, train,
+                          key, cfg: MacroChildConfig):
+  """:func:`apply_shared` on a traced arc with ``scan_layers``: the list of
+  layer outputs is one ``[L + 1, N, H, W, C]`` buffer (slot 0 the stem, slot
+  ``l + 1`` layer ``l``, zeros until written), and the layers of a stage after
+  layer 0 run as one ``lax.scan`` over their weights (stacked here, in the
+  step): each reads its input from slot ``l``, adds ``sum_j bit_j slot_j`` with
+  the bits zero-padded to ``L + 1``, and writes slot ``l + 1``. XLA then
+  compiles a layer once per stage instead of once per layer."""
+  L = cfg.num_layers
+  buf = jnp.concatenate([x[None], jnp.zeros((L,) + x.shape, x.dtype)])
+  new_layers, new_reduce = [None] * L, []
+
+  def layer(buf, step):
+    lp, ls, op, mask, l = step
+    h = jax.lax.dynamic_index_in_dim(buf, l, 0, keepdims=False)
+    out, st_br = conv_ops.select_branch(
+        op, branches, (h, lp["branches"], ls["branches"]),
+        mode=cfg.op_select, kernels=cfg.kernels, checkpoint=cfg.checkpoint_branches)
+    nls = {"branches": st_br}
+    if "skip_bn" in lp:
+      # The zero-padded bits select the skips: exact zeros for the others.
+      out = out + jnp.tensordot(mask.astype(out.dtype), buf, 1)
+      out, nls["skip_bn"] = _bn(out, lp["skip_bn"], ls["skip_bn"], train=train, cfg=cfg)
+    return jax.lax.dynamic_update_index_in_dim(buf, out, l + 1, 0), nls
+
+  for first, last in _stages(cfg):
+    runs = [[first], list(range(first + 1, last + 1))] if first == 0 else [
+        list(range(first, last + 1))]
+    for run in runs:
+      if not run:
+        continue
+      stack = lambda *a: jnp.stack(a)
+      xs = (jax.tree.map(stack, *[params["layers"][l] for l in run]),
+            jax.tree.map(stack, *[batch_stats["layers"][l] for l in run]),
+            jnp.stack([ops[l] for l in run]),
+            jnp.stack([jnp.pad(jnp.asarray(bits[l], jnp.int32), (0, L + 1 - l)) for l in run]),
+            jnp.asarray(run, jnp.int32))
+      buf, stacked = jax.lax.scan(layer, buf, xs)
+      for k, l in enumerate(run):
+        new_layers[l] = jax.tree.map(lambda a, k=k: a[k], stacked)
+    if last in cfg.pool_layers:
+      r = cfg.pool_layers.index(last)
+      reduced, rs = _reduce_all(params["reduce"][r], batch_stats["reduce"][r],
+                                [buf[j] for j in range(last + 2)], train=train, cfg=cfg)
+      new_reduce.append(rs)
+      y = reduced[0]
+      buf = jnp.concatenate([jnp.stack(reduced),
+                             jnp.zeros((L - last - 1,) + y.shape, y.dtype)])
+  logits = _head(params["fc"], buf[L], train=train, key=key, cfg=cfg)
   return logits, None, {"stem": st_stem, "layers": tuple(new_layers),
                         "reduce": tuple(new_reduce)}
 

@@ -1,101 +1,45 @@
 """Child networks of the CIFAR-10 micro (cell) space: weight-shared and fixed.
 
-Both children are pytrees plus pure functions. Activations are NHWC
-(``x_NHWC``), 1x1 convolutions are ``[C_in, C_out]`` matrices, depthwise
-kernels ``[k, k, C]``, other kernels HWIO.
+Pytrees plus pure functions. Activations NHWC, 1x1 convolutions ``[C_in,
+C_out]`` matrices, depthwise kernels ``[k, k, C]``, other kernels HWIO.
 
-Skeleton (both children)
-------------------------------
-Stem 3x3 conv 3 -> 3C + BN (no ReLU); ``num_layers + 2`` cells, reduction cells
-at ``[pd, 2pd + 1]`` (``pd = num_layers // 3``) with C doubled before each;
-optional auxiliary head after cell ``2pd + 2``; head ReLU -> global average
-pool -> dropout (``keep_prob``, training only) -> FC without bias. Every cell has
-its own weights. Cell inputs are ``[older, newer]``; input 0 is calibrated with
-ReLU -> factorized reduction (FR) when it has twice the resolution of input 1,
-else with ReLU -> 1x1 -> BN when its channels differ from C; input 1 with
-ReLU -> 1x1 -> BN when its channels differ. FR = stride-2 subsample -> 1x1
-(C/2) and shifted subsample -> 1x1 (C/2), concat, BN.
+Skeleton (both): stem 3x3 conv 3 -> 3C + BN; ``num_layers + 2`` cells with
+reduction cells at ``[pd, 2pd + 1]`` (``pd = num_layers // 3``, C doubled at
+each); an optional auxiliary head after cell ``2pd + 2``; head ReLU -> global
+average pool -> dropout (training) -> FC without bias. A cell reads ``[older,
+newer]``, both calibrated to C channels at the newer one's resolution
+(factorized reduction, or ReLU -> 1x1 -> BN). Every cell has its own weights.
 
-Weight-shared child (search): :func:`init_shared`, :func:`apply_shared`
-------------------------------------------------------------------------------
-``params["cells"][i]``: ``reduce`` (FR before a reduction cell, reduction
-cells only), ``calib_x`` / ``calib_y`` (only where needed), ``nodes[b]``
-(``b = 0 .. B-1`` is graph node ``b + 2``) with ``{"sep3", "sep5"}``, each
-``{"w_depth": [2, b+2, 2, k, k, C], "w_point": [2, b+2, 2, C, C], "bn":
-{"scale", "offset"}: [2, b+2, 2, C]}``, indexed ``[input (0: x, 1: y), input
-index, stack]``: as in the original, one set of weights per input and *input
-index*, picked by the sampled index (the original's variables, stacked into
-fewer arrays); and ``final`` (``w [B+2, C, C]`` + BN). ``batch_stats`` mirrors the BNs that keep moving averages (stem, FR,
-calibrations, ``final``); the sep-conv BNs use batch statistics only.
-
-* The arc is a traced int32 array (one compilation serves every arc). With
-  ``checkpoint_branches`` (the default) each cell is one custom VJP
-  (:func:`_traced_cell`): its B nodes run as a ``lax.scan`` over one
-  ``[B + 2, N, H, W, C]`` buffer of the cell's nodes (each branch reads its input
-  from it, the sum of a node's two branches is written into its slot); the op is chosen by :func:`conv_ops.select_branch`
-  (``lax.switch``, or every op and a ``jnp.where`` mask: ``op_select``); the
-  loose ends (nodes that no node of the cell reads, inputs 0/1 included) form a
-  0/1 vector, and the cell output "concat of loose ends -> ReLU -> gathered
-  ``[k C, C]`` 1x1 -> BN" is computed at a fixed shape as ``BN(sum_j [loose_j]
-  ReLU(node_j) @ w[j])`` (a ``lax.cond`` skips the other nodes): the same
-  function. The backward pass saves only the node buffer and recomputes each
-  taken op from its input. With ``checkpoint_branches=False``, JAX
-  differentiates the same forward (written without the scan) directly.
-* A numpy arc bakes the arc in (Python indexing, direct op calls, static loose
-  ends): the same network, used as the benchmark's "fixed" row and by the tests
-  as the reference of the traced path.
-* Reduction cells in search use the inputs ``[x_prev, FR(x_prev)]`` and the
-  normal-style cell (input 0 is then calibrated by FR, no strided op inside);
-  the next cell sees ``[FR(x_prev), cell_out]``.
-* As in the original, search mode forces training semantics on every BN:
-  batch statistics always, moving averages updated on every call (they are
-  never read in search mode; kept for fidelity). ``train`` only switches the
-  head dropout and whether aux logits are returned. *Difference*: the original
-  also keeps dropout on when it evaluates the shared child (reward, validation);
-  pass ``train=True`` to reproduce that.
-
-Fixed child (final training): :func:`init_fixed`, :func:`apply_fixed`
----------------------------------------------------------------------------
-Only the arc's ops get parameters. Per cell: calibration, ``base`` (ReLU -> 1x1
--> BN on input 1), and per node/branch the op's parameters: sep ``{"stacks":
-[{"w_depth": [k,k,C], "w_point": [C,C], "bn"}, x2]}`` (the first stack carries
-the stride), pools ``{}``, identity ``{}`` or an FR when it is strided;
-``combine[j]`` an FR for each loose input ``j`` in {0, 1} of a reduction cell.
-In reduction cells the ops on inputs 0/1 have stride 2. Drop-path on ops 0-3
-(training only), keep probability
-``1 - min(1, progress) * (1 - keep_layer)``, ``keep_layer = 1 - (i+1)/(L+2) *
-(1 - drop_path_keep_prob)`` (:func:`drop_path_keep`). The cell output is the
-concat of loose ends (k C channels, no 1x1); the next cell gets ``[previous
-cell's uncalibrated output, this output]``. BN: batch statistics and
-moving-average updates when ``train``, moving averages otherwise.
-With ``scan_layers``, runs of consecutive cells with identical shapes (the
-third and later normal cells of a stage) run as one ``lax.scan`` over their
-weights, stacked inside the step: XLA compiles such a cell once instead of once
-per cell (shorter cold compile, slower steps on CPU: docs/performance.md). The
-parameter layout (one entry per cell) and the function are the same either way.
-
-Auxiliary head (both children, ``params["aux"]``)
--------------------------------------------------
-ReLU -> 5x5 average pool stride 3 VALID -> 1x1 conv 128 + BN + ReLU -> 2x2 conv
-768 (SAME) + BN + ReLU -> global average pool -> FC 768 -> classes, no bias. Its
-BNs always use batch statistics and keep no moving averages (the original's run
-in training mode; their averages are never read). Aux logits are returned only
-when ``train``. *Differences*: the original excludes the aux head from the
-optimised variables (it stays at its random init, no L2) and only computes it
-in the training graph; here its parameters are ordinary parameters under
-``params["aux"]`` that the caller trains (loss ``CE + 0.4 CE_aux``) and may
-exclude from L2 or count separately (:func:`count_params` ``exclude_aux``). The
-pool window is ``min(5, H)`` so that images smaller than 32x32 (tests) work; at
-32x32 it is the original's 5x5 -> 2x2 and the 2x2 kernel matches its ``hw``.
-
-Initialisation: Keras ``he_normal`` (truncated, std
-``sqrt(2 / fan_in)``) with the fan-in of the *original variable's shape*; for
-the shared child's 2-D tables (``w_depth [b+2, k k C]``, ``w_point [b+2, C C]``,
-``final_conv/w [B+2, C C]``; the first two stacked here) that fan-in is the
-number of rows (``b + 2``,
-``B + 2``), as Keras computes it, not the receptive field: a quirk kept on
-purpose (BN follows each of them, so only the update scale is affected). BN
-scale 1, offset 0; moving mean 0, variance 1.
+* Search (:func:`init_shared`, :func:`apply_shared`): every cell owns all ops'
+  weights, one set per input index as in the original (layout:
+  :func:`init_shared`). The arc is a traced int32 array, so one compilation
+  serves every arc; a numpy arc bakes it in (the tests' reference). With
+  ``checkpoint_branches`` a cell is one custom VJP that runs its nodes as a
+  scan over a node buffer and recomputes each taken op in the backward pass,
+  saving only the buffer. The cell output (concat of loose ends -> ReLU -> 1x1
+  -> BN) is computed at a fixed shape. As in the original, every BN uses batch
+  statistics; ``train`` switches only head dropout and the aux logits (the
+  original also kept dropout on when it evaluated the shared child: pass
+  ``train=True`` for that).
+* Final (:func:`init_fixed`, :func:`apply_fixed`): only the arc's ops have
+  parameters; the output is the concat of loose ends; drop-path on ops 0-3
+  with the original's schedule (:func:`drop_path_keep`); BN batch statistics
+  when ``train``, moving averages otherwise.
+* ``scan_layers`` (both): consecutive cells of identical shapes run as one
+  ``lax.scan`` over their weights, stacked inside the step, so that XLA
+  compiles such a cell once per run, not once per cell (compile time: see
+  docs/performance.md). The function and the parameter layout (one entry per
+  cell) are the same either way, so checkpoints are interchangeable.
+* Auxiliary head (``params["aux"]``): ReLU -> 5x5 average pool stride 3 ->
+  1x1 conv 128 -> BN -> ReLU -> 2x2 conv 768 -> BN -> ReLU -> global pool ->
+  FC; its BNs always use batch statistics. *Difference*: the original never
+  trained it (random init, no L2); here it is trained (``CE + 0.4 CE_aux``),
+  and :func:`count_params` with ``exclude_aux`` gives the original's count.
+  The pool window is ``min(5, H)`` so that small test images work.
+* Initialisation: Keras ``he_normal`` with the fan-in of the original
+  variable's shape; for the search tables (``w_depth``, ``w_point``,
+  ``final.w``) that is their number of rows (``b + 2``, ``B + 2``), a Keras
+  quirk kept on purpose. BN scale 1, offset 0; moving mean 0, variance 1.
 """
 
 from __future__ import annotations
@@ -139,7 +83,7 @@ class MicroChildConfig(backend.ResolvedChild):
   platform: str | None = None
   checkpoint_branches: bool = True
   remat: str = "none"
-  scan_layers: bool = False
+  scan_layers: bool | str = "auto"
 
   def __post_init__(self):
     def need_int(name, lo):
@@ -158,8 +102,8 @@ class MicroChildConfig(backend.ResolvedChild):
       raise ValueError(f"child.bn_decay must be in [0, 1), got {self.bn_decay!r}.")
     if not self.bn_eps > 0.0:
       raise ValueError(f"child.bn_eps must be > 0, got {self.bn_eps!r}.")
-    if not isinstance(self.scan_layers, (bool, np.bool_)):
-      raise ValueError(f"child.scan_layers must be True or False, got {self.scan_layers!r}.")
+    object.__setattr__(self, "scan_layers",
+                       backend.resolve_scan_layers(self.scan_layers, self.platform))
     if self.remat not in ("none", "cells"):
       raise ValueError(f"child.remat must be 'none' or 'cells', got {self.remat!r}.")
     self._resolve_impl()
@@ -384,10 +328,9 @@ def count_params(params, exclude_aux: bool = False) -> int:
 # ------------------------------------------------------------------ shared child
 def _init_shared_node(key, b, C):
   """Node ``b``'s sep weights: per op, tables ``[2 (input x, y), b + 2 (input
-  index), 2 (stack), ...]``. One array per weight kind instead of one per
-  (input, stack): the micro search child then has ~370 weight tensors, not
-  1,340 (every tensor is a gather, a gradient scatter and optimizer work that
-  XLA compiles as its own kernels)."""
+  index), 2 (stack), ...]``. One array per weight kind, not one per (input,
+  stack): every tensor is a gather, a gradient scatter and optimizer work that
+  XLA compiles as its own kernels, so fewer tensors compile faster."""
   n_in = b + 2  # the original's num_possible_inputs: weights per input index
   out = {}
   for name, k, kn in zip(("sep3", "sep5"), SEP_KERNELS, jax.random.split(key)):
@@ -401,7 +344,14 @@ def _init_shared_node(key, b, C):
 
 
 def init_shared(key: jax.Array, cfg: MicroChildConfig):
-  """Shared weights and moving statistics of the search child: ``(params, batch_stats)``."""
+  """Shared weights and moving statistics of the search child: ``(params, batch_stats)``.
+
+  ``params["cells"][i]``: ``reduce`` (reduction cells), ``calib_x`` /
+  ``calib_y`` (where needed), ``nodes[b]`` (graph node ``b + 2``) ``{"sep3",
+  "sep5"}`` each ``{"w_depth": [2, b+2, 2, k, k, C], "w_point": [2, b+2, 2, C,
+  C], "bn": [2, b+2, 2, C]}`` indexed ``[input (x, y), input index, stack]``,
+  and ``final`` (``w [B+2, C, C]`` + BN). ``batch_stats`` mirrors the BNs with
+  moving averages (stem, reductions, calibrations, ``final``)."""
   B, C = cfg.num_nodes, cfg.out_filters
   keys = jax.random.split(key, cfg.num_cells + 3)
   params, stats = {}, {}
@@ -488,20 +438,34 @@ def _pick_weights(p_nodes, cell_arc, static):
             for b, nd in enumerate(p_nodes)]
 
 
-def _shared_cell(p, s, layers, cell_arc, cfg, static):
-  """One search cell. Returns (output [N,H,W,C], new statistics)."""
-  new_s = dict(s)
-  x0, x1 = _calibrate(p, s, layers, cfg, True, new_s)
+def _shared_core(p, s_final, x0, x1, cell_arc, cfg, static):
+  """A search cell after its calibration: nodes, combination and final BN on the
+  calibrated inputs. ``p``: the cell's ``nodes`` and ``final``. Returns (output
+  [N,H,W,C], new ``final`` statistics)."""
   ws = _pick_weights(p["nodes"], cell_arc, static)
   w_final = p["final"]["w"].astype(x0.dtype)
   if static or not cfg.checkpoint_branches or not kernel_sets.get(cfg.kernels).CELL_VJP:
     y = _autodiff_cell(x0, x1, ws, w_final, cell_arc, cfg, static)
   else:
     y = _traced_cell(x0, x1, ws, w_final, cell_arc, cfg)
-  y, new_s["final"] = ops.batch_norm(y, p["final"]["bn"], s["final"], train=True,
-                                     kernels=cfg.kernels,
-                                     decay=cfg.bn_decay, eps=cfg.bn_eps)
-  return y, new_s
+  return ops.batch_norm(y, p["final"]["bn"], s_final, train=True, kernels=cfg.kernels,
+                        decay=cfg.bn_decay, eps=cfg.bn_eps)
+
+
+def _shared_groups(params, cfg, scan):
+  """Runs of consecutive search cells whose cores :func:`apply_shared` scans
+  together: a run starts at any cell and goes on with the cells that have no
+  reduction and no calibration (their calibrated inputs are then the previous
+  cell's calibrated newer input and output: the scan's carry). One cell per
+  run without ``scan``."""
+  groups = []
+  for i, p in enumerate(params["cells"]):
+    plain = not any(k in p for k in ("reduce", "calib_x", "calib_y"))
+    if scan and groups and plain:
+      groups[-1].append(i)
+    else:
+      groups.append([i])
+  return groups
 
 
 def _autodiff_cell(x0, x1, ws, w_final, cell_arc, cfg, static):
@@ -537,19 +501,14 @@ def _autodiff_cell(x0, x1, ws, w_final, cell_arc, cfg, static):
 
 
 # The search cell with a traced arc and checkpoint_branches (the default): one
-# custom VJP per cell. Its forward runs the B nodes as a lax.scan over one
-# [B + 2, N, H, W, C] buffer of the cell's nodes (each branch reads its input
-# from it; a node's two branch outputs are summed into its slot), then adds the
-# loose ends' 1x1 products; it saves only that buffer (and the picked weights).
-# Its backward first pulls the cell's output gradient back through the loose
-# ends, then scans the branches in reverse: each one recomputes its op from its input (a slice of the saved
-# buffer) and adds its input gradient into a gradient buffer of the same shape.
-# Against JAX's autodiff of the same forward (a checkpointed switch per branch)
-# this saves a copy of every branch input (a residual each), a copy of the
-# whole gradient buffer per branch (XLA fused each read of the gradient buffer
-# with the previous in-place update, which then had to copy), and the 1x1
-# products of the nodes that are not loose ends; the scan also compiles the
-# cell once instead of once per branch (micro search step: compile 80 -> 20 s).
+# custom VJP per cell. The forward runs the B nodes as a lax.scan over one
+# [B + 2, N, H, W, C] node buffer and saves only that buffer (and the picked
+# weights); the backward pulls the output gradient back through the loose ends,
+# then scans the branches in reverse, recomputing each taken op from its input
+# slice and adding its input gradient into a gradient buffer of the same shape.
+# Why not JAX's autodiff of the same forward: it saves a copy of every branch
+# input and copies the whole gradient buffer per branch, and compiles the cell
+# once per branch instead of once (docs/performance.md, CIFAR-10 section).
 
 
 def _loose_mask(cell_arc, B):
@@ -647,7 +606,7 @@ def _traced_cell_bwd(cfg, res, d_y):
     # that needs this cell's gradient), then the scan writes nodes 1..B+1 in
     # place. Not a scan's stacked output: those start from a zero constant
     # that XLA shares between the cells (a copy per cell) and schedules early,
-    # which kept ~0.4 GB of such buffers alive from the forward pass on.
+    # keeping them alive from the forward pass on.
     loose = _loose_mask(cell_arc, B)
     d_0, d_w_0 = loose_grads(0, loose[0], w_final[0])
     d_buf = jnp.concatenate([d_0[None], jnp.zeros((B + 1,) + d_0.shape, d_0.dtype)])
@@ -710,21 +669,48 @@ def apply_shared(params, batch_stats, arc, images_NHWC, *, train: bool, key, cfg
   x, new_stats["stem"] = _stem(params["stem"], batch_stats["stem"], images_NHWC, cfg, True)
   layers = [x, x]
   aux_logits = None
+  want_aux = "aux" in params and train
   new_cells = []
-  for i in range(cfg.num_cells):
+  for group in _shared_groups(params, cfg, cfg.scan_layers and not static):
+    i = group[0]
     p, s = params["cells"][i], batch_stats["cells"][i]
+    ns = dict(s)
     if i in cfg.reduction_cells:
       prev = layers[-1]
-      xr, s_red = _fr_bn(p["reduce"], s["reduce"], prev, cfg, True)
+      xr, ns["reduce"] = _fr_bn(p["reduce"], s["reduce"], prev, cfg, True)
       layers = [prev, xr]
-      x, ns = _shared_cell(p, s, layers, reduce_arc, cfg, static)
-      ns["reduce"] = s_red
-    else:
-      x, ns = _shared_cell(p, s, layers, normal_arc, cfg, static)
-    new_cells.append(ns)
-    layers = [layers[-1], x]
-    if i == cfg.aux_cell and "aux" in params and train:
-      aux_logits = _aux_head(params["aux"], x, cfg)
+    x0, x1 = _calibrate(p, s, layers, cfg, True, ns)
+    arcs = [reduce_arc if j in cfg.reduction_cells else normal_arc for j in group]
+    if len(group) == 1:
+      x, ns["final"] = _shared_core(p, s["final"], x0, x1, arcs[0], cfg, static)
+      new_cells.append(ns)
+      layers = [layers[-1], x]
+      if i == cfg.aux_cell and want_aux:
+        aux_logits = _aux_head(params["aux"], x, cfg)
+      continue
+    # Cores of identical shapes: one lax.scan over their weights, stacked here
+    # in the step (the parameter layout stays one entry per cell), so that XLA
+    # compiles the cell once per run instead of once per cell.
+    aux_k = group.index(cfg.aux_cell) if cfg.aux_cell in group and want_aux else None
+    core = lambda j: {"nodes": params["cells"][j]["nodes"], "final": params["cells"][j]["final"]}
+    xs = (jax.tree.map(lambda *a: jnp.stack(a), *[core(j) for j in group]),
+          jax.tree.map(lambda *a: jnp.stack(a), *[batch_stats["cells"][j]["final"]
+                                                  for j in group]),
+          jnp.stack(arcs))
+
+    def body(carry, step):
+      pc, sf, cell_arc = step
+      y, nsf = _shared_core(pc, sf, carry[0], carry[1], cell_arc, cfg, False)
+      return (carry[1], y), (nsf, y if aux_k is not None else None)
+
+    (older, x), (stacked, ys) = jax.lax.scan(body, (x0, x1), xs)
+    for k, j in enumerate(group):
+      c = ns if k == 0 else dict(batch_stats["cells"][j])
+      c["final"] = jax.tree.map(lambda a, k=k: a[k], stacked)
+      new_cells.append(c)
+    layers = [older, x]
+    if aux_k is not None:
+      aux_logits = _aux_head(params["aux"], ys[aux_k], cfg)
   new_stats["cells"] = new_cells
   logits = _head(params["fc"], x, cfg, train, key)
   return logits, aux_logits, new_stats
@@ -772,7 +758,14 @@ def _init_fixed_op(key, op, C, strided):
 
 def init_fixed(key: jax.Array, cfg: MicroChildConfig, arc):
   """Parameters and moving statistics of the fixed child of ``arc`` (numpy,
-  validated): ``(params, batch_stats)``."""
+  validated): ``(params, batch_stats)``.
+
+  Per cell: calibrations, ``base`` (ReLU -> 1x1 -> BN on input 1), per node
+  and branch (``nodes[b]["x"|"y"]``) the op's parameters: sep ops ``{"stacks":
+  [{"w_depth": [k,k,C], "w_point": [C,C], "bn"}] * 2}`` (the first stack
+  carries the stride), ``{}`` for pools and identity, ``{"fr"}`` for a strided
+  identity; ``combine[str(j)]``: an FR for each loose input ``j < 2`` of a
+  reduction cell."""
   arc = _codec(cfg).validate(arc)
   B = cfg.num_nodes
   plan, (c_last, _), aux_c = _fixed_plan(cfg, arc)
@@ -845,7 +838,7 @@ def _fixed_cell(diff, extra, *, cell, cfg, train):
   nodes = [x0, x1]
   if keep is not None:
     # One draw per cell for all its branches' masks ([B, 2, N]): a threefry
-    # hash per branch made ~13% of the final step's compiled instructions.
+    # hash per branch is many compiled instructions (docs/performance.md).
     u = jax.random.uniform(jax.random.fold_in(key, i), (cfg.num_nodes, 2, x1.shape[0]))
   ns["nodes"] = []
   for b in range(cfg.num_nodes):
