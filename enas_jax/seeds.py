@@ -377,8 +377,10 @@ def run_seeds(config, num_seeds: int, baseline: bool = True, workdir: str | None
   os.makedirs(workdir, exist_ok=True)
   rows = []
   total = len(samplers) * num_seeds
-  for s in samplers:
-    for seed in range(num_seeds):
+  # Seed-major order (controller seed 0, uniform seed 0, controller seed 1, ...):
+  # a study stopped part-way still has matched pairs to compare.
+  for seed in range(num_seeds):
+    for s in samplers:
       rdir = run_dir(workdir, s, seed)
       cfg = seed_config(config, seed, s)
       row = {"sampler": s, "seed": seed, "workdir": rdir}
@@ -405,6 +407,7 @@ def run_seeds(config, num_seeds: int, baseline: bool = True, workdir: str | None
           log(f"{where}: FAILED: {row['error']}")
       row.update(read_results(rdir))
       rows.append(row)
+  rows.sort(key=lambda r: (samplers.index(r["sampler"]), r["seed"]))  # report: per sampler
   from enas_jax import spaces
   entry = spaces.entry(config.space.name)
   metric = next((r["metric"] for r in rows if "metric" in r), entry.metric)

@@ -36,7 +36,7 @@ def test_two_seeds_two_samplers_report_rerun_and_failure(tmp_path):
 
   rep = seeds.run_seeds(_cfg(), 2, baseline=True, workdir=work, runner=crashing,
                         log=logs.append)
-  assert calls == [("controller", 0), ("controller", 1), ("uniform", 0), ("uniform", 1)]
+  assert calls == [("controller", 0), ("uniform", 0), ("controller", 1), ("uniform", 1)]  # seed-major
   status = {(r["sampler"], r["seed"]): r["status"] for r in rep["runs"]}
   assert status == {("controller", 0): "done", ("controller", 1): "done",
                     ("uniform", 0): "done", ("uniform", 1): "failed"}
