@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -138,8 +138,9 @@ class ControllerConfig:
     """Builds a config from an ``ml_collections.ConfigDict`` (or any mapping).
 
     Reads the fields of this class by name; missing keys keep their defaults
-    (``lstm_size`` is required) and extra keys are ignored. Values are converted
-    to plain Python types so the result stays hashable.
+    (``lstm_size`` is required) and extra keys are ignored: the spaces' schemas
+    differ (``tie_op_logits`` is PTB's, ``op_tanh_reduce`` the CIFAR spaces').
+    Values are converted to plain Python types so the result stays hashable.
     """
     def has(name):
       try:
@@ -331,6 +332,266 @@ def _pad(x, width):
   return jnp.pad(x, (0, width - x.shape[0]))
 
 
+class _Carry(NamedTuple):
+  """What the scan carries from one step of the program to the next."""
+
+  c: jax.Array  # [L, S] LSTM cell states
+  h: jax.Array  # [L, S] LSTM outputs
+  x: jax.Array  # [S] the next step's LSTM input
+  anchors: jax.Array  # [num_nodes, S] each node's anchor (pointer inputs)
+  anchor_w: jax.Array  # [num_nodes, S] each node's attention key (anchor @ w_attn_1)
+  arc: jax.Array  # int32 [arc_length + max_choices]: padded so that bit runs never clip
+  log_prob: jax.Array  # float32 scalars, summed over the steps so far
+  ent_sampled: jax.Array
+  ent_full: jax.Array
+
+
+class _Step(NamedTuple):
+  """One step of the program (the scanned inputs); the optional ones are None
+  when the program does not use the feature."""
+
+  t: jax.Array  # step index: the sample key is fold_in(rng, t)
+  kind: jax.Array  # OP, POINTER, ANCHOR or BITS
+  node: jax.Array
+  num_choices: jax.Array
+  token: jax.Array  # arc position written (-1: none)
+  write_anchor: jax.Array
+  new_cell: Optional[jax.Array] = None  # clear the anchors first (micro cells)
+  zero_anchor: Optional[jax.Array] = None  # store a zero anchor, keep the key
+  op_offset: Optional[jax.Array] = None  # [max_choices] constant added to op logits
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+  """The static side of a run: shapes and the features the program and the
+  config use (a feature not used is not traced at all)."""
+
+  cfg: ControllerConfig
+  width: int  # decisions.max_choices
+  num_nodes: int
+  num_ops: int
+  arc_length: int
+  use_new_cell: bool
+  use_zero_anchor: bool
+  use_op_offset: bool
+  use_b_soft: bool
+  micro_pointers: bool
+  use_locality: bool
+
+  @classmethod
+  def of(cls, d: Decisions, cfg: ControllerConfig) -> "_Program":
+    return cls(cfg=cfg, width=d.max_choices, num_nodes=int(d.num_nodes),
+               num_ops=int(d.num_ops), arc_length=int(d.arc_length),
+               use_new_cell=bool(d.step_new_cell.any()),
+               use_zero_anchor=bool(d.step_zero_anchor.any()),
+               use_op_offset=bool(np.any(d.step_op_offset != 0)),
+               use_b_soft=d.op_bias_init is not None,
+               micro_pointers=d.pointer_style == "micro",
+               use_locality=bool(cfg.locality_prior) and d.pointer_style != "micro")
+
+
+class _Source(NamedTuple):
+  """Where choices come from: ``rng`` (sample) or ``forced`` (score a given arc,
+  padded by ``max_choices`` so that a bit run can be sliced at any token)."""
+
+  rng: Optional[jax.Array]
+  forced: Optional[jax.Array]
+
+  def bits(self, t, token, log_p1, width):
+    if self.rng is not None:
+      u = jax.random.uniform(jax.random.fold_in(self.rng, t), (width,))
+      return (u < jnp.exp(log_p1)).astype(jnp.int32)
+    return jax.lax.dynamic_slice(self.forced, (jnp.maximum(token, 0),), (width,))
+
+  def choice(self, t, tok, logits):
+    if self.rng is not None:
+      return jax.random.categorical(jax.random.fold_in(self.rng, t), logits).astype(jnp.int32)
+    return self.forced[tok]
+
+
+def _store_anchor(params, prog: _Program, st: _Step, anchors, anchor_w, top):
+  """Stores the node's anchor and attention key, before a pointer at the same
+  step reads them: the current node's own slot is masked anyway (only j < i is
+  valid). A new cell starts from fresh (zero) anchors; a zero-anchor step stores
+  zeros but keeps its attention key."""
+  if prog.use_new_cell:
+    anchors = jnp.where(st.new_cell, 0.0, anchors)
+    anchor_w = jnp.where(st.new_cell, 0.0, anchor_w)
+  stored = top
+  if prog.use_zero_anchor:
+    stored = jnp.where(st.zero_anchor, 0.0, top)
+  anchors = anchors.at[st.node].set(jnp.where(st.write_anchor, stored, anchors[st.node]))
+  anchor_w = anchor_w.at[st.node].set(
+      jnp.where(st.write_anchor, top @ params["w_attn_1"], anchor_w[st.node]))
+  return anchors, anchor_w
+
+
+def _logits(params, prog: _Program, st: _Step, anchor_w, top, choice_ids):
+  """The step's logits over ``max_choices`` before masking: both heads are
+  computed and one selected (the controller stays free of lax.switch so that
+  vmap over keys or arcs stays a plain batch), then temperature, tanh constant,
+  locality prior and op offset."""
+  cfg = prog.cfg
+  is_op, is_ptr = st.kind == OP, st.kind == POINTER
+  op_raw = top @ (params["w_emb"].T if cfg.tie_op_logits else params["w_soft"])
+  if prog.use_b_soft:
+    op_raw = op_raw + params["b_soft"][0]
+  op_logits = _pad(op_raw, prog.width)
+  query = top @ params["w_attn_2"]
+  ptr_logits = _pad((jnp.tanh(anchor_w + query) @ params["v_attn"])[:, 0], prog.width)
+  logits = jnp.where(jnp.logical_or(is_ptr, st.kind == BITS), ptr_logits, op_logits)
+  if cfg.use_temperature:
+    logits = logits / float(cfg.temperature)
+  if cfg.use_tanh:
+    tanh_c = float(cfg.tanh_constant)
+    if float(cfg.op_tanh_reduce) != 1.0:
+      tanh_c = jnp.where(is_op, tanh_c / float(cfg.op_tanh_reduce), tanh_c)
+    logits = tanh_c * jnp.tanh(logits)
+  if prog.use_locality:
+    dist = (st.node - choice_ids).astype(jnp.float32)
+    logits = jnp.where(is_ptr, logits - dist * dist / 6.0, logits)
+  if prog.use_op_offset:
+    logits = jnp.where(is_op, logits + st.op_offset, logits)
+  return logits
+
+
+class _Bits(NamedTuple):
+  bits: jax.Array  # int32 [max_choices], 0 where invalid
+  valid: jax.Array  # bool [max_choices]
+  log_prob: jax.Array
+  ent_sampled: jax.Array
+  ent_full: jax.Array
+  logits: jax.Array  # the bit scores q' (NEG_LOGIT where invalid)
+
+
+def _skip_bits(prog: _Program, st: _Step, logits, choice_ids, src: _Source) -> _Bits:
+  """A BITS step (skip connections): bit j ~ Bernoulli(sigmoid(2 q'_j)) for j <
+  num_choices, q' the attention score after temperature and tanh (the
+  original's 2-way softmax over [-q', q']); sampled or read from the forced arc."""
+  bit_valid = jnp.logical_and(choice_ids < st.num_choices, st.kind == BITS)
+  bit_q = logits
+  log_p1, log_p0 = jax.nn.log_sigmoid(2.0 * bit_q), jax.nn.log_sigmoid(-2.0 * bit_q)
+  bits = src.bits(st.t, st.token, log_p1, prog.width)
+  bits = jnp.where(bit_valid, bits, 0)
+  lp_bits = jnp.where(bits == 1, log_p1, jnp.where(bits == 0, log_p0, NEG_LOGIT))
+  lp_bits = jnp.sum(jnp.where(bit_valid, lp_bits, 0.0))
+  p1 = jnp.exp(log_p1)
+  ent_full = -jnp.sum(jnp.where(bit_valid, p1 * log_p1 + (1 - p1) * log_p0, 0.0))
+  lp_each = jnp.where(bits == 1, log_p1, log_p0)
+  ent_sampled = -jnp.sum(jnp.where(bit_valid, jnp.exp(lp_each) * lp_each, 0.0))
+  return _Bits(bits, bit_valid, lp_bits, ent_sampled, ent_full,
+               jnp.where(bit_valid, bit_q, NEG_LOGIT))
+
+
+class _Choice(NamedTuple):
+  choice: jax.Array  # int32: the op or the pointed-to node
+  tok: jax.Array  # the arc position written (0 for steps that write none)
+  log_prob: jax.Array  # of the choice (NEG_LOGIT when out of range)
+  ent_full: jax.Array  # categorical entropy of the step
+  logits: jax.Array  # masked: NEG_LOGIT for invalid choices
+
+
+def _categorical(prog: _Program, st: _Step, logits, choice_ids, is_decision,
+                 src: _Source) -> _Choice:
+  """An OP or POINTER step: the softmax over the valid choices, and the choice
+  (sampled, or read from the forced arc)."""
+  valid = jnp.logical_and(choice_ids < st.num_choices, is_decision)
+  logits = jnp.where(valid, logits, NEG_LOGIT)
+  log_p = jax.nn.log_softmax(logits)
+  tok = jnp.maximum(st.token, 0)  # ANCHOR steps have token -1
+  choice = src.choice(st.t, tok, logits)
+  # Gathers clamp indices, so an invalid (forced) choice cannot read outside a
+  # buffer; it is scored NEG_LOGIT explicitly, since a clamped index could land
+  # on a valid choice.
+  in_range = jnp.logical_and(choice >= 0, choice < st.num_choices)
+  lp_choice = jnp.where(in_range, log_p[jnp.clip(choice, 0, prog.width - 1)], NEG_LOGIT)
+  p_all = jnp.exp(log_p)
+  # where(), not a product with a mask: masked entries must contribute exactly
+  # 0 to the entropy, and the ANCHOR step (all masked) must contribute nothing.
+  full = -jnp.sum(jnp.where(valid, p_all * log_p, 0.0))
+  return _Choice(choice, tok, lp_choice, full, logits)
+
+
+def _accumulate(prog: _Program, carry: _Carry, is_decision, ch: _Choice, b: _Bits):
+  """Adds the step's log-probability and entropies and writes its tokens (the
+  choice at ``tok``; the bit run at ``[tok, tok + max_choices)``, untouched
+  where invalid). Returns ``(arc, log_prob, ent_sampled, ent_full)``."""
+  log_prob = carry.log_prob + jnp.where(is_decision, ch.log_prob, 0.0) + b.log_prob
+  ent_s = (carry.ent_sampled + jnp.where(is_decision, -jnp.exp(ch.log_prob) * ch.log_prob, 0.0)
+           + b.ent_sampled)
+  ent_f = carry.ent_full + jnp.where(is_decision, ch.ent_full, 0.0) + b.ent_full
+  arc = carry.arc.at[ch.tok].set(jnp.where(is_decision, ch.choice, carry.arc[ch.tok]))
+  old = jax.lax.dynamic_slice(arc, (ch.tok,), (prog.width,))
+  arc = jax.lax.dynamic_update_slice(arc, jnp.where(b.valid, b.bits, old), (ch.tok,))
+  return arc, log_prob, ent_s, ent_f
+
+
+def _next_input(params, prog: _Program, st: _Step, anchors, g_emb, choice, bits):
+  """The next step's LSTM input: ``w_emb[op]`` after an op, the chosen anchor
+  after a pointer (PTB-style: divided by ``0.1 + (i - j)``), the mean of the
+  chosen anchors after skip bits ((bits . anchors) / (1 + #skips); ``g_emb``
+  when there are no bits to choose, the first layer), ``g_emb`` after an anchor."""
+  is_op, is_ptr, is_bits = st.kind == OP, st.kind == POINTER, st.kind == BITS
+  emb = params["w_emb"][jnp.clip(choice, 0, prog.num_ops - 1)]
+  j = jnp.clip(choice, 0, prog.num_nodes - 1)
+  if prog.micro_pointers:
+    ptr_in = anchors[j]
+  else:
+    denom = jnp.where(is_ptr, 0.1 + (st.node - j).astype(jnp.float32), 1.0)
+    ptr_in = anchors[j] / denom
+  bitsf = bits[:prog.num_nodes].astype(jnp.float32)
+  skip_in = (bitsf @ anchors) / (1.0 + bitsf.sum())
+  x = jnp.where(is_op, emb, jnp.where(is_ptr, ptr_in, g_emb))
+  return jnp.where(jnp.logical_and(is_bits, st.num_choices > 0), skip_in, x)
+
+
+def _program_step(params, prog: _Program, src: _Source, carry: _Carry, st: _Step):
+  """One step of the program: LSTM, anchor, logits, the choice (or the skip
+  bits), the running sums, the next input. Returns the new carry and the step's
+  final logits (bit scores for a BITS step)."""
+  is_decision = jnp.logical_or(st.kind == OP, st.kind == POINTER)
+  choice_ids = jnp.arange(prog.width, dtype=jnp.int32)
+  # The state is carried through every step, anchors included (melodyguan
+  # commit 2d0cd4b fixed an earlier version that did not).
+  c, h = _lstm_stack(params["w_lstm"], carry.x, carry.c, carry.h)
+  top = h[-1]
+  anchors, anchor_w = _store_anchor(params, prog, st, carry.anchors, carry.anchor_w, top)
+  logits = _logits(params, prog, st, anchor_w, top, choice_ids)
+  b = _skip_bits(prog, st, logits, choice_ids, src)
+  ch = _categorical(prog, st, logits, choice_ids, is_decision, src)
+  arc, log_prob, ent_s, ent_f = _accumulate(prog, carry, is_decision, ch, b)
+  x = _next_input(params, prog, st, anchors, params["g_emb"][0], ch.choice, b.bits)
+  new = _Carry(c, h, x, anchors, anchor_w, arc, log_prob, ent_s, ent_f)
+  return new, jnp.where(st.kind == BITS, b.logits, ch.logits)
+
+
+def _check_params(params, prog: _Program):
+  if not prog.cfg.tie_op_logits and "w_soft" not in params:
+    raise ValueError(
+        "controller: the parameters have no 'w_soft' (they were built with tie_op_logits=True); "
+        "use the same controller config (controller.tie_op_logits) to init and to run.")
+  if prog.use_b_soft and "b_soft" not in params:
+    raise ValueError(
+        "controller: this decision program has a learned op bias (op_bias_init) but the "
+        "parameters have no 'b_soft'; build them with controller.init for this program.")
+
+
+def _steps(d: Decisions, prog: _Program) -> _Step:
+  """The program as scanned inputs (int32/bool arrays of length num_steps)."""
+  return _Step(
+      t=jnp.arange(d.num_steps, dtype=jnp.int32),
+      kind=jnp.asarray(np.asarray(d.kind), jnp.int32),
+      node=jnp.asarray(np.asarray(d.node), jnp.int32),
+      num_choices=jnp.asarray(np.asarray(d.num_choices), jnp.int32),
+      token=jnp.asarray(np.asarray(d.token), jnp.int32),
+      write_anchor=jnp.asarray(np.asarray(d.write_anchor), jnp.bool_),
+      new_cell=jnp.asarray(d.step_new_cell, jnp.bool_) if prog.use_new_cell else None,
+      zero_anchor=jnp.asarray(d.step_zero_anchor, jnp.bool_) if prog.use_zero_anchor else None,
+      op_offset=(jnp.asarray(np.pad(d.step_op_offset,
+                                    ((0, 0), (0, prog.width - prog.num_ops))), jnp.float32)
+                 if prog.use_op_offset else None))
+
+
 def _run(params: dict,
          decisions: Decisions,
          cfg: ControllerConfig,
@@ -344,196 +605,42 @@ def _run(params: dict,
   ``step_logits`` is ``[num_steps, max_choices]``, the final logits of each
   step (after temperature, tanh, locality prior and op offset; invalid
   choices, and every choice of an ANCHOR step, hold :data:`NEG_LOGIT`).
+  One ``lax.scan`` of :func:`_program_step` over the program's steps.
   """
   if (rng is None) == (forced_arc is None):
     raise ValueError("_run: give exactly one of rng (sample) or forced_arc (score).")
   validate_decisions(decisions)
   d = decisions
-  s = int(cfg.lstm_size)
-  width = d.max_choices
-  num_nodes, num_ops = int(d.num_nodes), int(d.num_ops)
+  prog = _Program.of(d, cfg)
   sampling = rng is not None
   if not sampling:
     forced_arc = jnp.asarray(forced_arc).astype(jnp.int32)
     if forced_arc.shape != (d.arc_length,):
       raise ValueError(
           f"controller: arc of shape {forced_arc.shape}, expected ({d.arc_length},).")
+  src = _Source(rng=rng, forced=None if sampling else jnp.pad(forced_arc, (0, prog.width)))
+  _check_params(params, prog)
 
-  # The forced arc, padded like the arc buffer so that a bit run can be sliced
-  # at any token position.
-  forced_buf = (jnp.pad(forced_arc, (0, width)) if not sampling else None)
-  w_lstm = params["w_lstm"]
-  g_emb = params["g_emb"][0]
-  choice_ids = jnp.arange(width, dtype=jnp.int32)
-
-  # Optional features, decided statically from the program and the config: a
-  # feature the program does not use is not traced at all.
-  new_cell = d.step_new_cell
-  zero_anchor = d.step_zero_anchor
-  op_offset = d.step_op_offset
-  use_new_cell = bool(new_cell.any())
-  use_zero_anchor = bool(zero_anchor.any())
-  use_op_offset = bool(np.any(op_offset != 0))
-  use_b_soft = d.op_bias_init is not None
-  micro_pointers = d.pointer_style == "micro"
-  use_locality = bool(cfg.locality_prior) and not micro_pointers
-  op_tanh_reduce = float(cfg.op_tanh_reduce)
-  tie_op_logits = bool(cfg.tie_op_logits)
-  if not tie_op_logits and "w_soft" not in params:
-    raise ValueError(
-        "controller: the parameters have no 'w_soft' (they were built with tie_op_logits=True); "
-        "use the same controller config (controller.tie_op_logits) to init and to run.")
-  if use_b_soft and "b_soft" not in params:
-    raise ValueError(
-        "controller: this decision program has a learned op bias (op_bias_init) but the "
-        "parameters have no 'b_soft'; build them with controller.init for this program.")
-
-  def step(carry, xs):
-    c, h, x, anchors, anchor_w, arc, log_prob, ent_s, ent_f = carry
-    t, kind, node, num_choices, token, write_anchor = xs["base"]
-    is_op = kind == OP
-    is_ptr = kind == POINTER
-    is_bits = kind == BITS
-    is_decision = jnp.logical_or(is_op, is_ptr)
-
-    # 1. LSTM step; the state is carried through every step, anchors included
-    # (melodyguan commit 2d0cd4b fixed an earlier version that did not).
-    c, h = _lstm_stack(w_lstm, x, c, h)
-    top = h[-1]
-
-    # 2. Store the anchor before computing a pointer at the same step: the
-    # current node's own slot is masked anyway (only j < i is valid). A new
-    # cell starts from fresh (zero) anchors; a zero-anchor step stores zeros
-    # but keeps its attention key.
-    if use_new_cell:
-      anchors = jnp.where(xs["new_cell"], 0.0, anchors)
-      anchor_w = jnp.where(xs["new_cell"], 0.0, anchor_w)
-    stored = top
-    if use_zero_anchor:
-      stored = jnp.where(xs["zero_anchor"], 0.0, top)
-    anchors = anchors.at[node].set(jnp.where(write_anchor, stored, anchors[node]))
-    anchor_w = anchor_w.at[node].set(
-        jnp.where(write_anchor, top @ params["w_attn_1"], anchor_w[node]))
-
-    # 3. Both heads are computed and one selected: the controller must stay
-    # free of lax.switch so that vmap over keys/arcs stays a plain batch.
-    op_raw = top @ (params["w_emb"].T if tie_op_logits else params["w_soft"])
-    if use_b_soft:
-      op_raw = op_raw + params["b_soft"][0]
-    op_logits = _pad(op_raw, width)
-    query = top @ params["w_attn_2"]
-    ptr_logits = _pad((jnp.tanh(anchor_w + query) @ params["v_attn"])[:, 0], width)
-    logits = jnp.where(jnp.logical_or(is_ptr, is_bits), ptr_logits, op_logits)
-    if cfg.use_temperature:
-      logits = logits / float(cfg.temperature)
-    if cfg.use_tanh:
-      tanh_c = float(cfg.tanh_constant)
-      if op_tanh_reduce != 1.0:
-        tanh_c = jnp.where(is_op, tanh_c / op_tanh_reduce, tanh_c)
-      logits = tanh_c * jnp.tanh(logits)
-    if use_locality:
-      dist = (node - choice_ids).astype(jnp.float32)
-      logits = jnp.where(is_ptr, logits - dist * dist / 6.0, logits)
-    if use_op_offset:
-      logits = jnp.where(is_op, logits + xs["op_offset"], logits)
-    # Skip bits (BITS steps): bit j ~ Bernoulli(sigmoid(2 q'_j)) for j < num_choices,
-    # q' the attention score after temperature and tanh (the original's 2-way
-    # softmax over [-q', q']).
-    bit_valid = jnp.logical_and(choice_ids < num_choices, is_bits)
-    bit_q = logits
-    log_p1, log_p0 = jax.nn.log_sigmoid(2.0 * bit_q), jax.nn.log_sigmoid(-2.0 * bit_q)
-    if sampling:
-      u = jax.random.uniform(jax.random.fold_in(rng, t), (width,))
-      bits = (u < jnp.exp(log_p1)).astype(jnp.int32)
-    else:
-      bits = jax.lax.dynamic_slice(forced_buf, (jnp.maximum(token, 0),), (width,))
-    bits = jnp.where(bit_valid, bits, 0)
-    lp_bits = jnp.where(bits == 1, log_p1, jnp.where(bits == 0, log_p0, NEG_LOGIT))
-    lp_bits = jnp.sum(jnp.where(bit_valid, lp_bits, 0.0))
-    p1 = jnp.exp(log_p1)
-    ent_bits_full = -jnp.sum(jnp.where(bit_valid, p1 * log_p1 + (1 - p1) * log_p0, 0.0))
-    lp_each = jnp.where(bits == 1, log_p1, log_p0)
-    ent_bits_s = -jnp.sum(jnp.where(bit_valid, jnp.exp(lp_each) * lp_each, 0.0))
-    bit_logits = jnp.where(bit_valid, bit_q, NEG_LOGIT)
-
-    valid = jnp.logical_and(choice_ids < num_choices, is_decision)
-    logits = jnp.where(valid, logits, NEG_LOGIT)
-
-    log_p = jax.nn.log_softmax(logits)
-    tok = jnp.maximum(token, 0)  # ANCHOR steps have token -1
-    if sampling:
-      choice = jax.random.categorical(jax.random.fold_in(rng, t), logits).astype(jnp.int32)
-    else:
-      choice = forced_buf[tok]
-    # Gathers clamp indices, so an invalid (forced) choice cannot read outside a
-    # buffer; it is scored NEG_LOGIT explicitly, since a clamped index could land
-    # on a valid choice.
-    in_range = jnp.logical_and(choice >= 0, choice < num_choices)
-    lp_choice = jnp.where(in_range, log_p[jnp.clip(choice, 0, width - 1)], NEG_LOGIT)
-    p_all = jnp.exp(log_p)
-    # where(), not a product with a mask: masked entries must contribute exactly
-    # 0 to the entropy, and the ANCHOR step (all masked) must contribute nothing.
-    full = -jnp.sum(jnp.where(valid, p_all * log_p, 0.0))
-    log_prob = log_prob + jnp.where(is_decision, lp_choice, 0.0) + lp_bits
-    ent_s = ent_s + jnp.where(is_decision, -jnp.exp(lp_choice) * lp_choice, 0.0) + ent_bits_s
-    ent_f = ent_f + jnp.where(is_decision, full, 0.0) + ent_bits_full
-    arc = arc.at[tok].set(jnp.where(is_decision, choice, arc[tok]))
-    # The bit run [tok, tok + width) of the padded arc buffer; untouched where invalid.
-    old = jax.lax.dynamic_slice(arc, (tok,), (width,))
-    arc = jax.lax.dynamic_update_slice(arc, jnp.where(bit_valid, bits, old), (tok,))
-
-    # Next input.
-    emb = params["w_emb"][jnp.clip(choice, 0, num_ops - 1)]
-    j = jnp.clip(choice, 0, num_nodes - 1)
-    if micro_pointers:
-      ptr_in = anchors[j]
-    else:
-      denom = jnp.where(is_ptr, 0.1 + (node - j).astype(jnp.float32), 1.0)
-      ptr_in = anchors[j] / denom
-    # After skip bits: the mean of the chosen earlier anchors, (bits . anchors) /
-    # (1 + #skips); with no bits to choose (the first layer), g_emb.
-    bitsf = bits[:num_nodes].astype(jnp.float32)
-    skip_in = (bitsf @ anchors) / (1.0 + bitsf.sum())
-    x = jnp.where(is_op, emb, jnp.where(is_ptr, ptr_in, g_emb))
-    x = jnp.where(jnp.logical_and(is_bits, num_choices > 0), skip_in, x)
-    out_logits = jnp.where(is_bits, bit_logits, logits)
-    return (c, h, x, anchors, anchor_w, arc, log_prob, ent_s, ent_f), out_logits
-
-  layers = int(cfg.lstm_layers)
+  s, layers = int(cfg.lstm_size), int(cfg.lstm_layers)
   zero = jnp.zeros((), jnp.float32)
-  carry0 = (
-      jnp.zeros((layers, s), jnp.float32),
-      jnp.zeros((layers, s), jnp.float32),
-      g_emb,
-      jnp.zeros((num_nodes, s), jnp.float32),
-      jnp.zeros((num_nodes, s), jnp.float32),
-      jnp.zeros((d.arc_length + width,), jnp.int32),  # padded: bit runs never clip
-      zero, zero, zero,
-  )
-  xs = {"base": (
-      jnp.arange(d.num_steps, dtype=jnp.int32),
-      jnp.asarray(np.asarray(d.kind), jnp.int32),
-      jnp.asarray(np.asarray(d.node), jnp.int32),
-      jnp.asarray(np.asarray(d.num_choices), jnp.int32),
-      jnp.asarray(np.asarray(d.token), jnp.int32),
-      jnp.asarray(np.asarray(d.write_anchor), jnp.bool_),
-  )}
-  if use_new_cell:
-    xs["new_cell"] = jnp.asarray(new_cell, jnp.bool_)
-  if use_zero_anchor:
-    xs["zero_anchor"] = jnp.asarray(zero_anchor, jnp.bool_)
-  if use_op_offset:
-    xs["op_offset"] = jnp.asarray(np.pad(op_offset, ((0, 0), (0, width - num_ops))),
-                                  jnp.float32)
-  carry, step_logits = jax.lax.scan(step, carry0, xs)
-  _, _, _, _, _, arc, log_prob, ent_s, ent_f = carry
-  arc = arc[:d.arc_length]
+  carry0 = _Carry(
+      c=jnp.zeros((layers, s), jnp.float32),
+      h=jnp.zeros((layers, s), jnp.float32),
+      x=params["g_emb"][0],
+      anchors=jnp.zeros((prog.num_nodes, s), jnp.float32),
+      anchor_w=jnp.zeros((prog.num_nodes, s), jnp.float32),
+      arc=jnp.zeros((d.arc_length + prog.width,), jnp.int32),
+      log_prob=zero, ent_sampled=zero, ent_full=zero)
+  carry, step_logits = jax.lax.scan(
+      functools.partial(_program_step, params, prog, src), carry0, _steps(d, prog))
+  arc = carry.arc[:d.arc_length]
+  log_prob = carry.log_prob
   fixed = _fixed_tokens(d)
   if fixed and not sampling:  # sampled arcs hold 0 there (the buffer starts at 0)
     off = jnp.asarray(fixed, jnp.int32)
     log_prob = log_prob + jnp.sum(jnp.where(forced_arc[off] != 0, NEG_LOGIT, 0.0))
-  ent_s = jax.lax.stop_gradient(ent_s)
-  ent_f = jax.lax.stop_gradient(ent_f)
+  ent_s = jax.lax.stop_gradient(carry.ent_sampled)
+  ent_f = jax.lax.stop_gradient(carry.ent_full)
   out = {
       "arc": arc,
       "log_prob": log_prob,
