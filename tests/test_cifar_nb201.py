@@ -24,7 +24,7 @@ EVERY_OP = np.asarray([0, 2, 3, 1, 4, 3], np.int32)
 
 
 def _images(seed=1):
-  return jax.random.normal(jax.random.key(seed), (N_IMG, HW, HW, 3), jnp.float32)
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(N_IMG, HW, HW, 3)), jnp.float32)
 
 
 def _labels():
@@ -119,6 +119,21 @@ def _loss(cfg, shared):
 
 
 _SHARED = {}
+_INIT = {}
+
+
+def _cfg(mode):
+  return ch.NB201ChildConfig(**TINY, op_select=mode, kernels="cpu" if mode == "switch" else "xla")
+
+
+def _init_shared(cfg):
+  """``init_shared`` as one compile (eagerly, each weight's draw compiles on its
+  own) on an "rbg" key: XLA:CPU compiles the 51 threefry draws of the default
+  key for over a minute, the RngBitGenerator ones in seconds. Any weights do
+  here; kept per config for the module."""
+  if cfg not in _INIT:
+    _INIT[cfg] = jax.jit(lambda k: ch.init_shared(k, cfg))(jax.random.key(0, impl="rbg"))
+  return _INIT[cfg]
 
 
 def _shared(mode):
@@ -127,8 +142,8 @@ def _shared(mode):
   if mode not in _SHARED:
     arcs = [EVERY_OP]  # every op, a zero node (a random arc would cost a fixed compile)
     x = _images()
-    cfg = ch.NB201ChildConfig(**TINY, op_select=mode, kernels="cpu" if mode == "switch" else "xla")
-    params, stats = ch.init_shared(jax.random.key(0), cfg)
+    cfg = _cfg(mode)
+    params, stats = _init_shared(cfg)
     f = jax.jit(jax.value_and_grad(_loss(cfg, True), has_aux=True))
     _SHARED[mode] = {"arcs": arcs, "x": x, "cfg": cfg, "params": params, "stats": stats, "f": f,
                      "res": [f(params, stats, jnp.asarray(a), x) for a in arcs]}
@@ -176,10 +191,12 @@ def test_shared_in_evaluation_mode_equals_fixed():
   stats = r["res"][0][0][1][1]
   params = r["params"]
   for arc in r["arcs"]:
-    logits_s, _, same = ch.apply_shared(params, stats, jnp.asarray(arc), x, train=False,
-                                        key=None, cfg=cfg)
+    # Jitted: two compiles (eagerly, ~70 small ones).
+    logits_s, _, same = jax.jit(lambda p, s, a: ch.apply_shared(
+        p, s, a, x, train=False, key=None, cfg=cfg))(params, stats, jnp.asarray(arc))
     fp, fs = ch.fixed_from_shared(params, stats, arc, cfg)
-    logits_f, _, _ = ch.apply_fixed(fp, fs, arc, x, train=False, key=None, cfg=cfg)
+    logits_f, _, _ = jax.jit(lambda p, s: ch.apply_fixed(
+        p, s, arc, x, train=False, key=None, cfg=cfg))(fp, fs)
     np.testing.assert_allclose(logits_s, logits_f, rtol=1e-4, atol=1e-5)
     jax.tree.map(np.testing.assert_array_equal, same, stats)  # nothing moves
 
@@ -232,8 +249,8 @@ def test_child_config_errors():
     ch.NB201ChildConfig(num_nodes=1)
   with pytest.raises(ValueError, match="remat must be 'none' or 'cells'"):
     ch.NB201ChildConfig(remat="layers")
-  cfg = ch.NB201ChildConfig(**TINY)
-  params, stats = ch.init_shared(jax.random.key(0), cfg)
+  cfg = _cfg("switch")
+  params, stats = _init_shared(cfg)
   with pytest.raises(ValueError, match="shape \\(6,\\)"):
     ch.apply_shared(params, stats, jnp.zeros((5,), jnp.int32), _images(), train=True,
                     key=None, cfg=cfg)

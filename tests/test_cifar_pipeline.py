@@ -1,6 +1,7 @@
 """CIFAR end to end (macro and micro): search -> derive -> final, resume equals
 an uninterrupted run, the random-search baseline, metrics, bad input."""
 
+import contextlib
 import json
 import os
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_cifar_config
+from enas_jax import checkpoint as ckpt_lib
 from enas_jax import metrics as metrics_lib
 from enas_jax.train import run as run_lib
 
@@ -15,6 +17,27 @@ from enas_jax.train import run as run_lib
 def _read(path):
   with open(path) as f:
     return f.read()
+
+
+class _Interrupted(Exception):
+  pass
+
+
+@contextlib.contextmanager
+def _stop_after_search_epoch(epoch):
+  """Raises :class:`_Interrupted` once the search's ``epoch`` checkpoint is committed."""
+  save = ckpt_lib.Checkpointer.save
+
+  def save_then_stop(self, step, state, meta=None):
+    save(self, step, state, meta)
+    if (meta or {}).get("stage") == "search" and (meta or {}).get("epoch") == epoch:
+      raise _Interrupted(step)
+
+  ckpt_lib.Checkpointer.save = save_then_stop
+  try:
+    yield
+  finally:
+    ckpt_lib.Checkpointer.save = save
 
 
 @pytest.mark.parametrize("space", [
@@ -34,9 +57,14 @@ def test_search_derive_final_then_resume_matches_uninterrupted(tmp_path, space):
   final = out_full["final"]
   assert 0.0 <= final["test_acc"] <= 1.0 and final["num_params"] > 0
 
+  # Interrupted: the same command stopped right after its epoch-1 checkpoint (the
+  # same compiled programs: a run with num_epochs=1 would bake in another
+  # schedule length and compile its child step again), then rerun.
   part = str(tmp_path / "part")
-  run_lib.run(tiny_cifar_config(space, **{"search.num_epochs": 1,
-                                          "search.then_final": False}), part)
+  with pytest.raises(_Interrupted):
+    with _stop_after_search_epoch(1):
+      run_lib.run(tiny_cifar_config(space), part)
+  assert not os.path.exists(os.path.join(part, "best_arc.txt"))
   out_part = run_lib.run(tiny_cifar_config(space), part)
   assert _read(os.path.join(part, "arcs.jsonl")) == _read(os.path.join(full, "arcs.jsonl"))
   np.testing.assert_allclose(out_part["final"]["test_acc"], final["test_acc"], atol=1e-6)
@@ -120,7 +148,7 @@ def test_l2_penalty_leaves_out_the_micro_aux_head():
   params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
   total = sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(params))
   aux = sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(params["aux"]))
-  np.testing.assert_allclose(float(l2_penalty(params)), total - aux, rtol=1e-5)
-  g = jax.grad(l2_penalty)(params)
+  value, g = jax.jit(jax.value_and_grad(l2_penalty))(params)  # one compile (eager: ~150)
+  np.testing.assert_allclose(float(value), total - aux, rtol=1e-5)
   assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(g["aux"]))
   np.testing.assert_allclose(g["stem"]["w"], 2 * params["stem"]["w"], rtol=1e-6)
