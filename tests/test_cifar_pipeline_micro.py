@@ -1,0 +1,17 @@
+"""The micro space end to end: search -> derive -> final on a tiny config (its
+resume is the slow variant in test_cifar_pipeline.py). A file of its own: with
+the suite's one-file-per-worker scheduling it runs beside the macro pipeline."""
+
+from conftest import tiny_cifar_config
+from enas_jax import metrics as metrics_lib
+from enas_jax.train import run as run_lib
+
+
+def test_micro_search_derive_final(tmp_path):
+  """Search, derive and final training of the micro space."""
+  out = run_lib.run(tiny_cifar_config("cifar_micro", **{"search.num_epochs": 1}),
+                    str(tmp_path))
+  assert 0.0 <= out["final"]["test_acc"] <= 1.0
+  assert len(out["best_arc"].split()) == 8  # one node per cell in the tiny config
+  names = set().union(*metrics_lib.read_metrics(str(tmp_path)))
+  assert {"child/acc", "controller/reward", "controller/entropy", "valid/acc"} <= names
