@@ -193,14 +193,18 @@ def _base() -> ml_collections.ConfigDict:
   # seed 100 (batch 20); paper 150.
   c.search.num_epochs = 600
   c.search.steps_per_dispatch = 50  # child steps per jitted call (host syncs only between calls)
-  c.search.valid_windows = 0  # validation windows per epoch (0 = all: 16 of 128x35 on PTB)
+  # Validation batches per epoch; a PTB batch is one eval_batch_size x bptt window,
+  # each from a zero state (0 = all: 16 of 128x35 on PTB).
+  c.search.valid_batches = 0
   # search.final_recipe here: the final variant's data.batch_size 64, random_bptt,
   # child.hidden_size 800, the final dropouts, weight_decay_mode l2, grad_clip
   # 0.25, ...; its space is the search's (the derived arc's). Override e.g.
   # --config.search.final_recipe.child.hidden_size=400.
 
   # ---------------------------------------------------------------- derive
-  c.derive.valid_windows = 0  # validation windows per arc, state carried (0 = all)
+  # Validation batches (eval_batch_size x bptt windows) per scored arc, the state
+  # carried across them (0 = all).
+  c.derive.valid_batches = 0
 
   # ----------------------------------------------------------------- final
   # Nominal epochs: the budget is num_epochs x (windows of length bptt per pass)
@@ -214,7 +218,7 @@ def _base() -> ml_collections.ConfigDict:
   c.final.average = True
   c.final.average_nonmono = 10  # corrected 10
   c.final.steps_per_dispatch = 50  # training steps per jitted call
-  c.final.valid_windows = 0  # 0 = all validation windows, state carried
+  c.final.valid_batches = 0  # validation batches (bptt windows, state carried) per epoch; 0 = all
   c.final.test_batch_size = 1  # corrected: test at batch 1, bptt 1, state carried
   c.final.test_bptt = 1  # window length of the test pass (state carried across windows)
   return c
@@ -279,9 +283,9 @@ def _smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.search.steps_per_dispatch = 25
   c.search.then_final = True
   c.derive.num_samples = 10
-  c.derive.valid_windows = 8
+  c.derive.valid_batches = 8
   c.final.num_epochs = 8
-  c.final.valid_windows = 0
+  c.final.valid_batches = 0
   c.final.test_batch_size = 1
   c.final.test_bptt = 1
   c.log_every = 25

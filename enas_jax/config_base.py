@@ -48,6 +48,10 @@ def common(name: str) -> ml_collections.ConfigDict:
   c.search.controller_start_epoch = 1
   c.search.steps_per_dispatch = 10  # child steps per jitted call (host syncs only between calls)
   c.search.then_final = False  # after derive, train the best arc from scratch in <workdir>/final
+  # Validation batches per epoch (0 = all). A batch: eval_batch_size images
+  # (CIFAR), or one eval_batch_size x bptt window (PTB). Set per space: cifar()
+  # below, configs/ptb.py.
+  c.search.valid_batches = 0
   # The final stage's recipe (then_final), filled by the search variant: the final
   # variant's values where they differ from the search's (each config lists its
   # own). The final stage takes these, the final section, and every other field
@@ -63,11 +67,13 @@ def common(name: str) -> ml_collections.ConfigDict:
   # several, keep the best on a validation minibatch); 100 as the PyTorch ports.
   c.derive.num_samples = 100
   c.derive.batch = 10  # arcs scored per jitted call
+  c.derive.valid_batches = 0  # validation batches per scored arc (0 = all); set per space
 
   # ----------------------------------------------------------------- final
   c.final = ml_collections.ConfigDict()
   c.final.num_epochs = 310  # set per config (scripts 310 macro, 630 micro)
   c.final.steps_per_dispatch = 10  # training steps per jitted call
+  c.final.valid_batches = 0  # validation batches per epoch (0 = all); set per space
 
   # --------------------------------------------------------------- logging
   # Child steps between metric lines, rounded to whole dispatches (all scripts: 50).

@@ -52,8 +52,8 @@ KILL_OVERRIDES = {
     "data.bptt": 6, "space.num_nodes": 4, "child.hidden_size": 8, "controller.lstm_size": 8,
     "controller.train_steps": 2, "controller.num_aggregate": 2, "search.num_epochs": 2,
     "search.steps_per_dispatch": 10, "search.then_final": True, "derive.num_samples": 3,
-    "derive.valid_windows": 3, "derive.batch": 2, "final.num_epochs": 1,
-    "final.valid_windows": 4, "final.test_batch_size": 2, "final.test_bptt": 5,
+    "derive.valid_batches": 3, "derive.batch": 2, "final.num_epochs": 1,
+    "final.valid_batches": 4, "final.test_batch_size": 2, "final.test_bptt": 5,
     "final.steps_per_dispatch": 10, "log_every": 10, "checkpoint_every": 20,
     "tensorboard": False,
 }

@@ -109,7 +109,7 @@ def test_averaging_is_the_uniform_mean_of_iterates_since_start():
 def test_fixed_valid_carries_state_across_windows():
   task, _ = _task()
   params = pc.init_fixed(jax.random.key(0), task.cc)
-  E = task.num_valid_windows
+  E = task.num_valid_batches
   carried = float(task.make_fixed_valid(ARC)(params))
   # One compile for every window (eager: ~10x slower).
   ce_fn = jax.jit(lambda p, col, h: lm_lib.window_ce(task, task.data, p, ARC, col, h, static=True))

@@ -22,8 +22,8 @@ FLAGS = [
     "--config.child.hidden_size=8", "--config.controller.lstm_size=8",
     "--config.controller.train_steps=2", "--config.controller.num_aggregate=2",
     "--config.search.num_epochs=1", "--config.search.steps_per_dispatch=40",
-    "--config.derive.num_samples=3", "--config.derive.valid_windows=3", "--config.derive.batch=2",
-    "--config.final.num_epochs=1", "--config.final.valid_windows=4",
+    "--config.derive.num_samples=3", "--config.derive.valid_batches=3", "--config.derive.batch=2",
+    "--config.final.num_epochs=1", "--config.final.valid_batches=4",
     "--config.final.test_batch_size=2", "--config.final.test_bptt=5", "--config.log_every=20",
     "--config.tensorboard=False",
 ]

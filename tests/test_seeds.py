@@ -215,8 +215,8 @@ def test_cli_end_to_end(tmp_path, request):
           "--config.data.bptt=6", "--config.space.num_nodes=4", "--config.child.hidden_size=8",
           "--config.controller.lstm_size=8", "--config.controller.train_steps=2",
           "--config.controller.num_aggregate=2", "--config.search.num_epochs=1",
-          "--config.derive.num_samples=3", "--config.derive.valid_windows=3",
-          "--config.final.num_epochs=1", "--config.final.valid_windows=4",
+          "--config.derive.num_samples=3", "--config.derive.valid_batches=3",
+          "--config.final.num_epochs=1", "--config.final.valid_batches=4",
           "--config.final.test_batch_size=2", "--config.final.test_bptt=5",
           "--config.tensorboard=False"]
   r = _seeds_cli("--config=configs/ptb.py:smoke", "--num_seeds=1", f"--workdir={tmp_path}",

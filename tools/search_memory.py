@@ -69,7 +69,7 @@ def main(argv):
   import jax
   import jax.numpy as jnp
 
-  from enas_jax import memory, parallel
+  from enas_jax import aot, memory, parallel
   from enas_jax.train.image import ImageTask
   from enas_jax.train.run import build_space, resolve_arc
 
@@ -83,13 +83,13 @@ def main(argv):
   task = ImageTask(config, benchmark.synthetic_images(int(config.data.batch_size) * 4), mesh,
                    shared=arc is None, arc=arc)
   row = "final" if arc is not None else "shared"
-  chunk, ctrl_params = benchmark._chunk_for_row(task, space, row, arc, config, mesh)
+  chunk, ctrl_params = aot.chunk_for_row(task, space, row, arc, config, mesh)
   out["rss_task_mb"] = round(_rss_mb())
   state = task.init_child(jax.random.key(0))
   jax.block_until_ready(state)
   out["rss_child_state_mb"] = round(_rss_mb())
-  out["weight_tensors"] = len(jax.tree.leaves(state["params"]))
-  arrays, key = task.__dict__["data_arrays"], jax.random.key(3)
+  out["weight_tensors"] = len(jax.tree.leaves(state.params))
+  arrays, key = task.data, jax.random.key(3)
   sampler.reset()
   t0 = time.perf_counter()
   compiled = chunk.jitted.lower(arrays, state, ctrl_params, key, jnp.int32(1)).compile()
@@ -99,7 +99,8 @@ def main(argv):
   m = compiled.memory_analysis()
   for name in ("temp", "argument", "output"):
     out[f"{name}_mb"] = round(getattr(m, f"{name}_size_in_bytes") / 2**20, 1)
-  n = int(config.search.steps_per_dispatch if arc is None else config.final.steps_per_dispatch)
+  s = task.settings
+  n = (s.search if arc is None else s.final).steps_per_dispatch
   for _ in range(_CHUNKS.value):
     state, acc = compiled(arrays, state, ctrl_params, key, jnp.int32(n))
     jax.block_until_ready(acc)

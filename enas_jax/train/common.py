@@ -44,9 +44,15 @@ LEGACY_VALUES = {
     "controller.node1_input": lambda v: v == "act_emb",
     "child.compute_dtype": _resolves_to_float32,  # every run before it was float32
 }
-# Renamed fields: old name -> (new name, old value -> the equivalent new value).
+# Renamed fields: old name -> (new name, old value -> the equivalent new value;
+# None: the value passes through unchanged). A workdir recorded under the old
+# name resumes when the equivalent value is this run's.
 RENAMED_FIELDS = {
     "child.conv_impl": ("child.kernels", {"auto": "auto", "custom": "cpu"}),
+    # PTB's validation windows are the one concept "validation batches" (issue 17).
+    "search.valid_windows": ("search.valid_batches", None),
+    "derive.valid_windows": ("derive.valid_batches", None),
+    "final.valid_windows": ("final.valid_batches", None),
 }
 
 
@@ -54,10 +60,13 @@ def _config_diff(old: dict, new: dict) -> list[str]:
   """The fields that keep a run recorded as ``old`` from resuming as ``new``
   (flattened dicts), each as a line for the error message."""
   old = dict(old)
+  recorded_as = {}  # new name -> the old name the workdir recorded it under
   for name, (new_name, mapping) in RENAMED_FIELDS.items():
     if name in old and new_name not in old and name not in new:
       value = old.pop(name)
-      old[new_name] = mapping.get(value, f"{name}={value!r} (no equivalent)")
+      old[new_name] = value if mapping is None else mapping.get(
+          value, f"{name}={value!r} (no equivalent)")
+      recorded_as[new_name] = name
   lines = []
   for k in sorted(set(old) | set(new)):
     if k in RESUMABLE_FIELDS or k.startswith(RESUMABLE_PREFIXES) or old.get(k) == new.get(k):
@@ -68,7 +77,8 @@ def _config_diff(old: dict, new: dict) -> list[str]:
       lines.append(f"  {k}: the workdir's run predates this field (it computed as the "
                    f"older default does), this run has {new.get(k)!r}")
       continue
-    lines.append(f"  {k}: workdir has {old.get(k)!r}, this run has {new.get(k)!r}")
+    was = f" (recorded as {recorded_as[k]})" if k in recorded_as else ""
+    lines.append(f"  {k}: workdir has {old.get(k)!r}{was}, this run has {new.get(k)!r}")
   return lines
 
 

@@ -14,26 +14,35 @@ import numpy as np
 from enas_jax import metrics as metrics_lib
 from enas_jax.train import common
 from enas_jax.train.search import better, open_run_state, run_child_epoch_part, worst
+from enas_jax.train.settings import RunSettings, settings_for
 from enas_jax.train.state import FinalState
 
 log = common.log
 
 
 class FinalSetup:
-  """A fixed arc's jitted train chunk, validation and test (notebook entry point)."""
+  """A fixed arc's jitted train chunk, validation and test (notebook entry point).
 
-  def __init__(self, config, space, task, arc):
+  ``settings``: the typed loop settings (defaults to the task's when it was
+  built from ``config``, else read from ``config``).
+  """
+
+  def __init__(self, config, space, task, arc, *, settings: RunSettings | None = None):
     self.config, self.space, self.task = config, space, task
+    self.settings = settings_for(config, task, settings)
     self.arc = space.validate(arc)
     self.child_chunk = task.make_train_chunk(arc_static=self.arc)
-    f = config.final
+    f = self.settings.final
     # Images: valid may be absent (final training on all 50,000 images).
-    self.valid = task.make_fixed_valid(self.arc, int(f[task.valid_units_field]))
+    self.valid = task.make_fixed_valid(self.arc, f.valid_batches)
     if task.metric == "ppl":
-      self.test = task.make_test_eval(self.arc, int(f.test_batch_size), int(f.test_bptt))
+      if f.test_batch_size is None or f.test_bptt is None:
+        raise ValueError("final.test_batch_size and final.test_bptt are needed by the PTB "
+                         "test pass; build the config from configs/ptb.py.")
+      self.test = task.make_test_eval(self.arc, f.test_batch_size, f.test_bptt)
     else:
       self.test = task.make_test_eval(self.arc)
-    root = jax.random.key(int(config.seed))
+    root = jax.random.key(self.settings.seed)
     self.keys = {n: jax.random.fold_in(root, 100 + i) for i, n in enumerate(("child_init", "child"))}
 
   def init_state(self) -> FinalState:
@@ -71,9 +80,9 @@ def should_start_averaging(history: list[float], ppl: float, nonmono: int) -> bo
 
 def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
   """Trains (or resumes, or with ``eval_only`` only evaluates) the fixed arc."""
-  config, task = setup.config, setup.task
+  s, task = setup.settings, setup.task
   ckpt, state, resumed = open_run_state(setup, workdir, "final training")
-  if not resumed and config.eval_only:
+  if not resumed and s.eval_only:
     raise FileNotFoundError(
         f"eval_only: no checkpoint under {os.path.join(workdir, 'checkpoints')}; "
         f"train first (same command without --config.eval_only) or pass the run's --workdir.")
@@ -81,12 +90,12 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
   if common.is_main_process():
     print(f"final training of arc {setup.space.format(setup.arc)} "
           f"({num_params:,} parameters)", flush=True)
-  num_epochs = int(config.final.num_epochs)
+  num_epochs = s.final.num_epochs
   nb = task.num_batches
   budget = num_epochs * nb  # nominal epochs x windows of length bptt, as the corrected code counts
   progress = metrics_lib.Progress(budget, start_step=int(state.child.step),
                                   items_per_step=task.tokens_per_step, item_name=task.item_name)
-  while not config.eval_only:
+  while not s.eval_only:
     epoch, step = int(state.epochs_done), int(state.child.step)
     if task.random_bptt:
       # Passes over the data have a random number of steps; the run ends at the
@@ -99,7 +108,7 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
         break
       end = (epoch + 1) * nb
     state = run_child_epoch_part(setup, state, end, writer, progress, ckpt,
-                                 config, prefix="train", ctrl_params={})
+                                 prefix="train", ctrl_params={})
     step = int(state.child.step)
     if task.random_bptt and step >= budget and int(state.child.pos) != 0:
       break  # budget reached mid-pass: straight to the final evaluation
@@ -115,7 +124,7 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
     if avg is not None:
       ppl = watch
       hist = np.asarray(state.valid_history)[:epoch].tolist()
-      nonmono = int(config.final.average_nonmono)
+      nonmono = s.final.average_nonmono
       if not bool(avg["active"]) and should_start_averaging(hist, ppl, nonmono):
         state = state.replace(child=state.child.replace(avg=dict(avg, active=jnp.bool_(True))))
         if common.is_main_process():
@@ -140,8 +149,8 @@ def run_final(setup: FinalSetup, workdir: str, writer) -> dict:
   for k, v in m.items():
     result[k.replace("/", "_")] = v
   if task.metric == "ppl":
-    result.update(test_batch_size=int(config.final.test_batch_size),
-                  test_bptt=int(config.final.test_bptt), test_seconds=round(eval_s, 1),
+    result.update(test_batch_size=s.final.test_batch_size,
+                  test_bptt=s.final.test_bptt, test_seconds=round(eval_s, 1),
                   averaged=uses_average(state))
   else:
     result["eval_seconds"] = round(eval_s, 1)

@@ -164,22 +164,23 @@ class ImageTask(task_lib.Task):
   ``reward_x/_y`` all validation images (when there are any).
 
   Args:
-    config: the run's ConfigDict (sections ``data``, ``space``, ``child``, and
-      ``search`` or ``final`` for the epoch budget).
+    config: the run's ConfigDict (sections ``data``, ``space``, ``child``).
     images: an :class:`~enas_jax.data.cifar10.ImageData`.
     mesh: the device mesh; batches are sharded over its ``data`` axis.
     shared: True for the weight-shared search child, False for a fixed child.
     arc: the fixed child's arc (numpy), when ``shared`` is False.
+    settings: the run's typed loop settings (``search`` or ``final`` epochs: the
+      epoch budget); read from ``config`` when not given.
   """
 
   metric = "acc"  # the validation metric (higher is better)
   higher_is_better = True
   item_name = "images"
   SUM_KEYS = ("loss", "ce", "acc", "grad_norm", "lr")
-  valid_units_field = "valid_batches"
 
-  def __init__(self, config, images: cifar_data.ImageData, mesh, *, shared: bool, arc=None):
-    super().__init__(config, mesh, shared=shared)
+  def __init__(self, config, images: cifar_data.ImageData, mesh, *, shared: bool, arc=None,
+               settings=None):
+    super().__init__(config, mesh, shared=shared, settings=settings)
     compile_cache.enable(config=config)  # notebooks too; a user-set cache dir stays
     self.images = images
     d, c = config.data, config.child
@@ -201,10 +202,9 @@ class ImageTask(task_lib.Task):
     # Only spaces with an auxiliary head (micro) have child.use_aux_heads and aux_weight.
     self.aux_weight = float(c.aux_weight) if "use_aux_heads" in c and c.use_aux_heads else 0.0
     self.l2_reg = float(c.l2_reg)
-    section = config.search if shared else config.final
-    self.num_epochs = int(section.num_epochs)
+    self.num_epochs = (self.settings.search if shared else self.settings.final).num_epochs
     self.total_steps = max(1, self.num_epochs * self.num_batches)
-    self.data_seed = int(config.seed) + 7919  # the per-epoch permutations' key
+    self.data_seed = self.settings.seed + 7919  # the per-epoch permutations' key
     rep = self.replicated
     # Every process holds all training images (150 MB for CIFAR-10): the
     # in-jit sampler draws any of them. Jitted functions get them as arguments.
@@ -215,7 +215,6 @@ class ImageTask(task_lib.Task):
     # is left out and the count reported by eval_sizes).
     self.num_valid_batches = self._eval_split("valid", images.valid_x, images.valid_y)
     self.num_test_batches = self._eval_split("test", images.test_x, images.test_y)
-    self.num_valid_units = self.num_valid_batches
     # All validation images (eval batches may leave a remainder out): each reward
     # draws its minibatch from them afresh (reward_value).
     if images.num_valid:

@@ -46,20 +46,22 @@ class LMTask(task_lib.Task):
   """Static settings + device data for training and evaluating PTB children.
 
   Args:
-    config: the run's ConfigDict (sections ``data``, ``space``, ``child``, ``final``).
+    config: the run's ConfigDict (sections ``data``, ``space``, ``child``).
     corpus: a ``Corpus`` (train/valid/test token ids).
     mesh: the device mesh; batches are sharded over its ``data`` axis.
     shared: True for the weight-shared search child, False for a fixed child.
+    settings: the run's typed loop settings (``final.average``); read from
+      ``config`` when not given.
   """
 
   metric = "ppl"
   higher_is_better = False
   item_name = "tokens"
   SUM_KEYS = ("loss", "ce", "grad_norm")
-  valid_units_field = "valid_windows"
 
-  def __init__(self, config, corpus, mesh, *, shared: bool, train_split: str = "train"):
-    super().__init__(config, mesh, shared=shared)
+  def __init__(self, config, corpus, mesh, *, shared: bool, train_split: str = "train",
+               settings=None):
+    super().__init__(config, mesh, shared=shared, settings=settings)
     compile_cache.enable(config=config)  # notebooks too; a user-set cache dir stays
     self.cc = pc.ChildConfig.from_config(config)
     if corpus.vocab_size > self.cc.vocab_size:
@@ -87,9 +89,9 @@ class LMTask(task_lib.Task):
       # Pad each row so that a window of the largest bucket never runs off the
       # end (dynamic_slice would clamp the start and shift the window).
       train = np.pad(train, ((0, 0), (0, self.buckets[-1] + 1)))
-    self.average = bool(config.final.average) and not shared
-    self.num_valid_windows = ptb_data.num_windows(valid.shape[1], self.bptt)
-    self.num_valid_units = self.num_valid_windows
+    self.average = self.settings.final.average and not shared
+    # A validation batch is one eval_batch_size x bptt window.
+    self.num_valid_batches = ptb_data.num_windows(valid.shape[1], self.bptt)
     self.data = {"train": parallel.shard_batch(train, mesh),
                  "valid": parallel.shard_batch(valid, mesh)}
     self.corpus = corpus
@@ -232,10 +234,11 @@ class LMTask(task_lib.Task):
     """Perplexity over the first ``num`` windows, the state carried across them."""
     return jnp.exp(carried_ce(self, data, params, arc, num, static, batch_stats))
 
-  def make_fixed_valid(self, arc_static, num_windows: int = 0):
-    """Jitted ``(params, stats=None) -> ppl`` for a fixed arc, state carried."""
+  def make_fixed_valid(self, arc_static, num_batches: int = 0):
+    """Jitted ``(params, stats=None) -> ppl`` for a fixed arc over the first
+    ``num_batches`` validation windows (0 = all), state carried."""
     fn = functools.partial(_fixed_valid, self, np.asarray(arc_static, np.int32),
-                           self.num_units(num_windows))
+                           self.num_units(num_batches))
     return self.jit(fn)
 
   def make_test_eval(self, arc_static, batch_size: int, bptt: int):

@@ -18,6 +18,7 @@ from enas_jax.train.final import FinalSetup, run_final
 from enas_jax.train.image import ImageTask
 from enas_jax.train.lm import LMTask
 from enas_jax.train.search import SearchSetup, derive, run_search
+from enas_jax.train.settings import RunSettings
 
 log = common.log
 
@@ -92,11 +93,11 @@ def resolve_arc(config, space):
 TASKS = {"lm": LMTask, "image": ImageTask}
 
 
-def _make_task(config, data, mesh, *, shared: bool, arc=None):
+def _make_task(config, data, mesh, settings: RunSettings, *, shared: bool, arc=None):
   task = TASKS[spaces.entry(config.space.name).task]
   if task is ImageTask:
-    return ImageTask(config, data, mesh, shared=shared, arc=arc)
-  return task(config, data, mesh, shared=shared)
+    return ImageTask(config, data, mesh, shared=shared, arc=arc, settings=settings)
+  return task(config, data, mesh, shared=shared, settings=settings)
 
 
 def _with_arc(config, arc_text: str):
@@ -130,6 +131,9 @@ def run(config, workdir: str) -> dict:
   if config.mode not in ("search", "final"):
     raise ValueError(f"config.mode must be 'search' or 'final', got {config.mode!r}.")
   given = config  # as passed (unresolved): search.then_final builds its config from it
+  # The loop sections, read and checked once (a bad value fails before any work);
+  # the tasks and setups get these, not the ConfigDict's fields.
+  settings = RunSettings.from_config(config)
   parallel.maybe_initialize_distributed(config.distributed)
   mesh = parallel.make_mesh()
   space = build_space(config)
@@ -146,16 +150,17 @@ def run(config, workdir: str) -> dict:
   with metrics_lib.MetricWriter(workdir, enabled=common.is_main_process(),
                                 tensorboard=bool(config.tensorboard)) as writer:
     if config.mode == "search":
-      task = _make_task(config, data, mesh, shared=True)
-      setup = SearchSetup(config, space, task)
+      task = _make_task(config, data, mesh, settings, shared=True)
+      setup = SearchSetup(config, space, task, settings=settings)
       state = run_search(setup, workdir, writer)
       best, score = derive(setup, state, workdir, writer)
       out.update(best_arc=best)
       out[f"best_valid_{task.metric}"] = score
     else:
-      task = _make_task(config, data, mesh, shared=False, arc=arc)
-      out.update(run_final(FinalSetup(config, space, task, arc), workdir, writer))
-  if config.mode == "search" and config.search.then_final:
+      task = _make_task(config, data, mesh, settings, shared=False, arc=arc)
+      out.update(run_final(FinalSetup(config, space, task, arc, settings=settings), workdir,
+                           writer))
+  if config.mode == "search" and settings.search.then_final:
     del task, setup, state  # the search's device arrays are not needed any more
     out["final"] = _run_then_final(given, data, mesh, workdir, out["best_arc"])
   return out
@@ -197,6 +202,7 @@ def _run_then_final(config, data, mesh, workdir: str, best_arc: str) -> dict:
   config.json (unresolved, as the search's) makes a resume check it."""
   fdir = os.path.join(workdir, "final")
   fconfig = final_stage_config(config, best_arc)
+  fsettings = RunSettings.from_config(fconfig)
   before, after = (common.flatten(common.config_to_dict(c)) for c in (config, fconfig))
   changed = [f"{k} {before[k]!r} -> {after[k]!r}" for k in sorted(after)
              if k not in ("mode", "arc", "arc_file") and before.get(k) != after[k]]
@@ -210,7 +216,7 @@ def _run_then_final(config, data, mesh, workdir: str, best_arc: str) -> dict:
   if common.config_to_dict(fconfig.data) != common.config_to_dict(config.data):
     # e.g. CIFAR final training uses all 50,000 images (data.num_valid 0)
     data = load_data(fconfig)
-  task = _make_task(fconfig, data, mesh, shared=False, arc=arc)
+  task = _make_task(fconfig, data, mesh, fsettings, shared=False, arc=arc)
   with metrics_lib.MetricWriter(fdir, enabled=common.is_main_process(),
                                 tensorboard=bool(fconfig.tensorboard)) as writer:
-    return run_final(FinalSetup(fconfig, space, task, arc), fdir, writer)
+    return run_final(FinalSetup(fconfig, space, task, arc, settings=fsettings), fdir, writer)

@@ -29,6 +29,8 @@ from enas_jax import metrics as metrics_lib
 from enas_jax import parallel
 from enas_jax import reinforce
 from enas_jax.train import common
+from enas_jax.train import settings as settings_lib
+from enas_jax.train.settings import RunSettings
 from enas_jax.train.state import SearchState
 
 log = common.log
@@ -37,45 +39,39 @@ log = common.log
 class SearchSetup:
   """Everything a search needs, built once: the notebook entry point.
 
-  Attributes: ``space``, ``task``, ``ctrl_cfg``, ``decisions``, ``sample_arc``
+  Attributes: ``space``, ``task``, ``settings`` (the typed loop settings,
+  :class:`~enas_jax.train.settings.RunSettings`), ``controller`` (the typed
+  controller section, :class:`~enas_jax.reinforce.ControllerSettings`),
+  ``ctrl_cfg`` (its network config), ``decisions``, ``sample_arc``
   (``(ctrl_params, key) -> arc``, controller or uniform), ``child_chunk``
   (jitted child steps), ``controller_phase`` (jitted controller updates),
   ``search_valid`` (jitted validation), ``keys``.
+
+  ``config`` is read here once: ``settings`` defaults to the task's (built
+  from the same config), ``controller`` to ``config.controller``'s.
   """
 
-  def __init__(self, config, space, task):
+  def __init__(self, config, space, task, *, settings: RunSettings | None = None,
+               controller: reinforce.ControllerSettings | None = None):
     self.config, self.space, self.task = config, space, task
+    self.settings = settings_lib.settings_for(config, task, settings)
     self.decisions = space.decisions
-    self.ctrl_cfg = ctrl.ControllerConfig.from_config(config.controller)
-    cc = config.controller
-    self.optimizer = reinforce.make_optimizer(float(cc.lr), b1=float(cc.adam_b1),
-                                              eps=float(cc.adam_eps),
-                                              form=str(cc.adam_form))
-    sampler = config.search.sampler
-    if sampler == "controller":
+    self.controller = (controller if controller is not None
+                       else reinforce.ControllerSettings.from_config(config.controller))
+    self.ctrl_cfg = self.controller.net
+    self.optimizer = self.controller.optimizer()
+    if self.settings.search.sampler == "controller":
       self.sample_arc = lambda p, k: ctrl.sample(p, k, self.decisions, self.ctrl_cfg)["arc"]
-    elif sampler == "uniform":
+    else:  # "uniform" (SearchSettings checks the name)
       self.sample_arc = lambda p, k: space.sample_uniform(k)
-    else:
-      raise ValueError(f"search.sampler must be 'controller' or 'uniform', got {sampler!r}.")
     self.child_chunk = task.make_train_chunk(self.sample_arc)
     self.sample_one = jax.jit(self.sample_arc)  # one arc on the host side (logs)
-    extra = None
-    # The macro space's skip penalty (KL); configs of spaces without skip
-    # decisions (PTB) have no skip_weight field.
-    if "skip_weight" in cc and float(cc.skip_weight) > 0:
-      extra = reinforce.make_skip_penalty(self.decisions, self.ctrl_cfg,
-                                          skip_target=float(cc.skip_target),
-                                          skip_weight=float(cc.skip_weight))
-    phase = reinforce.make_train_phase(
-        self.decisions, self.ctrl_cfg, self.optimizer, task.reward_fn(float(cc.reward_c)),
-        num_aggregate=int(cc.num_aggregate), entropy_weight=float(cc.entropy_weight),
-        baseline_decay=float(cc.baseline_decay), num_steps=int(cc.train_steps),
-        extra_loss_fn=extra)
+    phase = reinforce.make_phase(self.decisions, self.controller, self.optimizer,
+                                 task.reward_fn(self.controller.reward_c))
     self.controller_phase = jax.jit(phase, donate_argnums=(0,))
-    self.search_valid = task.make_search_valid(
-        self.sample_arc, int(config.search[task.valid_units_field]))
-    root = jax.random.key(int(config.seed))
+    self.search_valid = task.make_search_valid(self.sample_arc,
+                                               self.settings.search.valid_batches)
+    root = jax.random.key(self.settings.seed)
     self.keys = {n: jax.random.fold_in(root, i) for i, n in
                  enumerate(("child_init", "ctrl_init", "child", "ctrl", "valid", "derive", "show"))}
 
@@ -109,7 +105,7 @@ def _raise_nonfinite(step: int, epoch: int, ckpt: ckpt_lib.Checkpointer | None, 
       f"command to resume from that checkpoint.")
 
 
-def run_child_epoch_part(setup, state, end_step: int, writer, progress, ckpt, config,
+def run_child_epoch_part(setup, state, end_step: int, writer, progress, ckpt,
                          prefix: str = "child", chunk=None, ctrl_params=None):
   """Runs child steps up to ``end_step`` (an epoch end, or the step budget) in
   dispatches of ``steps_per_dispatch``, logging every ``log_every`` and
@@ -118,10 +114,9 @@ def run_child_epoch_part(setup, state, end_step: int, writer, progress, ckpt, co
   task = setup.task
   chunk = chunk or setup.child_chunk
   key = setup.keys["child"]
-  spd = int(config.search.steps_per_dispatch if prefix == "child" else
-            config.final.steps_per_dispatch)
-  log_every = max(1, int(config.log_every))
-  ckpt_every = int(config.checkpoint_every)
+  s = setup.settings
+  spd = (s.search if prefix == "child" else s.final).steps_per_dispatch
+  log_every, ckpt_every = s.log_every, s.checkpoint_every
   step = int(state.child.step)
   progress.mark(step)
   sums, n_acc = {k: 0.0 for k in task.SUM_KEYS}, 0
@@ -167,7 +162,7 @@ def open_run_state(setup, workdir: str, stage: str):
   """The stage's checkpointer and its state: the newest checkpoint if one exists
   (resume), else a fresh ``setup.init_state()``. Returns (ckpt, state, resumed)."""
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               max_to_keep=int(setup.config.keep_checkpoints))
+                               max_to_keep=setup.settings.keep_checkpoints)
   state = setup.init_state()
   resumed = ckpt.latest_step() is not None
   if resumed:
@@ -179,13 +174,13 @@ def open_run_state(setup, workdir: str, stage: str):
 
 def run_search(setup: SearchSetup, workdir: str, writer) -> SearchState:
   """Runs (or resumes) the search in ``workdir``; returns the final state."""
-  config, task = setup.config, setup.task
+  s, task = setup.settings.search, setup.task
   ckpt, state, _ = open_run_state(setup, workdir, "search")
-  num_epochs = int(config.search.num_epochs)
+  num_epochs = s.num_epochs
   nb = task.num_batches
   progress = metrics_lib.Progress(num_epochs * nb, start_step=int(state.child.step),
                                   items_per_step=task.tokens_per_step, item_name=task.item_name)
-  use_ctrl = config.search.sampler == "controller"
+  use_ctrl = s.sampler == "controller"
   budget = num_epochs * nb
   while True:
     epoch = int(state.epochs_done)
@@ -195,7 +190,7 @@ def run_search(setup: SearchSetup, workdir: str, writer) -> SearchState:
       # budget of num_epochs x (windows of length bptt) steps, possibly mid-pass.
       if int(state.child.step) >= budget:
         break
-      state = run_child_epoch_part(setup, state, budget, writer, progress, ckpt, config)
+      state = run_child_epoch_part(setup, state, budget, writer, progress, ckpt)
       step = int(state.child.step)
       if step >= budget and int(state.child.pos) != 0:
         ckpt.save(step, state, {"stage": "search", "epoch": epoch})
@@ -203,10 +198,10 @@ def run_search(setup: SearchSetup, workdir: str, writer) -> SearchState:
     else:
       if epoch >= num_epochs:
         break
-      state = run_child_epoch_part(setup, state, (epoch + 1) * nb, writer, progress, ckpt, config)
+      state = run_child_epoch_part(setup, state, (epoch + 1) * nb, writer, progress, ckpt)
       step = int(state.child.step)
     m = {}
-    if use_ctrl and epoch + 1 >= int(config.search.controller_start_epoch):
+    if use_ctrl and epoch + 1 >= s.controller_start_epoch:
       t0 = time.time()
       ctrl_state, cm = setup.controller_phase(state.ctrl, task.reward_context(state.child),
                                               jax.random.fold_in(setup.keys["ctrl"], epoch))
@@ -240,14 +235,13 @@ def derive(setup: SearchSetup, state: SearchState, workdir: str, writer) -> tupl
   perplexity with the state carried across windows; CIFAR: accuracy), no
   dropout, writes ``arcs.jsonl`` (all candidates, best first), ``best_arc.txt``
   and the best arc's diagram. Returns (best arc string, its score)."""
-  config, space, task = setup.config, setup.space, setup.task
+  d, space, task = setup.settings.derive, setup.space, setup.task
   metric = task.metric
-  n = int(config.derive.num_samples)
-  batch = max(1, int(config.derive.batch))
+  n, batch = d.num_samples, d.batch
   key = setup.keys["derive"]
   sample_many = jax.jit(jax.vmap(setup.sample_arc, in_axes=(None, 0)))
   arcs = np.asarray(sample_many(state.ctrl["params"], jax.random.split(key, n)))
-  score = task.make_score_arcs(int(config.derive[task.valid_units_field]))
+  score = task.make_score_arcs(d.valid_batches)
   scores = []
   for i in range(0, n, batch):
     chunk = arcs[i:i + batch]

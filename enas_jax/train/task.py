@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from enas_jax import parallel
+from enas_jax.train.settings import RunSettings
 from enas_jax.train.state import ChildState
 
 ArcSampler = Callable[[Any, jax.Array], jax.Array]  # (controller params, key) -> arc
@@ -53,20 +54,23 @@ class Task:
 
   Set by the subclass: ``config``, ``mesh``, ``shared``, ``batch_size``,
   ``eval_batch_size``, ``num_batches`` (steps per epoch), ``tokens_per_step``,
-  ``tx`` (the child optimizer), ``num_valid_units`` (validation windows or
-  batches), ``data`` (the device arrays) and the class attributes below.
+  ``tx`` (the child optimizer), ``num_valid_batches`` (validation batches:
+  eval_batch_size x bptt windows for PTB), ``data`` (the device arrays) and
+  the class attributes below. ``settings``: the run's loop sections, typed
+  (:class:`~enas_jax.train.settings.RunSettings`), read from ``config`` when
+  not given.
   """
 
   metric: str  # the validation metric ("ppl" or "acc")
   higher_is_better: bool
   item_name: str  # what a progress line counts ("tokens", "images")
   SUM_KEYS: tuple  # the step metrics a train chunk sums
-  valid_units_field: str  # the search/derive/final field counting validation units
   random_bptt = False  # variable-length steps: a chunk also stops at an epoch's end
   data: dict
 
-  def __init__(self, config, mesh, *, shared: bool):
+  def __init__(self, config, mesh, *, shared: bool, settings: RunSettings | None = None):
     self.config, self.mesh, self.shared = config, mesh, shared
+    self.settings = settings if settings is not None else RunSettings.from_config(config)
     # Fault injection for tests: a NaN loss at this child step (-1: off).
     self.inject_nan_at_step = int(config.debug.inject_nan_at_step)
 
@@ -102,11 +106,11 @@ class Task:
     raise NotImplementedError
 
   def valid_sum(self, data, params, batch_stats, arc, i) -> jax.Array:
-    """The metric's sum over validation unit ``i`` (window or batch), fresh state."""
+    """The metric's sum over validation batch ``i`` (PTB: window ``i``), fresh state."""
     raise NotImplementedError
 
   def score_arc(self, data, params, batch_stats, arc, num: int, static: bool = False):
-    """The metric of one arc on the first ``num`` validation units (derive)."""
+    """The metric of one arc on the first ``num`` validation batches (derive)."""
     total = jax.lax.map(lambda i: self.valid_sum(data, params, batch_stats, arc, i),
                         jnp.arange(num)).sum()
     return self.to_metric(total, num)
@@ -136,8 +140,8 @@ class Task:
     return {f"{prefix}/{k}": sums[k] / n for k in self.SUM_KEYS}
 
   def num_units(self, num: int) -> int:
-    """``num`` validation units, all when ``num <= 0``."""
-    return self.num_valid_units if num <= 0 else min(num, self.num_valid_units)
+    """``num`` validation batches, all when ``num <= 0``."""
+    return self.num_valid_batches if num <= 0 else min(num, self.num_valid_batches)
 
   def reward_context(self, child: ChildState) -> dict:
     """The controller phase's reward context for the child state ``child``."""
