@@ -124,10 +124,11 @@ def test_skip_penalty_matches_a_direct_computation_and_trains_toward_target():
   from enas_jax import reinforce as R
   C, cfg = _ctrl()
   c = MacroCodec(num_layers=4)
-  params = C.init(jax.random.key(2), c.decisions, cfg)
-  pen = R.make_skip_penalty(c.decisions, cfg, skip_target=0.4, skip_weight=0.8)
-  arc = C.sample(params, jax.random.key(3), c.decisions, cfg)["arc"]
-  q = np.asarray(C.step_logits(params, arc, c.decisions, cfg))
+  # Jitted (one compile each; eagerly every op and scan compiles on its own).
+  params = jax.jit(lambda k: C.init(k, c.decisions, cfg))(jax.random.key(2))
+  pen = jax.jit(R.make_skip_penalty(c.decisions, cfg, skip_target=0.4, skip_weight=0.8))
+  arc = jax.jit(lambda p, k: C.sample(p, k, c.decisions, cfg)["arc"])(params, jax.random.key(3))
+  q = np.asarray(jax.jit(lambda p, a: C.step_logits(p, a, c.decisions, cfg))(params, arc))
   kls = []
   for l in range(1, 4):
     row = q[2 * l + 1, :l]  # the BITS step of layer l
