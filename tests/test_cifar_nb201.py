@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import init_in_one_compile
 from enas_jax import controller as ctrl
 from enas_jax import spaces
 from enas_jax.spaces import cifar_nb201 as nb
@@ -127,12 +128,10 @@ def _cfg(mode):
 
 
 def _init_shared(cfg):
-  """``init_shared`` as one compile (eagerly, each weight's draw compiles on its
-  own) on an "rbg" key: XLA:CPU compiles the 51 threefry draws of the default
-  key for over a minute, the RngBitGenerator ones in seconds. Any weights do
-  here; kept per config for the module."""
+  """``init_shared`` in one compile (conftest.init_in_one_compile: eagerly on the
+  default key it took over a minute), kept per config for the module."""
   if cfg not in _INIT:
-    _INIT[cfg] = jax.jit(lambda k: ch.init_shared(k, cfg))(jax.random.key(0, impl="rbg"))
+    _INIT[cfg] = init_in_one_compile(ch.init_shared, cfg)
   return _INIT[cfg]
 
 
