@@ -12,6 +12,7 @@ from enas_jax import data as data_lib
 from enas_jax import parallel
 from enas_jax.train import common
 from enas_jax.train import run as run_lib
+from enas_jax.train.settings import RunSettings
 
 # Fields where the final stage rightly differs from the final variant: the arc and
 # the fields that shape it stay the search's (the derived arc was searched there).
@@ -76,9 +77,9 @@ def test_cifar_final_stage_reloads_the_data_and_builds_from_the_recipe(tmp_path,
   recipe = ml_collections.ConfigDict({"data": {"num_valid": 0}, "child": {"out_filters": 6}})
   cfg = tiny_cifar_config("cifar_macro", **{"search.final_recipe": recipe})
   seen = {}
-  monkeypatch.setattr(run_lib, "_make_task", lambda config, data, mesh, shared, arc: seen.update(
-      config=config, data=data, shared=shared) or "task")
-  monkeypatch.setattr(run_lib, "FinalSetup", lambda config, space, task, arc: (config, task))
+  monkeypatch.setattr(run_lib, "_make_task", lambda config, data, mesh, shared, arc, settings: seen.update(
+      config=config, data=data, shared=shared, settings=settings) or "task")
+  monkeypatch.setattr(run_lib, "FinalSetup", lambda config, space, task, arc, settings: (config, task))
   monkeypatch.setattr(run_lib, "run_final", lambda setup, fdir, writer: {"setup": setup})
   search_data = data_lib.load_images(cfg.data)
   out = run_lib._run_then_final(cfg, search_data, parallel.make_mesh(), str(tmp_path),
@@ -86,6 +87,8 @@ def test_cifar_final_stage_reloads_the_data_and_builds_from_the_recipe(tmp_path,
   assert seen["config"].child.out_filters == 6 and seen["config"].mode == "final"
   assert seen["config"].child.platform is not None  # resolved for the backend
   assert not seen["shared"] and out["setup"] == (seen["config"], "task")
+  # The final stage's typed settings are read from its own config.
+  assert seen["settings"] == RunSettings.from_config(seen["config"])
   assert len(seen["data"].valid_x) == 0 and len(seen["data"].train_x) == (
       len(search_data.train_x) + len(search_data.valid_x))
   with open(os.path.join(tmp_path, "final", "config.json")) as f:

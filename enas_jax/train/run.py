@@ -93,7 +93,10 @@ def resolve_arc(config, space):
 TASKS = {"lm": LMTask, "image": ImageTask}
 
 
-def _make_task(config, data, mesh, settings: RunSettings, *, shared: bool, arc=None):
+def _make_task(config, data, mesh, *, shared: bool, arc=None,
+               settings: RunSettings | None = None):
+  """The config's task; ``settings``: the run's typed loop settings (read from
+  ``config`` when not given)."""
   task = TASKS[spaces.entry(config.space.name).task]
   if task is ImageTask:
     return ImageTask(config, data, mesh, shared=shared, arc=arc, settings=settings)
@@ -150,14 +153,14 @@ def run(config, workdir: str) -> dict:
   with metrics_lib.MetricWriter(workdir, enabled=common.is_main_process(),
                                 tensorboard=bool(config.tensorboard)) as writer:
     if config.mode == "search":
-      task = _make_task(config, data, mesh, settings, shared=True)
+      task = _make_task(config, data, mesh, shared=True, settings=settings)
       setup = SearchSetup(config, space, task, settings=settings)
       state = run_search(setup, workdir, writer)
       best, score = derive(setup, state, workdir, writer)
       out.update(best_arc=best)
       out[f"best_valid_{task.metric}"] = score
     else:
-      task = _make_task(config, data, mesh, settings, shared=False, arc=arc)
+      task = _make_task(config, data, mesh, shared=False, arc=arc, settings=settings)
       out.update(run_final(FinalSetup(config, space, task, arc, settings=settings), workdir,
                            writer))
   if config.mode == "search" and settings.search.then_final:
@@ -216,7 +219,7 @@ def _run_then_final(config, data, mesh, workdir: str, best_arc: str) -> dict:
   if common.config_to_dict(fconfig.data) != common.config_to_dict(config.data):
     # e.g. CIFAR final training uses all 50,000 images (data.num_valid 0)
     data = load_data(fconfig)
-  task = _make_task(fconfig, data, mesh, fsettings, shared=False, arc=arc)
+  task = _make_task(fconfig, data, mesh, shared=False, arc=arc, settings=fsettings)
   with metrics_lib.MetricWriter(fdir, enabled=common.is_main_process(),
                                 tensorboard=bool(fconfig.tensorboard)) as writer:
     return run_final(FinalSetup(fconfig, space, task, arc, settings=fsettings), fdir, writer)
