@@ -18,9 +18,25 @@ def parse_flags(argv):
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown --config.* key
     hint = re.search(r"Did you mean [^\n]*\?", str(e))
     keys = [a.split("=", 1)[0] for a in argv[1:] if re.match(r"^-{1,2}(no)?config\.", a)]
+    renamed = _renamed_hint(keys)
+    if renamed:
+      print(f"error: {renamed}", file=sys.stderr)
+      sys.exit(2)
     print(f"error: unknown config field among {' '.join(keys)}: {e!s}"
           if not hint else f"error: unknown config field among {' '.join(keys)}. {hint.group(0)}",
           file=sys.stderr)
     sys.exit(2)
 
 
+
+
+def _renamed_hint(keys) -> str:
+  """'--config.a.b was renamed: use --config.c.d' for a key of a renamed field, else ''."""
+  from enas_jax.train import common  # the one table of renamed fields
+  for key in keys:
+    name = re.sub(r"^-{1,2}(no)?config\.", "", key)
+    if name in common.RENAMED_FIELDS:
+      new_name = common.RENAMED_FIELDS[name][0]
+      return (f"config field {name} was renamed to {new_name}: pass "
+              f"{key.replace(name, new_name)}=... instead.")
+  return ""

@@ -101,3 +101,11 @@ def test_old_workdir_with_another_value_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"search\.valid_batches: workdir has 3 \(recorded as "
                      r"search\.valid_windows\), this run has 5"):
     common.prepare_workdir(new, workdir)
+
+
+def test_cli_names_the_new_name_of_a_renamed_field():
+  from enas_jax import cli_util
+  msg = cli_util._renamed_hint(["--config.final.valid_windows"])
+  assert "final.valid_windows was renamed to final.valid_batches" in msg
+  assert "--config.final.valid_batches=" in msg
+  assert cli_util._renamed_hint(["--config.final.valid_batchez"]) == ""
