@@ -43,6 +43,11 @@ unselected branches' parameters get exactly zero gradient. Skip bits enter as a
 0/1 float mask (candidates are finite, so ``0 * x`` is an exact zero). A traced
 ``int32`` arc therefore gives one compilation for every arc.
 
+With ``scan_layers`` (traced arcs), the layers of a stage after layer 0 run as
+one ``lax.scan`` over their weights (stacked inside the step) and a fixed-size
+buffer of the layer list, so that XLA compiles a layer once per stage instead
+of once per layer; the same function and parameter layout.
+
 When ``arc`` is a numpy array instead, the same :func:`apply_shared` builds only
 the chosen branches and adds only the selected skips (the arc "baked in"): the
 static network the benchmark compares against, and the tests' reference.

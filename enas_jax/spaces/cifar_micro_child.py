@@ -454,17 +454,18 @@ def _shared_core(p, s_final, x0, x1, cell_arc, cfg, static):
 
 def _shared_groups(params, cfg, scan):
   """Runs of consecutive search cells whose cores :func:`apply_shared` scans
-  together: a run starts at any cell and goes on with the cells that have no
-  reduction and no calibration (their calibrated inputs are then the previous
-  cell's calibrated newer input and output: the scan's carry). One cell per
-  run without ``scan``."""
+  together. A run starts at any cell and goes on with the cells without
+  reduction or calibration (their calibrated inputs are the previous cell's
+  calibrated newer input and its output: the scan's carry); its second cell
+  may also calibrate its older input, which is known before the run (stage 0:
+  cell 1 calibrates the stem). One cell per run without ``scan``."""
   groups = []
-  for i, p in enumerate(params["cells"]):
-    plain = not any(k in p for k in ("reduce", "calib_x", "calib_y"))
-    if scan and groups and plain:
-      groups[-1].append(i)
+  for p in params["cells"]:
+    extra = {k for k in ("reduce", "calib_x", "calib_y") if k in p}
+    if scan and groups and (not extra or (extra == {"calib_x"} and len(groups[-1]) == 1)):
+      groups[-1].append(len(sum(groups, [])))
     else:
-      groups.append([i])
+      groups.append([len(sum(groups, []))])
   return groups
 
 
@@ -692,6 +693,11 @@ def apply_shared(params, batch_stats, arc, images_NHWC, *, train: bool, key, cfg
     # in the step (the parameter layout stays one entry per cell), so that XLA
     # compiles the cell once per run instead of once per cell.
     aux_k = group.index(cfg.aux_cell) if cfg.aux_cell in group and want_aux else None
+    ns_1 = dict(batch_stats["cells"][group[1]])
+    # The second cell's older input, calibrated before the run (or None).
+    older_1 = _calibrate(params["cells"][group[1]], batch_stats["cells"][group[1]],
+                         [layers[-1], x1], cfg, True, ns_1)[0] \
+        if "calib_x" in params["cells"][group[1]] else None
     core = lambda j: {"nodes": params["cells"][j]["nodes"], "final": params["cells"][j]["final"]}
     xs = (jax.tree.map(lambda *a: jnp.stack(a), *[core(j) for j in group]),
           jax.tree.map(lambda *a: jnp.stack(a), *[batch_stats["cells"][j]["final"]
@@ -699,13 +705,15 @@ def apply_shared(params, batch_stats, arc, images_NHWC, *, train: bool, key, cfg
           jnp.stack(arcs))
 
     def body(carry, step):
-      pc, sf, cell_arc = step
+      (pc, sf, cell_arc), k = step
       y, nsf = _shared_core(pc, sf, carry[0], carry[1], cell_arc, cfg, False)
-      return (carry[1], y), (nsf, y if aux_k is not None else None)
+      older = carry[1] if carry[2] is None else jnp.where(k == 0, carry[2], carry[1])
+      return (older, y, carry[2]), (nsf, y if aux_k is not None else None)
 
-    (older, x), (stacked, ys) = jax.lax.scan(body, (x0, x1), xs)
+    (older, x, _), (stacked, ys) = jax.lax.scan(
+        body, (x0, x1, older_1), (xs, jnp.arange(len(group))))
     for k, j in enumerate(group):
-      c = ns if k == 0 else dict(batch_stats["cells"][j])
+      c = ns if k == 0 else ns_1 if k == 1 else dict(batch_stats["cells"][j])
       c["final"] = jax.tree.map(lambda a, k=k: a[k], stacked)
       new_cells.append(c)
     layers = [older, x]
