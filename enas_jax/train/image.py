@@ -203,6 +203,9 @@ class ImageTask(task_lib.Task):
     self.aux_weight = float(c.aux_weight) if "use_aux_heads" in c and c.use_aux_heads else 0.0
     self.l2_reg = float(c.l2_reg)
     self.num_epochs = (self.settings.search if shared else self.settings.final).num_epochs
+    # The drop-path progress's denominator, traced (``data["total_steps"]``):
+    # one compiled step serves any num_epochs (a run, its resume with more
+    # epochs, its final stage).
     self.total_steps = max(1, self.num_epochs * self.num_batches)
     self.data_seed = self.settings.seed + 7919  # the per-epoch permutations' key
     rep = self.replicated
@@ -221,6 +224,7 @@ class ImageTask(task_lib.Task):
       self.data["reward_x"] = jax.device_put(images.valid_x, rep)
       self.data["reward_y"] = jax.device_put(images.valid_y, rep)
     self.num_reward_images = images.num_valid
+    self.data.update(self.scalar_data(total_steps=self.total_steps))
     self.reward_batch = min(int(d.reward_batch_size or self.batch_size),
                             max(images.num_valid, 1))
     lr_max, lr_min = float(c.lr_max), float(c.lr_min)
@@ -269,7 +273,8 @@ class ImageTask(task_lib.Task):
     x_u8, y = self.batch(data, state.step)
     x = cifar_data.augment(x_u8, k_aug, jnp.asarray(self.mean), jnp.asarray(self.std),
                            cutout=self.cutout, cutout_anchor=self.cutout_anchor)
-    progress = (state.step + 1).astype(jnp.float32) / self.total_steps
+    total = data.get("total_steps", self.total_steps)  # absent in hand-built data
+    progress = (state.step + 1).astype(jnp.float32) / jnp.asarray(total, jnp.float32)
     new_state, m = task_lib.apply_update(self, state, arc, k_drop, (x, y, progress), static)
     return new_state, dict(m, lr=self.schedule(state.step), epoch_end=jnp.bool_(False),
                            tokens=jnp.int32(1))

@@ -93,7 +93,7 @@ class LMTask(task_lib.Task):
     # A validation batch is one eval_batch_size x bptt window.
     self.num_valid_batches = ptb_data.num_windows(valid.shape[1], self.bptt)
     self.data = {"train": parallel.shard_batch(train, mesh),
-                 "valid": parallel.shard_batch(valid, mesh)}
+                 "valid": parallel.shard_batch(valid, mesh), **self.scalar_data()}
     self.corpus = corpus
     self.lr = float(config.child.lr)
     self.tx = child_optimizer(self.lr, float(config.child.grad_clip))

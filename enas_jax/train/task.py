@@ -71,7 +71,9 @@ class Task:
   def __init__(self, config, mesh, *, shared: bool, settings: RunSettings | None = None):
     self.config, self.mesh, self.shared = config, mesh, shared
     self.settings = settings if settings is not None else RunSettings.from_config(config)
-    # Fault injection for tests: a NaN loss at this child step (-1: off).
+    # Fault injection for tests: a NaN loss at this child step (-1: off). A
+    # traced value (``data["nan_at_step"]``, :meth:`scalar_data`): the run with
+    # the fault and the one without share one compiled program.
     self.inject_nan_at_step = int(config.debug.inject_nan_at_step)
 
   # ------------------------------------------------------------ task hooks
@@ -147,6 +149,15 @@ class Task:
     """The controller phase's reward context for the child state ``child``."""
     return {"params": child.params, "batch_stats": child.batch_stats, "data": self.data}
 
+  def scalar_data(self, **extra: int) -> dict:
+    """Replicated int32 scalars for ``task.data``: ``nan_at_step`` and ``extra``.
+
+    Run settings the step reads (the fault step, the image task's epoch budget)
+    travel as data rather than as Python constants, so that runs differing only
+    in them (a resume with more epochs, the NaN test) reuse one compilation."""
+    vals = dict(nan_at_step=self.inject_nan_at_step, **extra)
+    return {k: jax.device_put(np.int32(v), self.replicated) for k, v in vals.items()}
+
   def jit(self, fn, **kw) -> Bound:
     return Bound(self, fn, **kw)
 
@@ -182,8 +193,6 @@ def apply_update(task: Task, state: ChildState, arc, key, batch, static: bool, l
   view = task.view(state.params, arc, static)
   (loss, (metrics, changes)), grads = jax.value_and_grad(task.loss, has_aux=True)(
       view, state, arc, batch, key, static)
-  if task.inject_nan_at_step >= 0:
-    loss = jnp.where(state.step == task.inject_nan_at_step, jnp.nan, loss)
   gnorm = task.grad_norm(grads)
   updates, opt_state = task.tx.update(grads, state.opt_state, view)
   if lr_scale is not None:
@@ -199,9 +208,14 @@ def train_step(task: Task, state: ChildState, data: dict, arc, key, arc_static=N
   """The pure child update ``(state, metrics)`` at ``state.step`` on ``data``
   (arrays laid out as ``task.data``). ``arc``: a traced int32 array, or with
   ``arc_static`` (a numpy arc) the arc is baked in. ``metrics`` also has
-  ``tokens`` (items per batch row) and ``epoch_end``."""
+  ``tokens`` (items per batch row) and ``epoch_end``. ``data["nan_at_step"]``
+  (if present; -1: off) makes the loss NaN at that step (fault injection)."""
   static = arc_static is not None
-  return task.run_step(state, data, arc_static if static else arc, key, static)
+  new_state, m = task.run_step(state, data, arc_static if static else arc, key, static)
+  if "nan_at_step" in data:
+    loss = jnp.where(state.step == data["nan_at_step"], jnp.nan, m["loss"])
+    m = dict(m, loss=loss, finite=m["finite"] & jnp.isfinite(loss))
+  return new_state, m
 
 
 def train_chunk(task: Task, sample_arc, arc_static, data, state, ctrl_params, key, num_steps):
