@@ -75,19 +75,26 @@ def resolve_op_select(op_select: str = "auto", platform: str | None = None) -> s
   return "switch" if op_select == "auto" else op_select
 
 
-# child.scan_layers "auto": scan the layers/cells of identical shapes (one
-# compiled body per run instead of one per layer) where compile time is the
-# cost. GPU/TPU: on; the per-step cost of a scan is a loop's dispatch and the
-# stacking of the run's weights, small against these steps. CPU: MEASURED_BELOW.
-_DEFAULT_SCAN = {"cpu": False, "gpu": True, "tpu": True}
+# child.scan_layers "auto": whether layers/cells of identical shapes run as one
+# lax.scan (one compiled body per run). CPU: False. Measured there
+# (docs/performance.md): the micro fixed child compiles ~40% faster but steps
+# ~20% slower; the search children, whose cells already hold loops and switches,
+# compile *slower* and step slower when nested in a scan. TPU: False too: the
+# micro search step compiled for v5e took no less time scanned (836 s against
+# 665 s unscanned, a loaded host). GPU: not measured; as TPU.
+_DEFAULT_SCAN = {"cpu": False, "gpu": False, "tpu": False}
 
 
 def resolve_scan_layers(scan_layers="auto", platform: str | None = None) -> bool:
-  """``child.scan_layers``: True, False, or ``"auto"`` (the platform's default)."""
-  if scan_layers == "auto":
-    return _DEFAULT_SCAN[platform_name(platform)]
+  """``child.scan_layers``: True, False, or ``"auto"`` (the platform's default).
+  ``"true"``/``"false"`` (any case) are accepted too: the config field is a
+  string, so a command-line override arrives as one."""
+  if isinstance(scan_layers, str) and scan_layers.lower() in ("auto", "true", "false"):
+    v = scan_layers.lower()
+    return _DEFAULT_SCAN[platform_name(platform)] if v == "auto" else v == "true"
   if not isinstance(scan_layers, (bool, np.bool_)):
-    raise ValueError(f"child.scan_layers must be True, False or 'auto', got {scan_layers!r}.")
+    raise ValueError(f"child.scan_layers must be True, False or 'auto' (e.g. "
+                     f"--config.child.scan_layers=true), got {scan_layers!r}.")
   return bool(scan_layers)
 
 

@@ -224,14 +224,14 @@ def cifar(space: str) -> ml_collections.ConfigDict:
   # 2% of the speed, macro 8.4 -> 3.2 GiB for 15% (docs/performance.md).
   # "none": keep every activation. Not in the original (new here).
   c.child.remat = "none"
-  # Micro fixed child (final training): run consecutive cells of identical
-  # shapes (the later normal cells of a stage) as one lax.scan over their
-  # stacked weights, so that XLA compiles each such cell once. Measured on CPU
-  # (docs/performance.md): cold compile ~40% shorter, steps ~20% slower, so
-  # False (every cell unrolled) here; True where compile time dominates (short
-  # runs, slow-compiling targets). Same function and parameter layout either
-  # way. New here.
-  c.child.scan_layers = False
+  # Run consecutive cells/layers of identical shapes as one lax.scan over their
+  # stacked weights (micro fixed: later normal cells of a stage; micro search:
+  # cell cores of a stage; macro search: layers of a stage), so that XLA
+  # compiles each once. "auto": the platform's default (enas_jax/backend.py:
+  # False everywhere so far, measured in docs/performance.md: micro fixed
+  # compile -40% but steps +20% on CPU; the search children compile and step
+  # slower scanned), or True/False. Same function and parameters. New here.
+  c.child.scan_layers = "auto"
 
   # ------------------------------------------------- controller (CIFAR only)
   # (tanh_constant / op_tanh_reduce) * tanh on op logits: micro 2.5; the

@@ -421,6 +421,13 @@ def test_from_config_defaults_and_auto():
   assert (t.platform, t.kernels, t.compute_dtype) == ("gpu", "xla", "bfloat16")
   assert cfg.keep_prob == 0.9 and cfg.drop_path_keep_prob == 0.6 and cfg.use_aux_heads
   assert cfg.reduction_cells == (2, 5) and cfg.aux_cell == 6 and cfg.num_cells == 8
+  # scan_layers: "auto" resolves per platform (False everywhere so far); the
+  # config field is a string, so "true"/"false" from the command line work too.
+  assert cfg.scan_layers is False
+  for v, want in (("true", True), ("False", False), (True, True), ("auto", False)):
+    assert mc.MicroChildConfig.from_config(_config(scan_layers=v)).scan_layers is want
+  with pytest.raises(ValueError, match="scan_layers"):
+    mc.MicroChildConfig(num_layers=3, scan_layers="yes")
 
 
 @pytest.mark.parametrize("child,match", [

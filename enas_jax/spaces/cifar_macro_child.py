@@ -116,7 +116,8 @@ class MacroChildConfig(backend.ResolvedChild):
 
   ``kernels``, ``compute_dtype`` and ``op_select`` accept ``"auto"`` and are
   stored resolved by :func:`enas_jax.backend.resolve` for ``platform`` (the
-  running backend when None; set to the target when compiling for another).
+  running backend when None; set to the target when compiling for another);
+  ``scan_layers`` accepts ``"auto"`` too (:func:`enas_jax.backend.resolve_scan_layers`).
   """
   num_layers: int
   out_filters: int

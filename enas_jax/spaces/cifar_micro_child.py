@@ -66,7 +66,8 @@ class MicroChildConfig(backend.ResolvedChild):
 
   ``kernels``, ``compute_dtype`` and ``op_select`` accept ``"auto"`` and hold
   the values :func:`enas_jax.backend.resolve` gives for ``platform`` (the
-  running backend when None; set to the target when compiling for another).
+  running backend when None; set to the target when compiling for another);
+  ``scan_layers`` accepts ``"auto"`` too (:func:`enas_jax.backend.resolve_scan_layers`).
   """
   num_layers: int
   num_nodes: int = 5
