@@ -183,43 +183,70 @@ def _timed_run(cmd, log_path):
   return time.time() - t0, lines, rc
 
 
-def kill_delays(num_kills, seed, start, end):
-  """Seeded random delays, one in each of ``num_kills`` equal slices of [start, end]."""
+PROGRESS = ("step ", "epoch ", "derive", "final")  # the lines a kill point counts
+
+
+def kill_points(num_kills, seed, num_lines):
+  """Seeded kill points, one in each of ``num_kills`` equal slices of the
+  reference run's ``num_lines`` progress lines: ``(line index, extra seconds)``.
+
+  A killed run is killed ``extra`` seconds after printing that progress line,
+  not at a wall-clock delay: it reads every compile from the cache the
+  reference run wrote, so its timeline is shorter than the reference's (with
+  delays taken from the reference, both kills once came after the run ended)."""
   rng = random.Random(seed)
-  width = (end - start) / num_kills
-  return [start + width * (i + rng.random()) for i in range(num_kills)]
+  width = num_lines / num_kills
+  return [(min(num_lines - 1, int(width * (i + rng.random()))), 0.5 * rng.random())
+          for i in range(num_kills)]
+
+
+def _run_and_kill(cmd, log_path, line_index, extra):
+  """Runs ``cmd``; SIGKILLs it ``extra`` s after its ``line_index``-th progress
+  line. Returns (killed, returncode, seconds from the start to the kill)."""
+  t0 = time.time()
+  count = 0
+  with open(log_path, "w") as log:
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(killed=True), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+      log.write(line)
+      log.flush()
+      if line.startswith(PROGRESS):
+        if count == line_index:
+          time.sleep(extra)
+          if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            t = time.time() - t0
+            log.writelines(p.stdout)  # what it printed before the kill
+            return True, p.wait(), t
+          break
+        count += 1
+    for line in p.stdout:  # finished first: keep the rest of its output
+      log.write(line)
+    return False, p.wait(), time.time() - t0
 
 
 def kill_and_resume(base, num_kills, seed=0, log=print):
   """An uninterrupted run, then ``num_kills`` runs killed with SIGKILL at seeded
-  random moments and rerun to completion. Returns one dict per kill."""
+  random moments (:func:`kill_points`) and rerun to completion. Returns one dict per kill."""
   targets = Targets(kill_config())
   ref = os.path.join(base, "reference")
   total, lines, rc = _timed_run(kill_command(ref), ref + ".log")
   assert rc == 0, "\n".join(line for _, line in lines[-30:])
   expected = run_outputs(ref)
-  # Spread the kills over the part of the run that does work: from the first
-  # training step to the end (startup before it only imports and compiles).
-  first_step = next(t for t, line in lines if line.startswith("step "))
-  end = 0.95 * total  # killed runs may be a little faster than the reference
-  delays = kill_delays(num_kills, seed, first_step, end)
-  log(f"uninterrupted run: {total:.1f} s (first step at {first_step:.1f} s); "
-      f"{num_kills} kills between {first_step:.1f} and {end:.1f} s, seed {seed}")
+  # Spread the kills over the part of the run that does work: its progress
+  # lines, from the first training step to the last but one (after the last
+  # only the test evaluation and the result file are left).
+  progress_lines = [line for _, line in lines if line.startswith(PROGRESS)]
+  points = kill_points(num_kills, seed, len(progress_lines) - 1)
+  log(f"uninterrupted run: {total:.1f} s, {len(progress_lines)} progress lines; "
+      f"{num_kills} kills after lines {[i for i, _ in points]}, seed {seed}")
   results = []
-  for i, delay in enumerate(delays):
+  for i, (line_index, extra) in enumerate(points):
     wd = os.path.join(base, f"kill{i}")
-    with open(wd + ".log", "w") as out:
-      p = subprocess.Popen(kill_command(wd), cwd=ROOT, env=_env(killed=True), stdout=out,
-                           stderr=subprocess.STDOUT)
-      try:
-        p.wait(timeout=delay)
-        killed = False  # it finished first
-      except subprocess.TimeoutExpired:
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait()
-        killed = True
+    killed, returncode, delay = _run_and_kill(kill_command(wd), wd + ".log", line_index, extra)
     progress = [line for line in _read(wd + ".log").splitlines()
-                if line.startswith(("step ", "epoch ", "derive", "final"))]
+                if line.startswith(PROGRESS)]
     at_kill = check_restorable(wd, targets)  # every committed checkpoint reads back
     tmp_dirs = [n for sub in ("checkpoints", "final/checkpoints")
                 if os.path.isdir(os.path.join(wd, sub))
@@ -228,7 +255,7 @@ def kill_and_resume(base, num_kills, seed=0, log=print):
     r = subprocess.run(kill_command(wd), cwd=ROOT, env=_env(), capture_output=True,
                        text=True, timeout=600)
     resumed = r.returncode == 0
-    res = {"kill": i, "delay": delay, "killed": killed, "rc": p.returncode,
+    res = {"kill": i, "delay": delay, "killed": killed, "rc": returncode,
            "search_ckpt": at_kill["search"][-1] if at_kill["search"] else None,
            "final_ckpt": at_kill["final"][-1] if at_kill["final"] else None,
            "last_line": progress[-1].split(" | ")[0][:48] if progress else "(no output yet)",
@@ -277,6 +304,7 @@ def test_kill9_at_random_moments_then_resume(tmp_path):
   # each costs a killed and a resumed run. test_kill9_ten_moments (-m slow) has ten.
   results, _ = kill_and_resume(str(tmp_path), num_kills=2, seed=0, log=lambda s: None)
   for r in results:
+    assert r["killed"], format_kill(r)  # a kill after the run's end tests nothing
     assert r["resumed"], r.get("error")
     assert r["same"], format_kill(r)
 
@@ -287,7 +315,7 @@ def test_kill9_ten_moments(tmp_path, request):
     pytest.skip("slow (several minutes): run with -m slow")
   results, _ = kill_and_resume(str(tmp_path), num_kills=10, seed=1, log=lambda s: None)
   for r in results:
-    assert r["resumed"] and r["same"], format_kill(r)
+    assert r["killed"] and r["resumed"] and r["same"], format_kill(r)
 
 
 _DYING_DELETE = """
@@ -659,9 +687,12 @@ def test_cli_bad_arc_exit_2_without_traceback(tmp_path, config, arc, message):
 
 
 def test_nan_in_cifar_run_stops_with_restorable_checkpoint(tmp_path):
-  cfg = tiny_cifar_config("cifar_macro", "search", **{
-      "debug.inject_nan_at_step": 5, "checkpoint_every": 4, "log_every": 2,
-      "search.steps_per_dispatch": 2})
+  # test_cifar_pipeline's macro run (smoke) without its final stage: the fault
+  # step and the dispatch size are traced, so both runs' search programs are
+  # one compilation (shared through the compilation cache).
+  cfg = tiny_cifar_config("cifar_macro", "smoke", **{
+      "search.then_final": False, "debug.inject_nan_at_step": 5, "checkpoint_every": 4,
+      "log_every": 2, "search.steps_per_dispatch": 2})
   with pytest.raises(common.NonFiniteError, match=r"child step 5\b") as e:
     run_lib.run(cfg, str(tmp_path))
   with ckpt_lib.Checkpointer(os.path.join(str(tmp_path), "checkpoints")) as ck:
