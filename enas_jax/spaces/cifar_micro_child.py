@@ -546,18 +546,21 @@ def _cell_forward(x0, x1, ws, w_final, cell_arc, cfg):
   run = [lambda op, f=f: f((_slot(op[0], op[1]), op[2])) for f in _shared_branches(cfg)]
   buf = jnp.concatenate([x0[None], x1[None], jnp.zeros((B,) + x0.shape, x0.dtype)])
 
-  def node_step(buf, step):  # both branches of a node, then one write of its slot
-    (w, idx, op), node = step
-    y = None
-    for t in (0, 1):
-      yt = ops.select_branch(op[t], run, (buf, idx[t], jax.tree.map(lambda a: a[t], w)),
-                             mode=cfg.op_select, kernels=cfg.kernels, checkpoint=False)
-      y = yt if y is None else y + yt
+  # One branch per step, as in the backward pass: the scan body holds ONE op
+  # switch, so XLA compiles each op once per cell, not once per input of a
+  # node (compile time: docs/performance.md). A node's first branch writes its
+  # slot, the second adds to it: ``x + y`` as before, the same numbers.
+  def branch_step(buf, step):
+    (w, idx, op), node, first = step
+    y = ops.select_branch(op, run, (buf, idx, w), mode=cfg.op_select, kernels=cfg.kernels,
+                          checkpoint=False)
     with jax.named_scope("node_write"):
+      y = jnp.where(first, y, _slot(buf, node) + y)
       return jax.lax.dynamic_update_index_in_dim(buf, y, node, 0), None
 
-  per_node = jax.tree.map(lambda a: a.reshape((B, 2) + a.shape[1:]), _branch_steps(ws, cell_arc))
-  buf, _ = jax.lax.scan(node_step, buf, (per_node, jnp.arange(2, B + 2)))
+  node = jnp.repeat(jnp.arange(2, B + 2), 2)
+  first = jnp.tile(jnp.asarray([True, False]), B)
+  buf, _ = jax.lax.scan(branch_step, buf, (_branch_steps(ws, cell_arc), node, first))
 
   def loose_end(acc, step):
     j, loose, w = step
