@@ -24,8 +24,21 @@ def _codec():
   return cifar_micro.MicroCodec(B)
 
 
-def _images(seed=1):
-  return jax.random.normal(jax.random.key(seed), (N, HW, HW, 3), jnp.float32)
+def _images(seed=1, hw=HW):
+  # numpy, not jax.random: an eager threefry draw is an XLA:CPU compile of its own.
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((N, hw, hw, 3)), jnp.float32)
+
+
+def _key(seed):
+  """An "rbg" key: the child's dropout / drop-path draws compile much faster on
+  XLA:CPU than threefry's (the functions under test do not depend on the impl)."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def _init(init, *args):
+  """``init(key, *args)`` as one jitted program on an rbg key (as
+  conftest.init_in_one_compile): eagerly every weight's draw is a compile."""
+  return jax.jit(lambda k: init(k, *args))(_key(0))
 
 
 def _labels():
@@ -60,11 +73,11 @@ def _loss_fn(cfg, arc_static=None):
 def shared():
   """Per op_select mode: the traced value-and-grad (jitted once), and for each
   arc its results; plus the baked (numpy-arc) results per arc."""
-  x, key = _images(), jax.random.key(7)
+  x, key = _images(), _key(7)
   arcs = _arcs()
   out = {"arcs": arcs, "x": x}
   base_cfg = mc.MicroChildConfig(**TINY)
-  params, stats = mc.init_shared(jax.random.key(0), base_cfg)
+  params, stats = _init(mc.init_shared, base_cfg)
   out["params"], out["stats"] = params, stats
   # The baked reference (op_select does not matter for a numpy arc). Its convs
   # are the custom ones, like the traced switch's: at these tiny sizes (batch 2,
@@ -75,12 +88,11 @@ def shared():
     f = jax.jit(jax.value_and_grad(_loss_fn(base_cfg, a), has_aux=True))
     out["baked"].append(f(params, stats, None, x, key))
   for mode, kernels in (("switch", "cpu"), ("mask", "xla"), ("switch_xla", "xla")):
-    # The mask mode runs every op anyway: XLA's kernels compile faster.
+    # The mask mode runs every op anyway: XLA's kernels compile faster. Every
+    # mode is value-and-grad: one compile per mode serves the forward and the
+    # gradient tests (the mask mode's gradient recomputes all ops in the backward).
     cfg = mc.MicroChildConfig(**TINY, op_select=mode.split("_")[0], kernels=kernels)
-    if mode.startswith("switch"):
-      f = jax.jit(jax.value_and_grad(_loss_fn(cfg), has_aux=True))
-    else:
-      f = jax.jit(_loss_fn(cfg))
+    f = jax.jit(jax.value_and_grad(_loss_fn(cfg), has_aux=True))
     out[mode] = f
     out[mode + "_res"] = [f(params, stats, jnp.asarray(a), x, key) for a in arcs]
   return out
@@ -106,14 +118,14 @@ def _assert_grads_close(a, b, tol=1e-3):
 def test_traced_arc_equals_baked_arc(shared, mode):
   for i, arc in enumerate(shared["arcs"]):
     res = shared[mode + "_res"][i]
-    traced = res[0] if mode.startswith("switch") else res  # (loss, (logits, aux, stats))
+    traced = res[0]  # (loss, (logits, aux, stats))
     baked = shared["baked"][i][0]
     assert traced[1][0].shape == (N, 10) and traced[1][1].shape == (N, 10)
     np.testing.assert_allclose(traced[0], baked[0], atol=1e-4, rtol=1e-4)
     _assert_trees_close(traced[1], baked[1])
 
 
-@pytest.mark.parametrize("mode", ["switch", "switch_xla"])
+@pytest.mark.parametrize("mode", ["switch", "switch_xla", "mask"])
 def test_grads_traced_equal_baked_and_unused_weights_get_zero(shared, mode):
   for i, arc in enumerate(shared["arcs"]):
     g_traced = shared[mode + "_res"][i][1]
@@ -141,30 +153,31 @@ def test_grads_traced_equal_baked_and_unused_weights_get_zero(shared, mode):
   assert np.any(wf[0] != 0) and np.all(wf[1:3] == 0) and np.any(wf[3] != 0)
 
 
+# The mask mode's gradient is checked by
+# test_grads_traced_equal_baked_and_unused_weights_get_zero[mask] (the fixture's
+# mask function is value-and-grad).
 @pytest.mark.parametrize("variant", [
-    {"op_select": "mask", "kernels": "xla"},
     # Plain autodiff through the switch: also covered for macro by
     # test_unselected_branches_get_zero_grads_and_keep_their_stats[switch-False].
     pytest.param({"checkpoint_branches": False}, marks=pytest.mark.slow)])
 def test_grads_of_other_variants_equal_baked(shared, variant):
-  """The mask mode's gradient (all ops recomputed in the cell's backward) and
-  plain autodiff through the switch (``checkpoint_branches=False``)."""
+  """Plain autodiff through the switch (``checkpoint_branches=False``)."""
   cfg = mc.MicroChildConfig(**TINY, **variant)
   f = jax.jit(jax.value_and_grad(_loss_fn(cfg), has_aux=True))
   for i in (0, len(shared["arcs"]) - 1):
     (loss, _), g = f(shared["params"], shared["stats"], jnp.asarray(shared["arcs"][i]),
-                     shared["x"], jax.random.key(7))
+                     shared["x"], _key(7))
     (loss_b, _), g_b = shared["baked"][i]
     np.testing.assert_allclose(loss, loss_b, atol=1e-4, rtol=1e-4)
     _assert_grads_close(g, g_b)
 
 
 def test_one_compilation_for_many_arcs(shared):
-  f = shared["mask"]  # forward only: cheap to run
   c = _codec()
+  f, sample = shared["mask"], jax.jit(c.sample_uniform)
   for i in range(20):
-    arc = c.sample_uniform(jax.random.key(500 + i))
-    loss, _ = f(shared["params"], shared["stats"], arc, shared["x"], jax.random.key(i))
+    arc = sample(jax.random.key(500 + i))
+    (loss, _), _ = f(shared["params"], shared["stats"], arc, shared["x"], _key(i))
     assert np.isfinite(float(loss))
   assert f._cache_size() == 1
   assert shared["switch"]._cache_size() == 1
@@ -179,7 +192,7 @@ def test_scanned_search_cells_equal_unrolled_cells(shared):
   assert mc._shared_groups(shared["params"], cfg, True) == [[0], [1, 2]]
   f = jax.jit(jax.value_and_grad(_loss_fn(cfg), has_aux=True))
   for i, a in enumerate(shared["arcs"]):
-    res = f(shared["params"], shared["stats"], jnp.asarray(a), shared["x"], jax.random.key(7))
+    res = f(shared["params"], shared["stats"], jnp.asarray(a), shared["x"], _key(7))
     ref = shared["switch_res"][i]
     assert jax.tree.structure(res) == jax.tree.structure(ref)
     for u, v in zip(jax.tree.leaves(res), jax.tree.leaves(ref)):
@@ -191,16 +204,16 @@ def test_scanned_search_cells_equal_unrolled_cells(shared):
 # calibrates the stem (cells 0-1), besides the runs of the test above.
 @pytest.mark.slow
 def test_scanned_search_cells_equal_unrolled_cells_six_layers():
-  x = jax.random.normal(jax.random.key(3), (N, 8, 8, 3), jnp.float32)
+  x = _images(3, hw=8)
   arc = jnp.asarray(_arcs()[-1])
   out = {}
   for scan in (False, True):
     cfg = mc.MicroChildConfig(num_layers=6, num_nodes=B, out_filters=4, kernels="cpu",
                               scan_layers=scan)
-    params, stats = mc.init_shared(jax.random.key(0), cfg)
+    params, stats = _init(mc.init_shared, cfg)
     assert len(mc._shared_groups(params, cfg, scan)) == (3 if scan else 8)
     out[scan] = jax.jit(jax.value_and_grad(_loss_fn(cfg), has_aux=True))(
-        params, stats, arc, x, jax.random.key(7))
+        params, stats, arc, x, _key(7))
   assert jax.tree.structure(out[True]) == jax.tree.structure(out[False])
   for u, v in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False])):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)
@@ -250,7 +263,7 @@ def fixed():
   arc = cifar_micro.MicroCodec(B).validate(
       [0, 1, 0, 2, 2, 4, 0, 0, 0, 4, 1, 0, 1, 2, 2, 3])
   cfg = mc.MicroChildConfig(**TINY, kernels="cpu")
-  params, stats = mc.init_fixed(jax.random.key(0), cfg, arc)
+  params, stats = _init(mc.init_fixed, cfg, arc)
   x = _images(2)
 
   def loss(p, s, progress, key):
@@ -258,7 +271,7 @@ def fixed():
                                      progress=progress)
     return jnp.sum(logits ** 2) + 0.4 * jnp.sum(aux ** 2), (logits, aux, ns)
 
-  args = (params, stats, jnp.float32(0.5), jax.random.key(3))
+  args = (params, stats, jnp.float32(0.5), _key(3))
   # One compile gives the results and the memory analysis (the remat test's baseline).
   f = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(*args).compile()
   (l, (logits, aux, ns)), g = f(*args)
@@ -284,8 +297,10 @@ def test_fixed_child_shapes_grads_and_params(fixed):
   # The head reads the concat of the last (normal) cell's loose ends {1, 3}: 2 x 4C.
   c_last = 2 * 4 * cfg.out_filters
   assert p["fc"]["w"].shape == (c_last, 10)
-  # Eval mode: moving averages, no aux, deterministic.
-  a = mc.apply_fixed(p, fixed["stats"], fixed["arc"], fixed["x"], train=False, key=None, cfg=cfg)
+  # Eval mode: moving averages, no aux, deterministic (jitted: one compile, not
+  # one per op).
+  a = jax.jit(lambda p, s: mc.apply_fixed(p, s, fixed["arc"], fixed["x"], train=False,
+                                          key=None, cfg=cfg))(p, fixed["stats"])
   assert a[1] is None and a[0].shape == (N, 10)
   assert np.all(np.isfinite(np.asarray(a[0])))
 
@@ -302,7 +317,7 @@ def test_fixed_child_remat_cells_is_the_same_function_with_less_memory(fixed):
                                      progress=progress)
     return jnp.sum(logits ** 2) + 0.4 * jnp.sum(aux ** 2), (logits, aux, ns)
 
-  args = (fixed["params"], fixed["stats"], jnp.float32(0.5), jax.random.key(3))
+  args = (fixed["params"], fixed["stats"], jnp.float32(0.5), _key(3))
   f = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(*args).compile()
   (l, (logits, aux, ns)), g = f(*args)
   np.testing.assert_allclose(l, fixed["loss"], rtol=1e-5)
@@ -322,18 +337,18 @@ def test_fixed_child_scanned_cells_equal_unrolled_cells(fixed):
   # each pair as one lax.scan. Same weights -> same logits, aux logits, new
   # statistics and gradients as the unrolled cells (to float rounding), drop-path on.
   arc, hw = fixed["arc"], 8
-  x = jax.random.normal(jax.random.key(4), (N, hw, hw, 3), jnp.float32)
+  x = _images(4, hw=hw)
   out = {}
   for scan in (False, True):
     cfg = mc.MicroChildConfig(num_layers=12, num_nodes=B, out_filters=4, kernels="cpu",
                               scan_layers=scan)
-    params, stats = mc.init_fixed(jax.random.key(0), cfg, arc)
+    params, stats = _init(mc.init_fixed, cfg, arc)
     groups = mc._fixed_groups(mc._fixed_plan(cfg, arc)[0], params, stats, cfg)
     assert [len(g) for g in groups] == (
         [1, 1, 2, 1, 1, 1, 2, 1, 1, 1, 2] if scan else [1] * cfg.num_cells)
 
     def loss(p, cfg=cfg):
-      logits, aux, ns = mc.apply_fixed(p, stats, arc, x, train=True, key=jax.random.key(3),
+      logits, aux, ns = mc.apply_fixed(p, stats, arc, x, train=True, key=_key(3),
                                        cfg=cfg, progress=0.7)
       return jnp.sum(logits ** 2) + 0.4 * jnp.sum(aux ** 2), (logits, aux, ns)
     out[scan] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
@@ -398,10 +413,10 @@ def test_drop_path_zeroes_whole_examples(fixed):
   p, s, arc, x = fixed["params"], fixed["stats"], fixed["arc"], fixed["x"]
   f = jax.jit(lambda k, prog: mc.apply_fixed(p, s, arc, x, train=True, key=k, cfg=cfg,
                                              progress=prog)[0])
-  a, b = f(jax.random.key(0), 1.0), f(jax.random.key(1), 1.0)
+  a, b = f(_key(0), 1.0), f(_key(1), 1.0)
   assert not np.allclose(a, b)
   # progress 0: keep 1, no drop path; head dropout off (keep_prob 1): keys agree.
-  np.testing.assert_allclose(f(jax.random.key(0), 0.0), f(jax.random.key(1), 0.0), atol=1e-6)
+  np.testing.assert_allclose(f(_key(0), 0.0), f(_key(1), 0.0), atol=1e-6)
 
 
 # ------------------------------------------------------------------- config
@@ -486,7 +501,7 @@ def test_bfloat16_child_agrees_with_float32(shared, kernels):
   assert cfg.dtype == jnp.bfloat16
   f = jax.jit(jax.value_and_grad(_loss_fn(cfg), has_aux=True))
   (loss, (logits, aux, ns)), g = f(shared["params"], shared["stats"],
-                                   jnp.asarray(shared["arcs"][0]), shared["x"], jax.random.key(7))
+                                   jnp.asarray(shared["arcs"][0]), shared["x"], _key(7))
   assert logits.dtype == aux.dtype == jnp.float32
   for leaf in jax.tree.leaves((ns, g)):
     assert leaf.dtype == jnp.float32

@@ -72,8 +72,20 @@ def jitted(fn, decisions, cfg):
   return _JITTED[key][1]
 
 
+def rkey(seed):
+  """An "rbg" key: the controller's draws (init, sampling) compile much faster
+  on XLA:CPU than threefry's; nothing here depends on the impl (threefry and
+  raw uint32 keys are checked in test_sampling_is_deterministic...)."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def init_params(decisions, cfg, seed=0):
+  """C.init as one jitted program: eagerly every weight's draw is a compile."""
+  return jax.jit(lambda k: C.init(k, decisions, cfg))(rkey(seed))
+
+
 def scaled_params(decisions, cfg, seed=0, scale=1.0):
-  params = C.init(jax.random.key(seed), decisions, cfg)
+  params = init_params(decisions, cfg, seed)
   return jax.tree.map(lambda w: w * scale, params)
 
 
@@ -170,7 +182,7 @@ def numpy_reference(params, arc, decisions, cfg):
 
 def test_init_shapes_dtypes_and_range():
   cfg = C.ControllerConfig(lstm_size=8, lstm_layers=2, init_range=0.05)
-  params = C.init(jax.random.key(0), PTB, cfg)
+  params = init_params(PTB, cfg)
   expected = {
       "w_lstm": (2, 16, 32), "g_emb": (1, 8), "w_emb": (4, 8), "w_soft": (8, 4),
       "w_attn_1": (8, 8), "w_attn_2": (8, 8), "v_attn": (8, 1),
@@ -231,7 +243,7 @@ def test_sampled_arcs_are_valid(decisions):
   sample_many = jax.jit(lambda p, k: C.sample_many(p, k, decisions, cfg, 1000))
   for scale in (1.0, 30.0):
     params = scaled_params(decisions, cfg, scale=scale)
-    out = sample_many(params, jax.random.key(1))
+    out = sample_many(params, rkey(1))
     arcs = np.asarray(out["arc"])
     assert arcs.dtype == np.int32 and arcs.shape == (1000, decisions.arc_length)
     assert valid_arc_mask(arcs, decisions).all()
@@ -261,7 +273,7 @@ def test_sampling_is_deterministic_per_key_and_varies_across_keys():
 def test_log_prob_equals_sampling_log_prob(decisions):
   params = scaled_params(decisions, CFG, scale=5.0)
   samples = jax.jit(lambda p, k: C.sample_many(p, k, decisions, CFG, 64))(
-      params, jax.random.key(3))
+      params, rkey(3))
   scored = jax.jit(jax.vmap(lambda a: C.log_prob(params, a, decisions, CFG)))(samples["arc"])
   for k in ("log_prob", "entropy", "entropy_sampled", "entropy_full"):
     np.testing.assert_allclose(np.asarray(scored[k]), np.asarray(samples[k]), rtol=1e-6,
@@ -300,7 +312,7 @@ def test_matches_numpy_reference(decisions, cfg, scale):
 def test_first_op_probability_by_hand():
   """Step 0 (ANCHOR) and step 1 (first OP) of the PTB program, computed by hand."""
   cfg = C.ControllerConfig(lstm_size=4, temperature=2.0, tanh_constant=1.5, init_range=0.5)
-  params = C.init(jax.random.key(11), PTB, cfg)
+  params = init_params(PTB, cfg, 11)
   params["w_soft"] = params["w_soft"] * 8.0  # clearly non-uniform op probabilities
   p = {k: np.asarray(v, np.float64) for k, v in params.items()}
   w = p["w_lstm"][0]
@@ -337,7 +349,7 @@ def test_empirical_distribution_matches_softmax():
   params = scaled_params(PTB, cfg, seed=2, scale=10.0)
   params["w_soft"] = params["w_soft"] * 3.0  # make the first op decision clearly non-uniform
   n = 4000
-  out = jax.jit(lambda p, k: C.sample_many(p, k, PTB, cfg, n))(params, jax.random.key(5))
+  out = jax.jit(lambda p, k: C.sample_many(p, k, PTB, cfg, n))(params, rkey(5))
   arcs = np.asarray(out["arc"])
   probs = np.asarray(jax.nn.softmax(jitted(C.step_logits, PTB, cfg)(params, out["arc"][0])[1]))[:4]
   assert probs.max() - probs.min() > 0.15, probs
@@ -379,11 +391,11 @@ def test_locality_prior_favours_recent_nodes_at_init():
   prior = np.exp(-((last - np.arange(last)) ** 2) / 6.0)
   prior /= prior.sum()
   cfg = C.ControllerConfig(lstm_size=16, init_range=0.01, locality_prior=True)
-  params = C.init(jax.random.key(0), PTB, cfg)
+  params = init_params(PTB, cfg)
   probs = np.asarray(jax.nn.softmax(jitted(C.step_logits, PTB, cfg)(params, arc)[t_ptr]))[:last]
   assert np.all(np.diff(probs) > 0)  # strictly more likely the closer the node
   np.testing.assert_allclose(probs, prior, atol=0.01)
-  samples = jax.jit(lambda p, k: C.sample_many(p, k, PTB, cfg, 2000))(params, jax.random.key(1))
+  samples = jax.jit(lambda p, k: C.sample_many(p, k, PTB, cfg, 2000))(params, rkey(1))
   freq = np.bincount(np.asarray(samples["arc"])[:, PTB.token[t_ptr]], minlength=last) / 2000
   np.testing.assert_allclose(freq, prior, atol=0.04)
   # Without the prior the same (near-zero) weights give a near-uniform pointer.
@@ -422,7 +434,7 @@ def test_temperature_and_tanh_transform_logits_as_specified():
 
 def test_log_prob_is_differentiable_and_entropy_is_not():
   params = scaled_params(PTB, CFG, scale=3.0)
-  arc = C.make_sampler(PTB, CFG)(params, jax.random.key(0))["arc"]
+  arc = C.make_sampler(PTB, CFG)(params, rkey(0))["arc"]
 
   @jax.jit
   def grads(p):
@@ -444,7 +456,7 @@ def test_one_compilation_for_every_key_arc_and_params():
   for s in range(25):
     if s % 5 == 4:  # new parameter values, same shapes
       params = jax.tree.map(lambda w: w + 0.01, params)
-    out = sampler(params, jax.random.key(s))
+    out = sampler(params, rkey(s))
     scored = scorer(params, out["arc"])
     assert float(scored["log_prob"]) == pytest.approx(float(out["log_prob"]), abs=1e-6)
     arcs.add(tuple(np.asarray(out["arc"]).tolist()))
