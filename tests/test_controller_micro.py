@@ -43,9 +43,20 @@ def jitted(name, decisions=D, cfg=CFG):
   return _JIT[key][1]
 
 
+def rkey(seed):
+  """An "rbg" key: the controller's draws (init, sampling, REINFORCE) compile
+  much faster on XLA:CPU than threefry's; nothing here depends on the impl."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def init_params(seed=0, decisions=D, cfg=CFG):
+  """C.init as one jitted program: eagerly every weight's draw is a compile."""
+  return jax.jit(lambda k: C.init(k, decisions, cfg))(rkey(seed))
+
+
 def params_at(seed=0, scale=1.0, decisions=D, cfg=CFG):
   """Initial parameters with the random ones scaled (b_soft keeps its init)."""
-  p = C.init(jax.random.key(seed), decisions, cfg)
+  p = init_params(seed, decisions, cfg)
   return {k: (v if k == "b_soft" else v * scale) for k, v in p.items()}
 
 
@@ -201,7 +212,7 @@ def test_init_and_config():
   assert params["w_soft"].shape == (64, 5) and params["w_emb"].shape == (5, 64)
   # Programs without an op bias get no b_soft, and the same random draw.
   plain = dataclasses.replace(D, op_bias_init=None)
-  p2 = C.init(jax.random.key(0), plain, CFG)
+  p2 = init_params(0, plain, CFG)
   assert "b_soft" not in p2
   for k in p2:
     np.testing.assert_array_equal(np.asarray(p2[k]), np.asarray(params[k]))
@@ -222,7 +233,7 @@ def test_init_and_config():
 def test_sampled_arcs_always_validate():
   sample_many = jitted("sample_many")
   for scale in (1.0, 30.0):  # 30: saturated, near-deterministic logits
-    out = sample_many(params_at(scale=scale), jax.random.key(1))
+    out = sample_many(params_at(scale=scale), rkey(1))
     arcs = np.asarray(out["arc"])
     assert arcs.shape == (400, 40) and arcs.dtype == np.int32
     for arc in arcs:
@@ -238,7 +249,7 @@ def test_sampled_arcs_always_validate():
 
 def test_log_prob_of_sampled_arc_equals_sampled_log_prob():
   params = params_at(seed=3, scale=3.0)
-  samples = jitted("sample_many")(params, jax.random.key(5))
+  samples = jitted("sample_many")(params, rkey(5))
   scored = jitted("log_prob")(params, samples["arc"])
   for k in ("log_prob", "entropy", "entropy_full", "entropy_sampled"):
     np.testing.assert_allclose(np.asarray(scored[k]), np.asarray(samples[k]), rtol=1e-5,
@@ -271,7 +282,7 @@ def test_one_compilation_for_many_samples():
   for s in range(20):
     if s % 5 == 4:  # new parameter values, same shapes
       params = jax.tree.map(lambda w: w + 0.01, params)
-    out = sampler(params, jax.random.key(s))
+    out = sampler(params, rkey(s))
     CODEC.validate(np.asarray(out["arc"]))
     scored = scorer(params, out["arc"])
     assert float(scored["log_prob"]) == pytest.approx(float(out["log_prob"]), abs=1e-5)
@@ -321,7 +332,7 @@ def test_first_op_logits_by_hand():
   assert probs[0] + probs[1] > 0.55 and probs[:2].min() > probs[2:].max()
   # This distribution does not depend on the earlier choices (both pointers can
   # only reach the zero input anchors): sampling reproduces it.
-  out = jitted("sample_many")(params, jax.random.key(2))
+  out = jitted("sample_many")(params, rkey(2))
   freq = np.bincount(np.asarray(out["arc"])[:, 1], minlength=5) / 400
   np.testing.assert_allclose(freq, probs, atol=0.07)
 
@@ -346,7 +357,7 @@ def test_normal_and_reduction_op_biases_differ():
                              atol=1e-6)
   np.testing.assert_allclose(logits[reduction, :5], np.tile(base, (10, 1)), atol=1e-6)
   # Sampled at init, normal cells favour the separable convs more strongly.
-  arcs = np.asarray(jitted("sample_many")(params, jax.random.key(4))["arc"])
+  arcs = np.asarray(jitted("sample_many")(params, rkey(4))["arc"])
   sep_normal = np.mean(arcs[:, 1:20:2] <= 1)
   sep_reduction = np.mean(arcs[:, 21:40:2] <= 1)
   assert sep_normal > 0.55, sep_normal  # ~0.63
@@ -360,7 +371,7 @@ def test_normal_and_reduction_op_biases_differ():
 
 def test_entropy_is_categorical_entropy():
   params = params_at(seed=6, scale=3.0)
-  out = jitted("sample_many")(params, jax.random.key(8))
+  out = jitted("sample_many")(params, rkey(8))
   step_logits = jitted("step_logits")
   for n in range(5):
     logits = np.asarray(step_logits(params, out["arc"][n]))
@@ -391,7 +402,7 @@ def test_reinforce_raises_a_toy_reward():
          + e(0.44) / (3 * e(0.44) + 2 * e(-0.44))) / 2
   cfg = dataclasses.replace(CFG, lstm_size=32)
   opt = R.make_optimizer(0.02, form="optax")  # tuned with optax's ε placement (TF1's is slower)
-  state = R.init_state(jax.random.key(0), D, cfg, opt)
+  state = R.init_state(rkey(0), D, cfg, opt)
   phase = jax.jit(R.make_train_phase(
       D, cfg, opt, op4_reward, num_aggregate=10, entropy_weight=0.0, baseline_decay=0.9,
       num_steps=30))
@@ -399,11 +410,11 @@ def test_reinforce_raises_a_toy_reward():
       lambda a: op4_reward(a, None, None))(C.sample_many(p, k, D, cfg, 1000)["arc"])))
   all4 = jnp.asarray(CODEC.parse(" ".join(["0 4 1 4"] * 10)))
   score = jax.jit(lambda p: C.log_prob(p, all4, D, cfg)["log_prob"])
-  before, lp0 = float(measure(state["params"], jax.random.key(1))), float(score(state["params"]))
+  before, lp0 = float(measure(state["params"], rkey(1))), float(score(state["params"]))
   for i in range(2):
-    state, m = phase(state, {}, jax.random.key(10 + i))
+    state, m = phase(state, {}, rkey(10 + i))
     assert np.isfinite(float(m["controller/loss"]))
-  after, lp1 = float(measure(state["params"], jax.random.key(1))), float(score(state["params"]))
+  after, lp1 = float(measure(state["params"], rkey(1))), float(score(state["params"]))
   assert 0.12 < before < 0.17, before  # ~0.143
   assert after > 0.2, (before, after)  # ~0.229 in practice: the cap is reached
   assert after < cap + 0.01, (after, cap)
