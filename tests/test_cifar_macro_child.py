@@ -28,9 +28,23 @@ def _cfg(op_select="switch", kernels="cpu", **kw):
 
 
 def _data(seed=1, hw=HW):
-  x = jax.random.normal(jax.random.key(seed), (B, hw, hw, 3), jnp.float32)
-  y = jax.random.randint(jax.random.key(seed + 1), (B,), 0, 10)
+  # numpy, not jax.random: an eager threefry draw is an XLA:CPU compile of its own.
+  rs = np.random.default_rng(seed)
+  x = jnp.asarray(rs.standard_normal((B, hw, hw, 3)), jnp.float32)
+  y = jnp.asarray(rs.integers(0, 10, (B,)), jnp.int32)
   return x, y
+
+
+def _key(seed):
+  """An "rbg" key: the children's dropout draws compile much faster on XLA:CPU
+  than threefry's (nothing under test depends on the impl)."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def _init_in_one_compile(init, *args):
+  """``init(key, *args)`` jitted on an rbg key (as conftest.init_in_one_compile):
+  eagerly every weight's draw is a compile of its own."""
+  return jax.jit(lambda k: init(k, *args))(_key(0))
 
 
 def _arcs(n, seed=0, num_layers=L):
@@ -62,7 +76,7 @@ def _jitted(op_select, kernels, checkpoint=True):
 
 @functools.cache
 def _init(op_select="switch", kernels="cpu"):
-  return M.init_shared(jax.random.key(0), _cfg(op_select, kernels))
+  return _init_in_one_compile(M.init_shared, _cfg(op_select, kernels))
 
 
 def _assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
@@ -83,7 +97,7 @@ def test_traced_arc_matches_baked_arc(op_select, kernels):
   cfg, fn = _jitted(op_select, kernels)
   params, stats = _init()
   x, y = _data()
-  key = jax.random.key(7)
+  key = _key(7)
   for arc in _arcs(3, seed=10):
     got = fn(params, stats, jnp.asarray(arc, jnp.int32), x, y, key)
     want = _run(params, stats, arc, x, y, key, cfg)  # numpy arc: baked in, run eagerly
@@ -106,7 +120,7 @@ def test_unselected_branches_get_zero_grads_and_keep_their_stats(op_select, chec
   params, stats = _init()
   x, y = _data()
   for arc in _arcs(2, seed=20):
-    _, new_stats, grads, _, _ = fn(params, stats, jnp.asarray(arc), x, y, jax.random.key(3))
+    _, new_stats, grads, _, _ = fn(params, stats, jnp.asarray(arc), x, y, _key(3))
     for l, op in enumerate(_ops(arc)):
       g_br = grads["layers"][l]["branches"]
       s_old, s_new = stats["layers"][l]["branches"], new_stats["layers"][l]["branches"]
@@ -130,7 +144,7 @@ def test_the_sampled_op_is_used():
   for op in range(M.NUM_OPS):
     arc = base.copy()
     arc[0] = op  # layer 0's op
-    outs.append(np.asarray(fn(params, stats, jnp.asarray(arc), x, y, jax.random.key(0))[0]))
+    outs.append(np.asarray(fn(params, stats, jnp.asarray(arc), x, y, _key(0))[0]))
   for i in range(M.NUM_OPS):
     for j in range(i):
       assert not np.allclose(outs[i], outs[j]), (i, j)
@@ -144,8 +158,8 @@ def test_skip_bits_are_used():
   a0 = np.zeros(codec.arc_length, np.int32)
   a1 = a0.copy()
   a1[int(codec.op_positions[L - 1]) + 1] = 1  # last layer's skip from the stem
-  o0 = fn(params, stats, jnp.asarray(a0), x, y, jax.random.key(0))[0]
-  o1 = fn(params, stats, jnp.asarray(a1), x, y, jax.random.key(0))[0]
+  o0 = fn(params, stats, jnp.asarray(a0), x, y, _key(0))[0]
+  o1 = fn(params, stats, jnp.asarray(a1), x, y, _key(0))[0]
   assert not np.allclose(o0, o1)
 
 
@@ -162,7 +176,7 @@ def test_scanned_layers_equal_unrolled_layers():
   assert M._stages(_cfg()) == [(0, 0), (1, 1), (2, 3)]
   for arc in _arcs(2, seed=30):
     a = jnp.asarray(arc, jnp.int32)
-    got, want = (fns[s](params, stats, a, x, y, jax.random.key(7)) for s in (True, False))
+    got, want = (fns[s](params, stats, a, x, y, _key(7)) for s in (True, False))
     _assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
   assert fns[True]._cache_size() == 1
 
@@ -176,7 +190,7 @@ def test_one_compilation_for_many_arcs(op_select, kernels):
   arcs = _arcs(20, seed=100)
   assert len({a.tobytes() for a in arcs}) == 20
   for i, arc in enumerate(arcs):
-    out = fn(params, stats, jnp.asarray(arc, jnp.int32), x, y, jax.random.key(i))
+    out = fn(params, stats, jnp.asarray(arc, jnp.int32), x, y, _key(i))
     assert np.all(np.isfinite(out[0]))
   assert fn._cache_size() == 1
 
@@ -189,7 +203,7 @@ def test_dropout_needs_a_key_and_eval_is_deterministic():
   with pytest.raises(ValueError, match="dropout"):
     M.apply_shared(params, stats, arc, x, train=True, cfg=cfg)
   a, _, _ = M.apply_shared(params, stats, arc, x, train=False, cfg=cfg)
-  b, _, _ = M.apply_shared(params, stats, arc, x, train=False, key=jax.random.key(5), cfg=cfg)
+  b, _, _ = M.apply_shared(params, stats, arc, x, train=False, key=_key(5), cfg=cfg)
   np.testing.assert_array_equal(a, b)
 
 
@@ -215,8 +229,9 @@ def test_shared_layout_and_reductions():
   assert bn_paths == st_paths
   x, _ = _data(hw=16)
   arc = _arcs(1, num_layers=6)[0]
-  logits, _, _ = M.apply_shared(*M.init_shared(jax.random.key(0), cfg), arc, x, train=False,
-                             cfg=cfg)
+  params, stats = _init_in_one_compile(M.init_shared, cfg)
+  logits, _, _ = jax.jit(lambda p, s: M.apply_shared(p, s, arc, x, train=False, cfg=cfg))(
+      params, stats)
   assert logits.shape == (B, 10)
 
 
@@ -235,7 +250,7 @@ def _fixed_arc():
 def test_fixed_child_shapes_and_channel_doubling():
   cfg = M.MacroChildConfig(num_layers=FIXED_L, out_filters=C)
   arc = _fixed_arc()
-  params, stats = M.init_fixed(jax.random.key(0), cfg, arc)
+  params, stats = _init_in_one_compile(M.init_fixed, cfg, arc)
   lay = params["layers"]
   # Reductions after layers 1 and 3: C -> 2C -> 4C, every list tensor reduced.
   assert [len(r) for r in params["reduce"]] == [3, 5]
@@ -257,7 +272,7 @@ def test_fixed_child_shapes_and_channel_doubling():
 def test_fixed_child_train_eval_and_gradients():
   cfg = M.MacroChildConfig(num_layers=FIXED_L, out_filters=C, keep_prob=0.5)
   arc = _fixed_arc()
-  params, stats = M.init_fixed(jax.random.key(0), cfg, arc)
+  params, stats = _init_in_one_compile(M.init_fixed, cfg, arc)
   x, y = _data(hw=16)
 
   @jax.jit
@@ -269,7 +284,7 @@ def test_fixed_child_train_eval_and_gradients():
     ev, _, ev_stats = M.apply_fixed(params, new_stats, arc, x, train=False, cfg=cfg)
     return logits, new_stats, g, ev, ev_stats
 
-  logits, new_stats, grads, ev, ev_stats = step(params, stats, jax.random.key(1))
+  logits, new_stats, grads, ev, ev_stats = step(params, stats, _key(1))
   assert logits.shape == ev.shape == (B, 10)
   assert np.all(np.isfinite(logits)) and np.all(np.isfinite(ev))
   for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
@@ -291,10 +306,10 @@ def test_fixed_child_remat_layers_same_gradients_fewer_temporaries():
   grads, temps = {}, {}
   for r in ("none", "layers"):
     cfg = M.MacroChildConfig(num_layers=FIXED_L, out_filters=C, keep_prob=1.0, remat=r)
-    params, stats = M.init_fixed(jax.random.key(0), cfg, arc)
+    params, stats = _init_in_one_compile(M.init_fixed, cfg, arc)
 
     def loss(p, cfg=cfg, stats=stats):
-      return _ce(M.apply_fixed(p, stats, arc, x, train=True, key=jax.random.key(1),
+      return _ce(M.apply_fixed(p, stats, arc, x, train=True, key=_key(1),
                                cfg=cfg)[0], y)
     compiled = jax.jit(jax.grad(loss)).lower(params).compile()  # one compile for both
     grads[r] = compiled(params)
@@ -312,7 +327,7 @@ def test_fixed_pools_differ_and_run_eagerly():
   outs = []
   for op in (4, 5):
     arc = np.array([op])
-    p, s = M.init_fixed(jax.random.key(0), cfg, arc)
+    p, s = _init_in_one_compile(M.init_fixed, cfg, arc)
     outs.append(M.apply_fixed(p, s, arc, x, train=False, cfg=cfg)[0])
   assert not np.allclose(outs[0], outs[1])
 
@@ -422,7 +437,7 @@ def test_bfloat16_child_agrees_with_float32(kernels):
     cfg = _cfg("switch", kernels, compute_dtype=dt)
 
     def loss(p, cfg=cfg):
-      logits, _, ns = M.apply_shared(p, stats, arc, x, train=True, key=jax.random.key(7),
+      logits, _, ns = M.apply_shared(p, stats, arc, x, train=True, key=_key(7),
                                      cfg=cfg)
       assert logits.dtype == jnp.float32
       return _ce(logits, y), ns
