@@ -331,7 +331,7 @@ def test_score_arcs_matches_fixed_valid():
   ppl = np.asarray(score(sh, arcs))
   assert ppl.shape == (2,) and np.isfinite(ppl).all() and ppl[0] != ppl[1]
   for k in range(2):
-    fixed = tf.make_fixed_valid(np.asarray(ARCS[k]), num_windows=3)
+    fixed = tf.make_fixed_valid(np.asarray(ARCS[k]), num_batches=3)
     np.testing.assert_allclose(ppl[k], float(fixed(pc.gather(sh, arcs[k], ts.cc))), rtol=2e-5)
   # The reward is c / ppl of one window with a zero state: at most c, positive.
   reward = jax.jit(ts.reward_fn(80.0))
