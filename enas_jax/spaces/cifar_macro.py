@@ -1,17 +1,16 @@
-"""The CIFAR-10 macro search space: its arc codec (issue 4, first part).
+"""The CIFAR-10 macro search space: its arc codec, uniform sampler and the
+controller's decision program.
 
-Arc format (the seed's ``--child_fixed_arc`` for whole-channel macro search):
-for each layer ``l = 0 .. L-1`` an op id followed by ``l`` skip bits, all
-concatenated: ``L + L(L-1)/2`` tokens (78 for the search script's 12 layers,
-300 for the paper's 24-layer network). Ops: 0 conv 3x3, 1 separable conv 3x3,
-2 conv 5x5, 3 separable conv 5x5, 4 average pool, 5 max pool. Bit ``i`` of
-layer ``l`` is a skip connection from an earlier layer (as in the
-original code).
+Arc format (the original code's ``--child_fixed_arc`` for whole-channel macro
+search): for each layer ``l = 0 .. L-1`` an op id followed by ``l`` skip bits,
+all concatenated: ``L + L(L-1)/2`` tokens (78 for the search script's 12
+layers, 300 for the paper's 24-layer network). Ops: 0 conv 3x3, 1 separable
+conv 3x3, 2 conv 5x5, 3 separable conv 5x5, 4 average pool, 5 max pool. Bit
+``i`` of layer ``l`` is a skip connection from an earlier layer ``i``.
 
-The codec, the uniform sampler and the controller's decision program (op, then
-skip bits, per layer) are here so far; the shared and fixed children come with
-the rest of the macro space, which is why the space is not yet registered in
-``enas_jax.spaces.get``.
+The decision program is op, then skip bits, per layer. The children are in
+:mod:`enas_jax.spaces.cifar_macro_child`; the registry entry
+(:mod:`enas_jax.spaces.registry`) ties them together.
 """
 
 from __future__ import annotations
