@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 # Kinds of controller steps (see :class:`Decisions`).
@@ -223,3 +224,8 @@ class Codec:
 
   def format(self, arc: Any) -> str:
     return format_tokens(self.validate(arc))
+
+
+def count_params(tree) -> int:
+  """Number of scalars in a parameter pytree (arrays or shape structs)."""
+  return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))

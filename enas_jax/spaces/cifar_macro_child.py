@@ -91,7 +91,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from enas_jax import backend, remat
-from enas_jax.spaces import conv_ops
+from enas_jax.spaces import base, conv_ops
 from enas_jax.spaces.cifar_macro import OP_NAMES, MacroCodec
 
 IMAGE_CHANNELS = 3
@@ -547,6 +547,4 @@ def apply_fixed(params, batch_stats, arc, images_NHWC, *, train: bool, key=None,
                         "reduce": tuple(new_reduce)}
 
 
-def count_params(params: Any) -> int:
-  """Number of scalars in a parameter pytree (arrays or ``jax.eval_shape`` output)."""
-  return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
+count_params = base.count_params

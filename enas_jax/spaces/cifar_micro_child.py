@@ -53,6 +53,7 @@ import numpy as np
 
 from enas_jax import backend, remat
 from enas_jax import kernels as kernel_sets
+from enas_jax.spaces import base
 from enas_jax.spaces import cifar_micro
 from enas_jax.spaces import conv_ops as ops
 
@@ -321,9 +322,7 @@ def without_aux(params):
 def count_params(params, exclude_aux: bool = False) -> int:
   """Number of parameters; ``exclude_aux`` leaves out ``params["aux"]`` (the
   original's "trainable" count; the aux head alone: ``count_params(params["aux"])``)."""
-  if exclude_aux:
-    params = without_aux(params)
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+  return base.count_params(without_aux(params) if exclude_aux else params)
 
 
 # ------------------------------------------------------------------ shared child

@@ -75,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from enas_jax import backend, remat
-from enas_jax.spaces import cifar_nb201
+from enas_jax.spaces import base, cifar_nb201
 from enas_jax.spaces import conv_ops as ops
 from enas_jax.spaces.cifar_nb201 import AVGPOOL, CONV1, CONV3, NONE, SKIP
 
@@ -287,9 +287,8 @@ def _init_network(key, cfg, init_cell):
   return params, stats
 
 
-def count_params(params) -> int:
-  """Number of parameters (moving statistics are not parameters, as in PyTorch)."""
-  return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
+# Number of parameters (moving statistics are not parameters, as in PyTorch).
+count_params = base.count_params
 
 
 def l2_params(params):

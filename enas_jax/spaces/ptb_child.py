@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from enas_jax import backend
+from enas_jax.spaces import base
 from enas_jax.spaces import ptb as ptb_space
 
 WEIGHT_DECAY_MODES = ("none", "l2", "w4_selected")
@@ -180,8 +181,7 @@ def scatter(shared: dict, arc, view: dict, cc: ChildConfig) -> dict:
                            for i, w in enumerate(shared["w_nodes"]))}
 
 
-def count_params(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+count_params = base.count_params
 
 
 # -------------------------------------------------------------------- dropout

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from enas_jax import parallel
+from enas_jax.spaces import base as space_base
 from enas_jax.train.settings import RunSettings
 from enas_jax.train.state import ChildState
 
@@ -135,7 +136,7 @@ class Task:
 
   def count_params(self, params) -> int:
     """Number of scalars in a parameter pytree (arrays or shapes)."""
-    return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
+    return space_base.count_params(params)
 
   def progress_metrics(self, prefix: str, sums: dict, n: int) -> dict:
     """The metrics a progress line reports from a chunk's sums."""
