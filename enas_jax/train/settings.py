@@ -70,8 +70,20 @@ def _typed(cls, section_name: str, section: Any, optional: tuple = ()) -> dict:
   return out
 
 
+class _Section:
+  """``from_config`` for a settings dataclass read from the config section
+  ``SECTION``; the names in ``OPTIONAL`` keep their defaults when absent."""
+
+  SECTION = ""
+  OPTIONAL: tuple = ()
+
+  @classmethod
+  def from_config(cls, section: Any):
+    return cls(**_typed(cls, cls.SECTION, section, optional=cls.OPTIONAL))
+
+
 @dataclasses.dataclass(frozen=True)
-class SearchSettings:
+class SearchSettings(_Section):
   """``search``: child epochs, sampler, when the controller starts, dispatch size,
   validation batches per epoch (PTB: windows of eval_batch_size x bptt; 0 = all)."""
 
@@ -82,6 +94,8 @@ class SearchSettings:
   then_final: bool
   valid_batches: int
 
+  SECTION = "search"
+
   def __post_init__(self):
     _check("search", self, {
         "num_epochs": (lambda v: v >= 0, ">= 0"),
@@ -91,19 +105,17 @@ class SearchSettings:
         "valid_batches": (lambda v: v >= 0, ">= 0 (0 = all)"),
     })
 
-  @classmethod
-  def from_config(cls, section: Any) -> "SearchSettings":
-    return cls(**_typed(cls, "search", section))
-
 
 @dataclasses.dataclass(frozen=True)
-class DeriveSettings:
+class DeriveSettings(_Section):
   """``derive``: arcs sampled and scored, arcs per jitted call, validation
   batches per arc (PTB: windows, state carried; 0 = all)."""
 
   num_samples: int
   batch: int
   valid_batches: int
+
+  SECTION = "derive"
 
   def __post_init__(self):
     _check("derive", self, {
@@ -112,13 +124,9 @@ class DeriveSettings:
         "valid_batches": (lambda v: v >= 0, ">= 0 (0 = all)"),
     })
 
-  @classmethod
-  def from_config(cls, section: Any) -> "DeriveSettings":
-    return cls(**_typed(cls, "derive", section))
-
 
 @dataclasses.dataclass(frozen=True)
-class FinalSettings:
+class FinalSettings(_Section):
   """``final``: epochs, dispatch size, validation batches per epoch (0 = all);
   PTB only (absent from the CIFAR schemas, hence the defaults): iterate
   averaging and the test pass's batch size and window length."""
@@ -131,6 +139,7 @@ class FinalSettings:
   test_batch_size: Optional[int] = None  # PTB only: the test pass's batch
   test_bptt: Optional[int] = None  # PTB only: the test pass's window length
 
+  SECTION = "final"
   OPTIONAL = ("average", "average_nonmono", "test_batch_size", "test_bptt")
 
   def __post_init__(self):
@@ -142,10 +151,6 @@ class FinalSettings:
         "test_batch_size": (lambda v: v is None or v >= 1, ">= 1"),
         "test_bptt": (lambda v: v is None or v >= 1, ">= 1"),
     })
-
-  @classmethod
-  def from_config(cls, section: Any) -> "FinalSettings":
-    return cls(**_typed(cls, "final", section, optional=cls.OPTIONAL))
 
 
 @dataclasses.dataclass(frozen=True)
