@@ -9,6 +9,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+# The tests check what the code computes, not how fast XLA's code runs, and on
+# their tiny shapes compiling dominates: LLVM at -O0 with XLA:CPU's older
+# (non-MLIR) fusion emitters roughly halves every compile (the macro and PTB
+# child tests: 149 s -> 81 s serially). Results agree with the default
+# pipeline within the tests' tolerances. ENAS_JAX_TEST_FULL_OPT=1 tests with
+# XLA's default flags instead. Subprocesses inherit these through XLA_FLAGS;
+# a test that sets its own XLA_FLAGS adds to them with :func:`xla_flags`.
+TEST_XLA_FLAGS = ("" if os.environ.get("ENAS_JAX_TEST_FULL_OPT") == "1" else
+                  "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
+
+
+def xla_flags(*extra: str) -> str:
+  """``XLA_FLAGS`` for a test's subprocess: the suite's flags plus ``extra``."""
+  return " ".join(f for f in (TEST_XLA_FLAGS, *extra) if f)
+
+
+if TEST_XLA_FLAGS and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
+
 import jax  # noqa: E402
 
 # Compiles dominate the suite's time on 2 cores; a cache shared by the tests of

@@ -14,6 +14,8 @@ import optax
 import pytest
 from orbax.checkpoint._src.path import async_path
 
+from conftest import xla_flags
+
 from enas_jax.checkpoint import Checkpointer, CheckpointError
 
 TMP_MARK = '.orbax-checkpoint-tmp'
@@ -268,7 +270,7 @@ def test_restore_uses_target_shardings(tmp_path):
                                     jax.random.key_data(state['k']))
       print('OK')
   ''')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=4'),
              JAX_PLATFORMS='cpu')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 FLAGS = [
     "--config=configs/ptb.py:smoke", "--config.data.vocab_size=40",
@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 def _env(**extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   env.update(extra)
   return env
 
@@ -67,7 +67,7 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
   single = str(tmp_path / "single")
   out = subprocess.run(
       [sys.executable, "-m", "enas_jax.main", *FLAGS, f"--workdir={single}"], cwd=ROOT,
-      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+      env=_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2")),
       capture_output=True, text=True, timeout=400, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   arc_m, valid_m, test_m = _results(multi)

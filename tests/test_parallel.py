@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 _SCRIPT = textwrap.dedent("""
     import json, sys
@@ -42,7 +42,7 @@ _SCRIPT = textwrap.dedent("""
 
 def _one_and_two_devices(script: str, timeout: int):
   """Runs ``script`` with two fake CPU devices; returns its results on one and on two."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
              JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=timeout)
