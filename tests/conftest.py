@@ -45,7 +45,7 @@ jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
 # Only long compiles are cached: a clean-clone CI run once crashed (SIGSEGV inside
 # jax's compilation_cache.put_executable_and_time) writing a small controller
 # executable; fewer, larger writes keep most of the benefit with less exposure.
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 # The runs the tests start as subprocesses (python -m enas_jax.main ...) get no
 # default per-user cache (enas_jax.compile_cache): nothing under ~/.cache, and
 # they compile as before unless a test passes them this cache explicitly.
