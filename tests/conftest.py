@@ -1,5 +1,6 @@
 """Shared test helpers: tiny configs and a persistent compilation cache."""
 
+import gc
 import os
 import sys
 
@@ -29,6 +30,11 @@ if TEST_XLA_FLAGS and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
 
 import jax  # noqa: E402
+
+# Tracing builds many short-lived Python objects; with the default thresholds
+# the cyclic collector ran often enough to cost ~5% of the macro child tests
+# (70-74 s -> 68 s). Collections still happen, just less often.
+gc.set_threshold(50_000, 20, 100)
 
 # Compiles dominate the suite's time on 2 cores; a cache shared by the tests of
 # one run (and by reruns) cuts repeated compilations to a fraction of a second.

@@ -48,21 +48,23 @@ def test_cell_forward_has_one_op_switch():
 def test_traced_cell_equals_baked_cell_value_and_grads():
   cfg, p, x0, x1, w_final = _cell_setup()
   codec = cifar_micro.MicroCodec(cfg.num_nodes)
+
+  def traced(x0, x1, nodes, w, a):
+    return jnp.sum(jnp.sin(mc._traced_cell(x0, x1, mc._pick_weights(nodes, a, False), w,
+                                           a, cfg)))
+
+  # One compile of the traced cell serves every arc (the arc is an argument).
+  traced_vg = jax.jit(jax.value_and_grad(traced, argnums=(0, 1, 2, 3)))
+  args = (x0, x1, p["nodes"], w_final)
   # Both ops of a node differ and read different inputs in some arcs.
   for seed in range(3):
     arc = np.asarray(codec.sample_uniform(jax.random.key(seed)))[:4 * cfg.num_nodes]
-
-    def traced(x0, x1, nodes, w):
-      a = jnp.asarray(arc)
-      return jnp.sum(jnp.sin(mc._traced_cell(x0, x1, mc._pick_weights(nodes, a, False), w,
-                                             a, cfg)))
 
     def baked(x0, x1, nodes, w):
       return jnp.sum(jnp.sin(mc._autodiff_cell(x0, x1, mc._pick_weights(nodes, arc, True), w,
                                                arc, cfg, True)))
 
-    args = (x0, x1, p["nodes"], w_final)
-    vt, gt = jax.value_and_grad(traced, argnums=(0, 1, 2, 3))(*args)
+    vt, gt = traced_vg(*args, jnp.asarray(arc))
     vb, gb = jax.value_and_grad(baked, argnums=(0, 1, 2, 3))(*args)
     np.testing.assert_allclose(vt, vb, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(gt), jax.tree.leaves(gb)):
