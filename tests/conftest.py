@@ -154,3 +154,25 @@ def tiny_cifar_config(space: str = "cifar_macro", variant: str = "smoke", **over
     node[parts[-1]] = v
   c.lock()
   return c
+
+
+# Seconds each of the heaviest test files took in a cold run on 2 cores (sum of
+# its tests' durations). pytest-xdist hands whole files to its 2 workers
+# (--dist loadfile); by default it queues the files with the most tests first,
+# which left the long one-test files (two-device runs, pipelines) for the end
+# and one worker idle while the other finished them. The files below run first,
+# longest first (--no-loadscope-reorder keeps this order); the rest follow in
+# collection order.
+_HEAVY_FILES = {
+    "test_faults.py": 84, "test_cifar_macro_child.py": 77, "test_cifar_micro_child.py": 56,
+    "test_cifar_pipeline.py": 36, "test_parallel.py": 34, "test_cifar_pipeline_micro.py": 28,
+    "test_parallel_micro.py": 28, "test_pipeline.py": 25, "test_kernels.py": 25,
+    "test_ptb_child.py": 22, "test_task_scalars.py": 19, "test_reinforce.py": 17,
+    "test_seeds.py": 16, "test_controller.py": 15, "test_readme.py": 14,
+    "test_controller_micro.py": 14, "test_task_core.py": 13, "test_micro_compile.py": 8,
+    "test_final_recipe.py": 9, "test_cifar_nb201.py": 8,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: -_HEAVY_FILES.get(os.path.basename(str(item.fspath)), 0))
