@@ -110,6 +110,12 @@ def synthetic_images(n: int):
       mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.25, np.float32), source="benchmark")
 
 
+def _steps_per_dispatch(task, config) -> int:
+  """Steps per compiled chunk of the row's stage, from the task's typed settings."""
+  stage = task.settings.search if config.mode == "search" else task.settings.final
+  return stage.steps_per_dispatch
+
+
 def _image_row(config, row: str, steps: int) -> dict:
   import jax
   from enas_jax import aot, parallel, spaces
@@ -125,8 +131,7 @@ def _image_row(config, row: str, steps: int) -> dict:
   task = ImageTask(config, images, mesh, shared=shared, arc=None if shared else arc)
   chunk, ctrl_params = aot.chunk_for_row(task, space, row, arc, config, mesh)
   state = task.init_child(jax.random.key(0))
-  spd = int(config.search.steps_per_dispatch if config.mode == "search"
-            else config.final.steps_per_dispatch)
+  spd = _steps_per_dispatch(task, config)
   state, acc, compile_s, dt, rss_before = _time_chunk(chunk, state, ctrl_params, steps, spd)
   cfg = task.fns.cfg
   state_bytes = 2 * _tree_bytes(state.params) + _tree_bytes(state.opt_state)
@@ -170,8 +175,7 @@ def run_row(config, row: str, steps: int) -> dict:
   chunk, ctrl_params = aot.chunk_for_row(task, space, row, arc, config, mesh)
   state = task.init_child(jax.random.key(0))
   num_params = task.count_params(state.params)
-  spd = int(config.search.steps_per_dispatch if config.mode == "search"
-            else config.final.steps_per_dispatch)
+  spd = _steps_per_dispatch(task, config)
   state, acc, compile_s, dt, rss_before = _time_chunk(chunk, state, ctrl_params, steps, spd)
   # Bytes the step must hold: parameters, the gradient it computes (the used
   # slices for the shared step; all weights for a fixed one) and optimizer state.

@@ -3,8 +3,6 @@ against the fixed child (values, statistics, gradients), one compilation for
 every arc, the published network's parameter counts, the config, and the
 pipeline end to end on a tiny config."""
 
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -272,8 +270,7 @@ def test_remat_cells_gives_the_same_gradient():
 
 # ------------------------------------------------------------ config, pipeline
 def _config(variant="smoke", **overrides):
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-  import cifar_nb201
+  from configs import cifar_nb201
   c = cifar_nb201.get_config(variant)
   c.unlock()
   c.data.source = "synthetic"
@@ -296,8 +293,7 @@ def _config(variant="smoke", **overrides):
 
 
 def test_config_variants():
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-  import cifar_nb201
+  from configs import cifar_nb201
   s = cifar_nb201.get_config("search")
   assert (s.space.num_nodes, s.space.cells_per_stage, s.child.out_filters) == (4, 5, 16)
   assert "num_layers" not in s.space
