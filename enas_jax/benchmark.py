@@ -71,16 +71,48 @@ def _synthetic_corpus(config, steps: int):
                 vocab=[f"w{i}" for i in range(V)], name="benchmark")
 
 
+# jax.monitoring's duration events of one compilation, by the name the rows use.
+_COMPILE_PHASES = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+    "/jax/core/compile/backend_compile_duration": "xla_compile_s",
+}
+
+
+class _CompilePhases:
+  """Seconds jax spends tracing, lowering and in XLA's compiler (every jitted
+  function, all threads) inside ``with``: where a row's ``compile_s`` goes."""
+
+  def __init__(self):
+    self.seconds = dict.fromkeys(_COMPILE_PHASES.values(), 0.0)
+
+  def _listener(self, event: str, duration: float, **kwargs) -> None:
+    del kwargs
+    if event in _COMPILE_PHASES:
+      self.seconds[_COMPILE_PHASES[event]] += duration
+
+  def __enter__(self) -> "_CompilePhases":
+    import jax
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    import jax
+    jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
 def _time_chunk(chunk, state, ctrl_params, steps: int, spd: int):
   """Compiles (one step), then times ``steps`` steps in dispatches of ``spd``.
-  Returns (state, last sums, compile seconds, timed seconds, peak RSS before compiling)."""
+  Returns (state, last sums, compile seconds, timed seconds, peak RSS before
+  compiling, the compile's phases: trace / lower / XLA seconds)."""
   import jax
   import jax.numpy as jnp
   key = jax.random.key(3)
   rss_before = _peak_rss_mb()
   t0 = time.perf_counter()
-  state, acc = chunk(state, ctrl_params, key, jnp.int32(1))  # compiles
-  jax.block_until_ready(acc)
+  with _CompilePhases() as phases:
+    state, acc = chunk(state, ctrl_params, key, jnp.int32(1))  # compiles
+    jax.block_until_ready(acc)
   compile_s = time.perf_counter() - t0
   done = 0
   t0 = time.perf_counter()
@@ -92,7 +124,8 @@ def _time_chunk(chunk, state, ctrl_params, steps: int, spd: int):
   dt = time.perf_counter() - t0
   if int(acc["first_bad"]) >= 0:
     raise RuntimeError(f"non-finite loss during the benchmark at step {int(acc['first_bad'])}")
-  return state, acc, compile_s, dt, rss_before
+  return state, acc, compile_s, dt, rss_before, {
+      k: round(v, 3) for k, v in phases.seconds.items()}
 
 
 def synthetic_images(n: int):
@@ -132,7 +165,8 @@ def _image_row(config, row: str, steps: int) -> dict:
   chunk, ctrl_params = aot.chunk_for_row(task, space, row, arc, config, mesh)
   state = task.init_child(jax.random.key(0))
   spd = _steps_per_dispatch(task, config)
-  state, acc, compile_s, dt, rss_before = _time_chunk(chunk, state, ctrl_params, steps, spd)
+  state, acc, compile_s, dt, rss_before, phases = _time_chunk(chunk, state, ctrl_params,
+                                                              steps, spd)
   cfg = task.fns.cfg
   state_bytes = 2 * _tree_bytes(state.params) + _tree_bytes(state.opt_state)
   return {
@@ -145,6 +179,7 @@ def _image_row(config, row: str, steps: int) -> dict:
       "checkpoint_branches": cfg.checkpoint_branches,
       "num_params": task.count_params(state.params),
       "compile_count": int(chunk._cache_size()), "compile_s": round(compile_s, 3),
+      "compile_phases": phases,
       "steps": steps, "steps_per_s": round(steps / dt, 4),
       "examples_per_s": round(steps * b / dt, 1), "ms_per_step": round(1000 * dt / steps, 2),
       "arc": space.format(arc) if row != "shared" else "sampled per step",
@@ -176,7 +211,8 @@ def run_row(config, row: str, steps: int) -> dict:
   state = task.init_child(jax.random.key(0))
   num_params = task.count_params(state.params)
   spd = _steps_per_dispatch(task, config)
-  state, acc, compile_s, dt, rss_before = _time_chunk(chunk, state, ctrl_params, steps, spd)
+  state, acc, compile_s, dt, rss_before, phases = _time_chunk(chunk, state, ctrl_params,
+                                                              steps, spd)
   # Bytes the step must hold: parameters, the gradient it computes (the used
   # slices for the shared step; all weights for a fixed one) and optimizer state.
   view = ptb_child.gather(state.params, arc, task.cc) if shared else state.params
@@ -192,7 +228,7 @@ def run_row(config, row: str, steps: int) -> dict:
       "compute_dtype": task.cc.compute_dtype,
       "share_across_activations": task.cc.share_across_activations,
       "num_params": num_params, "compile_count": int(chunk._cache_size()),
-      "compile_s": round(compile_s, 3), "steps": steps,
+      "compile_s": round(compile_s, 3), "compile_phases": phases, "steps": steps,
       "steps_per_s": round(steps / dt, 4), "tokens_per_s": round(steps * tokens / dt, 1),
       "random_bptt": task.random_bptt,
       "ms_per_step": round(1000 * dt / steps, 2),
