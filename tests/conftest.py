@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny configs and a persistent compilation cache."""
+"""Shared test helpers: tiny configs, the compile flags and persistent compilation
+cache of the suite, and the order its files run in."""
 
 import gc
 import os
