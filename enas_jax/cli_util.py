@@ -28,8 +28,6 @@ def parse_flags(argv):
     sys.exit(2)
 
 
-
-
 def _renamed_hint(keys) -> str:
   """'--config.a.b was renamed: use --config.c.d' for a key of a renamed field, else ''."""
   from enas_jax.train import common  # the one table of renamed fields

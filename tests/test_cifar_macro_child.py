@@ -10,6 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import init_in_one_compile
+
 from enas_jax.spaces import cifar_macro_child as M
 from enas_jax.spaces.cifar_macro import PAPER_ARC, MacroCodec
 
@@ -41,12 +43,6 @@ def _key(seed):
   return jax.random.key(seed, impl="rbg")
 
 
-def _init_in_one_compile(init, *args):
-  """``init(key, *args)`` jitted on an rbg key (as conftest.init_in_one_compile):
-  eagerly every weight's draw is a compile of its own."""
-  return jax.jit(lambda k: init(k, *args))(_key(0))
-
-
 def _arcs(n, seed=0, num_layers=L):
   codec = MacroCodec(num_layers)
   return [np.asarray(codec.sample_uniform(jax.random.key(seed + i))) for i in range(n)]
@@ -76,7 +72,7 @@ def _jitted(op_select, kernels, checkpoint=True):
 
 @functools.cache
 def _init(op_select="switch", kernels="cpu"):
-  return _init_in_one_compile(M.init_shared, _cfg(op_select, kernels))
+  return init_in_one_compile(M.init_shared, _cfg(op_select, kernels))
 
 
 def _assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
@@ -229,7 +225,7 @@ def test_shared_layout_and_reductions():
   assert bn_paths == st_paths
   x, _ = _data(hw=16)
   arc = _arcs(1, num_layers=6)[0]
-  params, stats = _init_in_one_compile(M.init_shared, cfg)
+  params, stats = init_in_one_compile(M.init_shared, cfg)
   logits, _, _ = jax.jit(lambda p, s: M.apply_shared(p, s, arc, x, train=False, cfg=cfg))(
       params, stats)
   assert logits.shape == (B, 10)
@@ -250,7 +246,7 @@ def _fixed_arc():
 def test_fixed_child_shapes_and_channel_doubling():
   cfg = M.MacroChildConfig(num_layers=FIXED_L, out_filters=C)
   arc = _fixed_arc()
-  params, stats = _init_in_one_compile(M.init_fixed, cfg, arc)
+  params, stats = init_in_one_compile(M.init_fixed, cfg, arc)
   lay = params["layers"]
   # Reductions after layers 1 and 3: C -> 2C -> 4C, every list tensor reduced.
   assert [len(r) for r in params["reduce"]] == [3, 5]
@@ -272,7 +268,7 @@ def test_fixed_child_shapes_and_channel_doubling():
 def test_fixed_child_train_eval_and_gradients():
   cfg = M.MacroChildConfig(num_layers=FIXED_L, out_filters=C, keep_prob=0.5)
   arc = _fixed_arc()
-  params, stats = _init_in_one_compile(M.init_fixed, cfg, arc)
+  params, stats = init_in_one_compile(M.init_fixed, cfg, arc)
   x, y = _data(hw=16)
 
   @jax.jit
@@ -306,7 +302,7 @@ def test_fixed_child_remat_layers_same_gradients_fewer_temporaries():
   grads, temps = {}, {}
   for r in ("none", "layers"):
     cfg = M.MacroChildConfig(num_layers=FIXED_L, out_filters=C, keep_prob=1.0, remat=r)
-    params, stats = _init_in_one_compile(M.init_fixed, cfg, arc)
+    params, stats = init_in_one_compile(M.init_fixed, cfg, arc)
 
     def loss(p, cfg=cfg, stats=stats):
       return _ce(M.apply_fixed(p, stats, arc, x, train=True, key=_key(1),
@@ -327,7 +323,7 @@ def test_fixed_pools_differ_and_run_eagerly():
   outs = []
   for op in (4, 5):
     arc = np.array([op])
-    p, s = _init_in_one_compile(M.init_fixed, cfg, arc)
+    p, s = init_in_one_compile(M.init_fixed, cfg, arc)
     outs.append(M.apply_fixed(p, s, arc, x, train=False, cfg=cfg)[0])
   assert not np.allclose(outs[0], outs[1])
 

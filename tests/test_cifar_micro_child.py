@@ -8,6 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import init_in_one_compile
+
 from enas_jax.spaces import cifar_micro
 from enas_jax.spaces import cifar_micro_child as mc
 
@@ -33,12 +35,6 @@ def _key(seed):
   """An "rbg" key: the child's dropout / drop-path draws compile much faster on
   XLA:CPU than threefry's (the functions under test do not depend on the impl)."""
   return jax.random.key(seed, impl="rbg")
-
-
-def _init(init, *args):
-  """``init(key, *args)`` as one jitted program on an rbg key (as
-  conftest.init_in_one_compile): eagerly every weight's draw is a compile."""
-  return jax.jit(lambda k: init(k, *args))(_key(0))
 
 
 def _labels():
@@ -77,7 +73,7 @@ def shared():
   arcs = _arcs()
   out = {"arcs": arcs, "x": x}
   base_cfg = mc.MicroChildConfig(**TINY)
-  params, stats = _init(mc.init_shared, base_cfg)
+  params, stats = init_in_one_compile(mc.init_shared, base_cfg)
   out["params"], out["stats"] = params, stats
   # The baked reference (op_select does not matter for a numpy arc). Its convs
   # are the custom ones, like the traced switch's: at these tiny sizes (batch 2,
@@ -210,7 +206,7 @@ def test_scanned_search_cells_equal_unrolled_cells_six_layers():
   for scan in (False, True):
     cfg = mc.MicroChildConfig(num_layers=6, num_nodes=B, out_filters=4, kernels="cpu",
                               scan_layers=scan)
-    params, stats = _init(mc.init_shared, cfg)
+    params, stats = init_in_one_compile(mc.init_shared, cfg)
     assert len(mc._shared_groups(params, cfg, scan)) == (3 if scan else 8)
     out[scan] = jax.jit(jax.value_and_grad(_loss_fn(cfg), has_aux=True))(
         params, stats, arc, x, _key(7))
@@ -263,7 +259,7 @@ def fixed():
   arc = cifar_micro.MicroCodec(B).validate(
       [0, 1, 0, 2, 2, 4, 0, 0, 0, 4, 1, 0, 1, 2, 2, 3])
   cfg = mc.MicroChildConfig(**TINY, kernels="cpu")
-  params, stats = _init(mc.init_fixed, cfg, arc)
+  params, stats = init_in_one_compile(mc.init_fixed, cfg, arc)
   x = _images(2)
 
   def loss(p, s, progress, key):
@@ -342,7 +338,7 @@ def test_fixed_child_scanned_cells_equal_unrolled_cells(fixed):
   for scan in (False, True):
     cfg = mc.MicroChildConfig(num_layers=12, num_nodes=B, out_filters=4, kernels="cpu",
                               scan_layers=scan)
-    params, stats = _init(mc.init_fixed, cfg, arc)
+    params, stats = init_in_one_compile(mc.init_fixed, cfg, arc)
     groups = mc._fixed_groups(mc._fixed_plan(cfg, arc)[0], params, stats, cfg)
     assert [len(g) for g in groups] == (
         [1, 1, 2, 1, 1, 1, 2, 1, 1, 1, 2] if scan else [1] * cfg.num_cells)

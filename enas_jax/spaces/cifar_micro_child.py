@@ -460,12 +460,12 @@ def _shared_groups(params, cfg, scan):
   may also calibrate its older input, which is known before the run (stage 0:
   cell 1 calibrates the stem). One cell per run without ``scan``."""
   groups = []
-  for p in params["cells"]:
+  for i, p in enumerate(params["cells"]):
     extra = {k for k in ("reduce", "calib_x", "calib_y") if k in p}
     if scan and groups and (not extra or (extra == {"calib_x"} and len(groups[-1]) == 1)):
-      groups[-1].append(len(sum(groups, [])))
+      groups[-1].append(i)
     else:
-      groups.append([len(sum(groups, []))])
+      groups.append([i])
   return groups
 
 

@@ -72,10 +72,15 @@ def _typed(cls, section_name: str, section: Any, optional: tuple = ()) -> dict:
 
 class _Section:
   """``from_config`` for a settings dataclass read from the config section
-  ``SECTION``; the names in ``OPTIONAL`` keep their defaults when absent."""
+  ``SECTION``; the names in ``OPTIONAL`` keep their defaults when absent; the
+  values are checked against ``RULES`` (``field -> (test, what it must be)``)."""
 
   SECTION = ""
   OPTIONAL: tuple = ()
+  RULES: dict = {}
+
+  def __post_init__(self):
+    _check(self.SECTION, self, self.RULES)
 
   @classmethod
   def from_config(cls, section: Any):
@@ -95,15 +100,13 @@ class SearchSettings(_Section):
   valid_batches: int
 
   SECTION = "search"
-
-  def __post_init__(self):
-    _check("search", self, {
-        "num_epochs": (lambda v: v >= 0, ">= 0"),
-        "sampler": (lambda v: v in SAMPLERS, f"one of {SAMPLERS}"),
-        "controller_start_epoch": (lambda v: v >= 0, ">= 0"),
-        "steps_per_dispatch": (lambda v: v >= 1, ">= 1"),
-        "valid_batches": (lambda v: v >= 0, ">= 0 (0 = all)"),
-    })
+  RULES = {
+      "num_epochs": (lambda v: v >= 0, ">= 0"),
+      "sampler": (lambda v: v in SAMPLERS, f"one of {SAMPLERS}"),
+      "controller_start_epoch": (lambda v: v >= 0, ">= 0"),
+      "steps_per_dispatch": (lambda v: v >= 1, ">= 1"),
+      "valid_batches": (lambda v: v >= 0, ">= 0 (0 = all)"),
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,13 +119,11 @@ class DeriveSettings(_Section):
   valid_batches: int
 
   SECTION = "derive"
-
-  def __post_init__(self):
-    _check("derive", self, {
-        "num_samples": (lambda v: v >= 1, ">= 1"),
-        "batch": (lambda v: v >= 1, ">= 1"),
-        "valid_batches": (lambda v: v >= 0, ">= 0 (0 = all)"),
-    })
+  RULES = {
+      "num_samples": (lambda v: v >= 1, ">= 1"),
+      "batch": (lambda v: v >= 1, ">= 1"),
+      "valid_batches": (lambda v: v >= 0, ">= 0 (0 = all)"),
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,16 +142,14 @@ class FinalSettings(_Section):
 
   SECTION = "final"
   OPTIONAL = ("average", "average_nonmono", "test_batch_size", "test_bptt")
-
-  def __post_init__(self):
-    _check("final", self, {
-        "num_epochs": (lambda v: v >= 0, ">= 0"),
-        "steps_per_dispatch": (lambda v: v >= 1, ">= 1"),
-        "valid_batches": (lambda v: v >= 0, ">= 0 (0 = all)"),
-        "average_nonmono": (lambda v: v >= 0, ">= 0"),
-        "test_batch_size": (lambda v: v is None or v >= 1, ">= 1"),
-        "test_bptt": (lambda v: v is None or v >= 1, ">= 1"),
-    })
+  RULES = {
+      "num_epochs": (lambda v: v >= 0, ">= 0"),
+      "steps_per_dispatch": (lambda v: v >= 1, ">= 1"),
+      "valid_batches": (lambda v: v >= 0, ">= 0 (0 = all)"),
+      "average_nonmono": (lambda v: v >= 0, ">= 0"),
+      "test_batch_size": (lambda v: v is None or v >= 1, ">= 1"),
+      "test_bptt": (lambda v: v is None or v >= 1, ">= 1"),
+  }
 
 
 @dataclasses.dataclass(frozen=True)
