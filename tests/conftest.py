@@ -15,11 +15,15 @@ if ROOT not in sys.path:
 # their tiny shapes compiling dominates: LLVM at -O0 with XLA:CPU's older
 # (non-MLIR) fusion emitters roughly halves every compile (the macro and PTB
 # child tests: 149 s -> 81 s serially). Results agree with the default
-# pipeline within the tests' tolerances. ENAS_JAX_TEST_FULL_OPT=1 tests with
+# pipeline within the tests' tolerances. The two pytest-xdist workers fill the
+# 2 cores, so each compiles and runs on one thread (no Eigen thread pool, the
+# LLVM module not split for parallel codegen): ~7% less CPU time in all.
+# ENAS_JAX_TEST_FULL_OPT=1 tests with
 # XLA's default flags instead. Subprocesses inherit these through XLA_FLAGS;
 # a test that sets its own XLA_FLAGS adds to them with :func:`xla_flags`.
 TEST_XLA_FLAGS = ("" if os.environ.get("ENAS_JAX_TEST_FULL_OPT") == "1" else
-                  "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
+                  "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+                  " --xla_cpu_multi_thread_eigen=false --xla_cpu_parallel_codegen_split_count=1")
 
 
 def xla_flags(*extra: str) -> str:
@@ -165,13 +169,13 @@ def tiny_cifar_config(space: str = "cifar_macro", variant: str = "smoke", **over
 # longest first (--no-loadscope-reorder keeps this order); the rest follow in
 # collection order.
 _HEAVY_FILES = {
-    "test_faults.py": 84, "test_cifar_macro_child.py": 77, "test_cifar_micro_child.py": 56,
-    "test_cifar_pipeline.py": 36, "test_parallel.py": 34, "test_cifar_pipeline_micro.py": 28,
-    "test_parallel_micro.py": 28, "test_pipeline.py": 25, "test_kernels.py": 25,
-    "test_ptb_child.py": 22, "test_task_scalars.py": 19, "test_reinforce.py": 17,
-    "test_seeds.py": 16, "test_controller.py": 15, "test_readme.py": 14,
-    "test_controller_micro.py": 14, "test_task_core.py": 13, "test_micro_compile.py": 8,
-    "test_final_recipe.py": 9, "test_cifar_nb201.py": 8,
+    "test_cifar_macro_child.py": 73, "test_cifar_micro_child.py": 48, "test_faults.py": 45,
+    "test_cifar_pipeline.py": 33, "test_kernels.py": 29, "test_pipeline.py": 26,
+    "test_parallel_micro.py": 25, "test_parallel.py": 25, "test_ptb_child.py": 18,
+    "test_controller.py": 17, "test_reinforce.py": 15, "test_seeds.py": 15,
+    "test_task_scalars.py": 15, "test_readme.py": 14, "test_controller_micro.py": 13,
+    "test_micro_compile.py": 10, "test_task_core.py": 10, "test_final_recipe.py": 9,
+    "test_cifar_nb201.py": 9,
 }
 
 

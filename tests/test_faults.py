@@ -41,6 +41,11 @@ pytestmark = pytest.mark.filterwarnings(
     r"ignore:(?s).*Event loop is closed:pytest.PytestUnraisableExceptionWarning")
 
 
+# The fuzzers' examples per test: FUZZ_EXAMPLES (the default suite; hypothesis
+# draws new ones every run), ENAS_JAX_FUZZ_EXAMPLES=2000 for a deeper search.
+FUZZ_EXAMPLES = int(os.environ.get("ENAS_JAX_FUZZ_EXAMPLES", "400"))
+
+
 # ============================================================================
 # kill -9 at random moments, then rerun the same command.
 
@@ -226,9 +231,10 @@ def _run_and_kill(cmd, log_path, line_index, extra):
     return False, p.wait(), time.time() - t0
 
 
-def kill_and_resume(base, num_kills, seed=0, log=print):
+def kill_and_resume(base, num_kills, seed=0, log=print, at=None):
   """An uninterrupted run, then ``num_kills`` runs killed with SIGKILL at seeded
-  random moments (:func:`kill_points`) and rerun to completion. Returns one dict per kill."""
+  random moments (:func:`kill_points`) and rerun to completion. Returns one dict per kill.
+  ``at``: fixed kill points instead, as fractions of the progress lines."""
   targets = Targets(kill_config())
   ref = os.path.join(base, "reference")
   total, lines, rc = _timed_run(kill_command(ref), ref + ".log")
@@ -238,7 +244,8 @@ def kill_and_resume(base, num_kills, seed=0, log=print):
   # lines, from the first training step to the last but one (after the last
   # only the test evaluation and the result file are left).
   progress_lines = [line for _, line in lines if line.startswith(PROGRESS)]
-  points = kill_points(num_kills, seed, len(progress_lines) - 1)
+  points = (kill_points(num_kills, seed, len(progress_lines) - 1) if at is None else
+            [(int(f * (len(progress_lines) - 1)), 0.2) for f in at])
   log(f"uninterrupted run: {total:.1f} s, {len(progress_lines)} progress lines; "
       f"{num_kills} kills after lines {[i for i, _ in points]}, seed {seed}")
   results = []
@@ -299,9 +306,30 @@ def format_kill(r):
           f"| at kill: {ck}{partial} | {resumed} | {same}")
 
 
-def test_kill9_at_random_moments_then_resume(tmp_path):
-  # Two kills, one in each half of the run (search; derive and final training):
-  # each costs a killed and a resumed run. test_kill9_ten_moments (-m slow) has ten.
+def test_kill9_during_final_training_then_resume(tmp_path):
+  # One kill, during final training (85% of the progress lines): its rerun
+  # restores the finished search's checkpoint and the final training's, so it
+  # checks both restore paths. Each kill costs a killed and a resumed run: the
+  # kills at seeded random moments are -m slow (test_kill9_at_random_moments_then_resume
+  # has one in each half of the run, test_kill9_ten_moments ten).
+  results, _ = kill_and_resume(str(tmp_path), num_kills=1, log=lambda s: None, at=[0.85])
+  r = results[0]
+  assert r["killed"], format_kill(r)  # a kill after the run's end tests nothing
+  assert r["search_ckpt"] is not None and r["final_ckpt"] is not None, format_kill(r)
+  assert r["resumed"], r.get("error")
+  assert len(r["resumed_from"]) == 2, format_kill(r)  # search, then final training
+  assert r["same"], format_kill(r)
+
+
+def _skip_unless_slow(request):
+  if "slow" not in (request.config.option.markexpr or ""):
+    pytest.skip("slow (minutes): run with -m slow")
+
+
+@pytest.mark.slow
+def test_kill9_at_random_moments_then_resume(tmp_path, request):
+  # Two kills, one in each half of the run (search; derive and final training).
+  _skip_unless_slow(request)
   results, _ = kill_and_resume(str(tmp_path), num_kills=2, seed=0, log=lambda s: None)
   for r in results:
     assert r["killed"], format_kill(r)  # a kill after the run's end tests nothing
@@ -311,8 +339,7 @@ def test_kill9_at_random_moments_then_resume(tmp_path):
 
 @pytest.mark.slow
 def test_kill9_ten_moments(tmp_path, request):
-  if "slow" not in (request.config.option.markexpr or ""):
-    pytest.skip("slow (several minutes): run with -m slow")
+  _skip_unless_slow(request)
   results, _ = kill_and_resume(str(tmp_path), num_kills=10, seed=1, log=lambda s: None)
   for r in results:
     assert r["killed"] and r["resumed"] and r["same"], format_kill(r)
@@ -432,7 +459,7 @@ def _check_accepted(codec, arc, tokens=None):
     assert arc.tolist() == [int(v) for v in tokens]
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(near=near_valid_lists(), sep=st.sampled_from([" ", ",", ", ", "  \t", "\n"]))
 def test_fuzz_token_lists_agree_with_oracle(near, sep):
   codec, tokens = near
@@ -449,7 +476,7 @@ def test_fuzz_token_lists_agree_with_oracle(near, sep):
       _check_accepted(codec, arc, tokens)
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(codec=CODECS, tokens=st.lists(JUNK_TOKEN, max_size=45),
        as_array=st.sampled_from([None, "object", "float64", "int64", "uint64"]))
 def test_fuzz_junk_arrays_only_value_error(codec, tokens, as_array):
@@ -469,7 +496,7 @@ def test_fuzz_junk_arrays_only_value_error(codec, tokens, as_array):
       _check_accepted(codec, arc)
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(codec=CODECS, text=st.one_of(
     st.text(max_size=120),
     st.lists(JUNK_TEXT_TOKEN, max_size=45).map(" ".join),
@@ -483,7 +510,7 @@ def test_fuzz_strings_only_value_error(codec, text):
     _check_accepted(codec, arc)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(arc=valid_arcs(), form=st.sampled_from(["text", "commas", "list", "int64", "float",
                                                "jax", "padded"]))
 def test_fuzz_valid_arcs_never_rejected(arc, form):
@@ -601,7 +628,7 @@ def _same_type_value(draw, old):
   raise AssertionError(type(old))
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(which=st.sampled_from(CONFIGS), data=st.data())
 def test_fuzz_dotted_overrides_on_locked_configs(which, data):
   c = _load(*which)
