@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import ROOT, xla_flags
 
 _SCRIPT = textwrap.dedent("""
@@ -40,19 +42,32 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _one_and_two_devices(script: str, timeout: int):
-  """Runs ``script`` with two fake CPU devices; returns its results on one and on two."""
+def _json_lines(script: str, timeout: int) -> list:
+  """Runs ``script`` with two fake CPU devices; returns each JSON line it printed."""
   env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
              JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=timeout)
   assert r.returncode == 0, r.stderr[-3000:]
-  out = json.loads(r.stdout.strip().splitlines()[-1])
+  return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def _one_and_two_devices(script: str, timeout: int):
+  """Runs ``script`` with two fake CPU devices; returns its results on one and on two."""
+  out = _json_lines(script, timeout)[-1]
   return out["1"], out["2"]
 
 
-def test_two_fake_devices_match_one_device():
-  one, two = _one_and_two_devices(_SCRIPT, timeout=600)
+@pytest.fixture(scope="module")
+def ptb_runs():
+  """The two PTB scripts below in one subprocess (one start of Python and jax):
+  {"search": (one device, two), "split": (one, two)}."""
+  search, split = _json_lines(_SCRIPT + _PTB_SPLIT_SCRIPT, timeout=900)[-2:]
+  return {"search": (search["1"], search["2"]), "split": (split["1"], split["2"])}
+
+
+def test_two_fake_devices_match_one_device(ptb_runs):
+  one, two = ptb_runs["search"]
   assert two["devices_h"] == 2  # the batch really is split over both devices
   import numpy as np
   np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)
@@ -114,13 +129,13 @@ _PTB_SPLIT_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_ptb_step_splits_the_batch_over_two_fake_devices():
+def test_ptb_step_splits_the_batch_over_two_fake_devices(ptb_runs):
   """Each device computes only its half of the batch (design invariant 4): the
   compiled PTB child step and validation hold no all-gather of tokens or
   activations (only the gradient and loss all-reduces), their FLOPs per device
   fall, and three steps give the 1-device losses and weights."""
   import numpy as np
-  one, two = _one_and_two_devices(_PTB_SPLIT_SCRIPT, timeout=600)
+  one, two = ptb_runs["split"]
   for kind in ("fixed", "random"):
     a, b = one[kind], two[kind]
     assert b["h_devices"] == 2
