@@ -202,6 +202,10 @@ def test_one_compilation_for_many_arcs(shared):
       assert shared[mode]._cache_size() == 1, mode
 
 
+# -m slow: child.scan_layers is off for the search children on every backend
+# ("auto"; it made their compiles and steps slower, docs/performance.md); the
+# default suite checks the scanned fixed child.
+@pytest.mark.slow
 def test_scanned_search_cells_equal_unrolled_cells(shared):
   # TINY: cell 0 alone (calibrations), cells 1 (reduction) and 2 (aux head after
   # it) run as one lax.scan. Same weights -> same loss, logits, aux logits,
