@@ -18,8 +18,8 @@ if ROOT not in sys.path:
 # pipeline within the tests' tolerances. The two pytest-xdist workers fill the
 # 2 cores, so each compiles and runs on one thread (no Eigen thread pool, the
 # LLVM module not split for parallel codegen): ~7% less CPU time in all.
-# ENAS_JAX_TEST_FULL_OPT=1 tests with
-# XLA's default flags instead. Subprocesses inherit these through XLA_FLAGS;
+# ENAS_JAX_TEST_FULL_OPT=1 tests with XLA's default flags instead.
+# Subprocesses inherit these through XLA_FLAGS;
 # a test that sets its own XLA_FLAGS adds to them with :func:`xla_flags`.
 TEST_XLA_FLAGS = ("" if os.environ.get("ENAS_JAX_TEST_FULL_OPT") == "1" else
                   "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"

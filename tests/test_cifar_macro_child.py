@@ -102,8 +102,8 @@ def _ops(arc, num_layers=L):
 # Two arcs that between them use every op and set every skip bit both ways
 # (layer l: its op, then its skip bits to layers 0..l-1): each arc costs an
 # eager baked run, and random arcs covered less.
-_COVERING_ARCS = [MacroCodec(L).validate([0, 1, 1, 2, 0, 1, 3, 1, 0, 1]),
-                  MacroCodec(L).validate([4, 5, 0, 4, 1, 0, 5, 0, 1, 0])]
+_COVERING_ARCS = [MacroCodec(L).validate(tokens) for tokens in
+                  ([0, 1, 1, 2, 0, 1, 3, 1, 0, 1], [4, 5, 0, 4, 1, 0, 5, 0, 1, 0])]
 
 
 @pytest.mark.parametrize("op_select,kernels", COMBOS)

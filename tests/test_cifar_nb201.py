@@ -3,7 +3,6 @@ against the fixed child (values, statistics, gradients), one compilation for
 every arc, the published network's parameter counts, the config, and the
 pipeline end to end on a tiny config."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -112,7 +112,6 @@ class Targets:
   """Restore targets (freshly initialised states) for a run's checkpoints."""
 
   def __init__(self, config):
-    from enas_jax import data as data_lib
     from enas_jax import parallel
     self.config = config
     self.space = run_lib.build_space(config)
@@ -247,7 +246,8 @@ def kill_and_resume(base, num_kills, seed=0, log=print, at=None):
   points = (kill_points(num_kills, seed, len(progress_lines) - 1) if at is None else
             [(int(f * (len(progress_lines) - 1)), 0.2) for f in at])
   log(f"uninterrupted run: {total:.1f} s, {len(progress_lines)} progress lines; "
-      f"{num_kills} kills after lines {[i for i, _ in points]}, seed {seed}")
+      f"{num_kills} kills after lines {[i for i, _ in points]}"
+      + (f", seed {seed}" if at is None else ""))
   results = []
   for i, (line_index, extra) in enumerate(points):
     wd = os.path.join(base, f"kill{i}")
