@@ -77,13 +77,16 @@ def _init(op_select="switch", kernels="cpu"):
 
 @functools.cache
 def _baked(kernels, arc):
-  """The baked reference of ``arc`` (a tuple), run eagerly on the shared inputs.
-  op_select does not matter for a numpy arc (select_branch calls the branch
-  directly), so the combos with the same kernels share it."""
+  """The baked reference of ``arc`` (a tuple) on the shared inputs: the arc is
+  a numpy constant, so every branch choice is static (jitted: faster than
+  eager dispatch on the suite's flags). op_select does not matter for a numpy
+  arc (select_branch calls the branch directly), so the combos with the same
+  kernels share it."""
   cfg, _ = _jitted("switch", kernels)
   params, stats = _init()
   x, y = _data()
-  return _run(params, stats, np.asarray(arc, np.int32), x, y, _key(7), cfg)
+  arc = np.asarray(arc, np.int32)
+  return jax.jit(lambda *a: _run(*a, arc, x, y, _key(7), cfg))(params, stats)
 
 
 def _assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
@@ -100,8 +103,8 @@ def _ops(arc, num_layers=L):
 
 # ------------------------------------------------------------ shared vs baked
 # Two arcs that between them use every op and set every skip bit both ways
-# (layer l: its op, then its skip bits to layers 0..l-1): each arc costs an
-# eager baked run, and random arcs covered less.
+# (layer l: its op, then its skip bits to layers 0..l-1): each arc costs a
+# baked compile, and random arcs covered less.
 _COVERING_ARCS = [MacroCodec(L).validate(tokens) for tokens in
                   ([0, 1, 1, 2, 0, 1, 3, 1, 0, 1], [4, 5, 0, 4, 1, 0, 5, 0, 1, 0])]
 
@@ -114,7 +117,7 @@ def test_traced_arc_matches_baked_arc(op_select, kernels):
   key = _key(7)
   for arc in _COVERING_ARCS:
     got = fn(params, stats, jnp.asarray(arc, jnp.int32), x, y, key)
-    want = _baked(kernels, tuple(arc.tolist()))  # numpy arc: baked in, run eagerly
+    want = _baked(kernels, tuple(arc.tolist()))  # numpy arc: baked in
     names = ("train logits", "train stats", "grads", "eval logits", "eval stats")
     for name, g, w in zip(names, got, want):
       try:

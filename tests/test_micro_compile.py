@@ -65,7 +65,7 @@ def test_traced_cell_equals_baked_cell_value_and_grads():
                                                arc, cfg, True)))
 
     vt, gt = traced_vg(*args, jnp.asarray(arc))
-    vb, gb = jax.value_and_grad(baked, argnums=(0, 1, 2, 3))(*args)
+    vb, gb = jax.jit(jax.value_and_grad(baked, argnums=(0, 1, 2, 3)))(*args)
     np.testing.assert_allclose(vt, vb, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(gt), jax.tree.leaves(gb)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
