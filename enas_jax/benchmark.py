@@ -256,7 +256,8 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/ptb.py:search")
-  from enas_jax import compile_cache  # on before anything compiles (the rows run this main)
+  # On before anything compiles (the rows run this main).
+  from enas_jax import compile_cache, xla_options
   try:
     cache_dir = compile_cache.enable(config=config)
   except ValueError as e:
@@ -278,6 +279,7 @@ def main(argv):
       row = run_row(config, _ROW.value, _STEPS.value)
     row["compiler_heap_released"] = bool(released)
     row["compile_cache"], row["compile_cache_hit"] = cache_dir, cache_stats.stop().hit
+    row["xla_cpu_options"] = xla_options.active()  # enas_jax.xla_options
     print(json.dumps(row), flush=True)
     return
   if _AOT.value:
