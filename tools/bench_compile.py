@@ -122,9 +122,12 @@ def main(argv=None):
       jax.block_until_ready(loss)
       if i:
         times.append(time.perf_counter() - t)
+      else:
+        first = time.perf_counter() - t
       state = [p, s]
     med = float(np.median(times))
-    row.update(step_s=round(med, 3), img_s=round(args.batch / med, 1))
+    row.update(step_s=round(med, 3), img_s=round(args.batch / med, 1),
+               first_step_s=round(first, 3))
   print(json.dumps(row), flush=True)
 
 
