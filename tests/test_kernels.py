@@ -31,8 +31,8 @@ def test_cpu_conv_matches_xla_forward_and_backward(k, n):
 
   np.testing.assert_allclose(ops.conv2d(x, w, kernels="cpu"), ops.conv2d(x, w, kernels="xla"),
                              rtol=1e-5, atol=1e-5)
-  gc = jax.grad(loss("cpu"), (0, 1))(x, w)
-  gp = jax.grad(loss("xla"), (0, 1))(x, w)
+  gc = jax.jit(jax.grad(loss("cpu"), (0, 1)))(x, w)
+  gp = jax.jit(jax.grad(loss("xla"), (0, 1)))(x, w)
   for a, b in zip(gc, gp):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -45,8 +45,9 @@ def test_depthwise_shifted_slices_match_grouped_conv(k, stride):
   b = ops.depthwise_conv2d(x, w, stride, kernels="xla")
   assert a.shape == b.shape == (2, 8 // stride, 8 // stride, 4)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  ga = jax.grad(lambda x: jnp.sum(ops.depthwise_conv2d(x, w, stride, kernels="cpu") ** 2))(x)
-  gb = jax.grad(lambda x: jnp.sum(ops.depthwise_conv2d(x, w, stride, kernels="xla") ** 2))(x)
+  grad = lambda kernels: jax.jit(jax.grad(  # noqa: E731
+      lambda x: jnp.sum(ops.depthwise_conv2d(x, w, stride, kernels=kernels) ** 2)))
+  ga, gb = grad("cpu")(x), grad("xla")(x)
   np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-4)
 
 
@@ -131,8 +132,10 @@ def test_both_sets_provide_the_same_api():
 def test_depthwise_cpu_gradient_matches_xla(k, c, n):
   x, w = _rand(11, (n, 7, 6, c)), _rand(12, (k, k, c))
   g = _rand(13, (n, 7, 6, c))
-  fc = jax.grad(lambda x, w: jnp.sum(ops.depthwise_conv2d(x, w, 1, kernels="cpu") * g), (0, 1))
-  fp = jax.grad(lambda x, w: jnp.sum(ops.depthwise_conv2d(x, w, 1, kernels="xla") * g), (0, 1))
+  fc = jax.jit(jax.grad(lambda x, w: jnp.sum(ops.depthwise_conv2d(x, w, 1, kernels="cpu") * g),
+                        (0, 1)))
+  fp = jax.jit(jax.grad(lambda x, w: jnp.sum(ops.depthwise_conv2d(x, w, 1, kernels="xla") * g),
+                        (0, 1)))
   for a, b in zip(fc(x, w), fp(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -148,7 +151,7 @@ def test_depthwise_relu_input_is_depthwise_of_relu(kernels, stride):
   ref = lambda x, w: jnp.sum(  # noqa: E731
       ops.depthwise_conv2d(jnp.maximum(x, 0.0), w, stride, kernels="xla") * g)
   np.testing.assert_allclose(fused(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
-  ga, gb = jax.grad(fused, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w)
+  ga, gb = jax.jit(jax.grad(fused, (0, 1)))(x, w), jax.jit(jax.grad(ref, (0, 1)))(x, w)
   assert np.any(np.asarray(ga[0]) == 0.0)  # the ReLU's gradient mask is applied
   for a, b in zip(ga, gb):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -176,8 +179,8 @@ def test_stride1_pool_gradients_match_reduce_window(kind, kernels):
   pool = ops.max_pool if kind == "max" else ops.avg_pool
   f = lambda x, k, s: pool(x, k, s, kernels=kernels)  # noqa: E731
   np.testing.assert_allclose(f(x, 3, 1), _ref_pool(x, kind), rtol=1e-6, atol=1e-6)
-  got = jax.grad(lambda x: jnp.sum(f(x, 3, 1) * g))(x)
-  want = jax.grad(lambda x: jnp.sum(_ref_pool(x, kind) * g))(x)
+  got = jax.jit(jax.grad(lambda x: jnp.sum(f(x, 3, 1) * g)))(x)
+  want = jax.jit(jax.grad(lambda x: jnp.sum(_ref_pool(x, kind) * g)))(x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -197,8 +200,8 @@ def test_batch_norm_gradient_matches_autodiff_of_the_formula(with_params, kernel
     return ops.batch_norm(x, p, ops.bn_stats(6), train=True, kernels=kernels)[0]
 
   np.testing.assert_allclose(ours(x, p), ref(x, p), rtol=1e-5, atol=1e-5)
-  got = jax.grad(lambda x, p: jnp.sum(ours(x, p) * g), (0, 1))(x, p)
-  want = jax.grad(lambda x, p: jnp.sum(ref(x, p) * g), (0, 1))(x, p)
+  got = jax.jit(jax.grad(lambda x, p: jnp.sum(ours(x, p) * g), (0, 1)))(x, p)
+  want = jax.jit(jax.grad(lambda x, p: jnp.sum(ref(x, p) * g), (0, 1)))(x, p)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -235,7 +238,7 @@ def test_batch_norm_statistics_accurate_far_from_zero_and_all_cotangents(outlier
     def f(x, s, o):
       y, m, v = fn(x, s, o)
       return jnp.sum(y * g) + jnp.sum(m * a) + jnp.sum(v * b)
-    return jax.grad(f, (0, 1, 2))
+    return jax.jit(jax.grad(f, (0, 1, 2)))
 
   args = (jnp.asarray(x - 50.0, jnp.float32), jnp.asarray(scale), jnp.asarray(offset))
   got = loss(lambda x, s, o: bn_batch(x, s, o, jnp.float32(1e-5)))(*args)
