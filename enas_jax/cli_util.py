@@ -1,9 +1,25 @@
-"""Command-line helpers shared by the CLIs (main, seeds, benchmark)."""
+"""Command-line helpers shared by the CLIs (main, seeds, benchmark) and the
+environment switches the library reads."""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+
+
+def env_switch(name: str, hint: str, *, allow_auto: bool = False) -> bool | None:
+  """The on/off environment variable ``name``: True (1, true, yes, on), False
+  (0, false, no, off) or None (unset, empty, or ``auto`` where allowed). Any
+  other value raises a ValueError that ends with ``set it to {hint}``."""
+  value = os.environ.get(name, "").strip().lower()
+  if value == "" or (allow_auto and value == "auto"):
+    return None
+  if value in ("1", "true", "yes", "on"):
+    return True
+  if value in ("0", "false", "no", "off"):
+    return False
+  raise ValueError(f"{name}={os.environ[name]!r} is not understood; set it to {hint}.")
 
 
 def parse_flags(argv):

@@ -26,6 +26,8 @@ import dataclasses
 import logging
 import os
 
+from enas_jax import cli_util
+
 _LOG = logging.getLogger(__name__)
 
 ENV_SWITCH = "ENAS_JAX_COMPILATION_CACHE"
@@ -49,13 +51,7 @@ def default_dir() -> str:
 
 
 def _switch_on() -> bool:
-  value = os.environ.get(ENV_SWITCH, "").strip().lower()
-  if value in ("", "1", "true", "yes", "on"):
-    return True
-  if value in ("0", "false", "no", "off"):
-    return False
-  raise ValueError(f"{ENV_SWITCH}={os.environ[ENV_SWITCH]!r} is not understood; "
-                   f"set it to 0 (cache off) or 1 (on, the default).")
+  return cli_util.env_switch(ENV_SWITCH, "0 (cache off) or 1 (on, the default)") is not False
 
 
 def enable(cache_dir: str | None = None, *, config=None) -> str | None:

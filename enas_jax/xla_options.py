@@ -25,25 +25,16 @@ import importlib.util
 import os
 import sys
 
+from enas_jax import cli_util
+
 ENV_SWITCH = "ENAS_JAX_CPU_COMPILE_OPTIONS"
 CPU_BACKEND_OPTIONS = ("xla_cpu_disable_loop_unrolling", "-disable-lsr")
 FLAG = "--xla_backend_extra_options"
+OPTION = f"{FLAG}={','.join(CPU_BACKEND_OPTIONS)}"
 # Packages that bring an accelerator backend (or, libtpu, the TPU compiler that
 # ahead-of-time compiles read): with one installed, auto leaves XLA_FLAGS alone.
 _ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin",
                         "jax_rocm6_plugin", "jax_rocm7_plugin", "jax_plugins")
-
-
-def _switch() -> str:
-  value = os.environ.get(ENV_SWITCH, "").strip().lower()
-  if value in ("", "auto"):
-    return "auto"
-  if value in ("1", "true", "yes", "on"):
-    return "on"
-  if value in ("0", "false", "no", "off"):
-    return "off"
-  raise ValueError(f"{ENV_SWITCH}={os.environ[ENV_SWITCH]!r} is not understood; set it to "
-                   f"0 (never), 1 (always) or auto (only without an accelerator package).")
 
 
 def accelerator_installed() -> bool:
@@ -72,13 +63,11 @@ def _backends_started() -> bool:
 
 def wanted() -> bool:
   """Whether :func:`apply` would add the options now (switch, platform, user's flags)."""
-  mode = _switch()
-  if mode == "off" or FLAG in os.environ.get("XLA_FLAGS", ""):
+  switch = cli_util.env_switch(ENV_SWITCH, "0 (never), 1 (always) or auto (only without "
+                               "an accelerator package)", allow_auto=True)
+  if switch is False or FLAG in os.environ.get("XLA_FLAGS", ""):
     return False
-  return mode == "on" or not accelerator_installed()
-
-
-OPTION = f"{FLAG}={','.join(CPU_BACKEND_OPTIONS)}"
+  return switch is True or not accelerator_installed()
 
 
 def active() -> bool:
