@@ -104,7 +104,8 @@ class _CompilePhases:
 def _time_chunk(chunk, state, ctrl_params, steps: int, spd: int):
   """Compiles (one step), then times ``steps`` steps in dispatches of ``spd``.
   Returns (state, last sums, compile seconds, timed seconds, peak RSS before
-  compiling, the compile's phases: trace / lower / XLA seconds)."""
+  compiling, the compile's phases: trace / lower / XLA seconds, and the
+  executable cache's part: hit or miss, load seconds, the check's wait)."""
   import jax
   import jax.numpy as jnp
   key = jax.random.key(3)
@@ -114,6 +115,15 @@ def _time_chunk(chunk, state, ctrl_params, steps: int, spd: int):
     state, acc = chunk(state, ctrl_params, key, jnp.int32(1))  # compiles
     jax.block_until_ready(acc)
   compile_s = time.perf_counter() - t0
+  # A step loaded from the executable cache is checked in the background
+  # (traced and lowered again): finished before the timed steps, timed apart.
+  from enas_jax import exec_cache
+  t0 = time.perf_counter()
+  exec_cache.wait_verified()
+  cache = {"exec_cache": chunk.cached.last_source,  # disk (a hit), compiled, jit (off)
+           # the load (a hit) or trace + lower + compile (a miss) of the step
+           "exec_cache_load_s": round(chunk.cached.last_seconds, 3),
+           "exec_cache_check_wait_s": round(time.perf_counter() - t0, 3)}
   done = 0
   t0 = time.perf_counter()
   while done < steps:
@@ -125,7 +135,7 @@ def _time_chunk(chunk, state, ctrl_params, steps: int, spd: int):
   if int(acc["first_bad"]) >= 0:
     raise RuntimeError(f"non-finite loss during the benchmark at step {int(acc['first_bad'])}")
   return state, acc, compile_s, dt, rss_before, {
-      k: round(v, 3) for k, v in phases.seconds.items()}
+      k: round(v, 3) for k, v in phases.seconds.items()}, cache
 
 
 def synthetic_images(n: int):
@@ -165,8 +175,8 @@ def _image_row(config, row: str, steps: int) -> dict:
   chunk, ctrl_params = aot.chunk_for_row(task, space, row, arc, config, mesh)
   state = task.init_child(jax.random.key(0))
   spd = _steps_per_dispatch(task, config)
-  state, acc, compile_s, dt, rss_before, phases = _time_chunk(chunk, state, ctrl_params,
-                                                              steps, spd)
+  state, acc, compile_s, dt, rss_before, phases, cache = _time_chunk(
+      chunk, state, ctrl_params, steps, spd)
   cfg = task.fns.cfg
   state_bytes = 2 * _tree_bytes(state.params) + _tree_bytes(state.opt_state)
   return {
@@ -179,7 +189,7 @@ def _image_row(config, row: str, steps: int) -> dict:
       "checkpoint_branches": cfg.checkpoint_branches,
       "num_params": task.count_params(state.params),
       "compile_count": int(chunk._cache_size()), "compile_s": round(compile_s, 3),
-      "compile_phases": phases,
+      "compile_phases": phases, **cache,
       "steps": steps, "steps_per_s": round(steps / dt, 4),
       "examples_per_s": round(steps * b / dt, 1), "ms_per_step": round(1000 * dt / steps, 2),
       "arc": space.format(arc) if row != "shared" else "sampled per step",
@@ -211,8 +221,8 @@ def run_row(config, row: str, steps: int) -> dict:
   state = task.init_child(jax.random.key(0))
   num_params = task.count_params(state.params)
   spd = _steps_per_dispatch(task, config)
-  state, acc, compile_s, dt, rss_before, phases = _time_chunk(chunk, state, ctrl_params,
-                                                              steps, spd)
+  state, acc, compile_s, dt, rss_before, phases, cache = _time_chunk(
+      chunk, state, ctrl_params, steps, spd)
   # Bytes the step must hold: parameters, the gradient it computes (the used
   # slices for the shared step; all weights for a fixed one) and optimizer state.
   view = ptb_child.gather(state.params, arc, task.cc) if shared else state.params
@@ -228,7 +238,7 @@ def run_row(config, row: str, steps: int) -> dict:
       "compute_dtype": task.cc.compute_dtype,
       "share_across_activations": task.cc.share_across_activations,
       "num_params": num_params, "compile_count": int(chunk._cache_size()),
-      "compile_s": round(compile_s, 3), "compile_phases": phases, "steps": steps,
+      "compile_s": round(compile_s, 3), "compile_phases": phases, **cache, "steps": steps,
       "steps_per_s": round(steps / dt, 4), "tokens_per_s": round(steps * tokens / dt, 1),
       "random_bptt": task.random_bptt,
       "ms_per_step": round(1000 * dt / steps, 2),

@@ -31,6 +31,8 @@ from etils import epath
 from flax import serialization
 import orbax.checkpoint as ocp
 
+from enas_jax import exec_cache
+
 log = logging.getLogger(__name__)
 _TMP_MARK = '.orbax-checkpoint-tmp'
 _DELETED = 'deleted' + _TMP_MARK  # holding area of steps being deleted
@@ -171,10 +173,14 @@ class Checkpointer:
       TypeError: ``meta`` is not JSON-serialisable (nothing is written).
       CheckpointError: the write failed (e.g. ``OSError`` ENOSPC); the partial
         directory is removed and the previous checkpoint stays the latest.
+      StaleExecutableError: a cached executable of this run failed its check
+        (:mod:`enas_jax.exec_cache`); nothing is written.
     """
     meta = dict(meta or {})
     json.dumps(meta)
     step = int(step)
+    # Nothing from a program that a cache check found stale reaches the disk.
+    exec_cache.wait_verified()
     self._remove_tmp_dirs()
     try:
       if step in self.all_steps():

@@ -36,6 +36,7 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join("runs", f"{config.name}_{config.variant}")
   from enas_jax import compile_cache, memory  # heavy imports after flag parsing
   from enas_jax.checkpoint import CheckpointError
+  from enas_jax.exec_cache import StaleExecutableError
   from enas_jax.train import run as run_lib
   from enas_jax.train.common import NonFiniteError
   print(f"workdir: {workdir}", flush=True)
@@ -51,7 +52,7 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:  # bad input: nothing was lost
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  except (NonFiniteError, CheckpointError) as e:  # the run stopped; its last checkpoint is intact
+  except (NonFiniteError, CheckpointError, StaleExecutableError) as e:  # the run stopped; its last checkpoint is intact
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
 

@@ -61,6 +61,9 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 # default per-user cache (enas_jax.compile_cache): nothing under ~/.cache, and
 # they compile as before unless a test passes them this cache explicitly.
 os.environ["ENAS_JAX_COMPILATION_CACHE"] = "0"
+# Nor do the in-process tests use the executable cache (enas_jax.exec_cache):
+# each test compiles as before; tests/test_exec_cache.py turns it on.
+os.environ["ENAS_JAX_EXEC_CACHE"] = "0"
 
 
 def init_in_one_compile(init, *args, seed: int = 0):

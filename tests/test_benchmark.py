@@ -15,6 +15,7 @@ def test_row_reports_compile_phases_within_compile_s():
   finally:
     jax.config.update("jax_enable_compilation_cache", True)
   assert row["compile_count"] == 1 and row["steps"] == 2 and row["tokens_per_s"] > 0
+  assert row["exec_cache"] == "jit"  # off in the suite (conftest.py)
   phases = row["compile_phases"]
   assert set(phases) == {"trace_s", "lower_s", "xla_compile_s"}
   # Every phase happened and they add up to no more than the first dispatch

@@ -10,6 +10,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from enas_jax import exec_cache
+
 log = logging.getLogger("enas_jax")
 
 # Fields that may differ when resuming a run in an existing workdir: they change
@@ -129,9 +131,11 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
 
 
 def write_text(path: str, text: str) -> None:
-  """Atomic small-file write (only process 0 writes)."""
+  """Atomic small-file write (only process 0 writes), once every loaded
+  executable is verified (:func:`enas_jax.exec_cache.wait_verified`)."""
   if not is_main_process():
     return
+  exec_cache.wait_verified()
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(text)

@@ -25,6 +25,7 @@ import numpy as np
 
 from enas_jax import checkpoint as ckpt_lib
 from enas_jax import controller as ctrl
+from enas_jax import exec_cache
 from enas_jax import metrics as metrics_lib
 from enas_jax import parallel
 from enas_jax import reinforce
@@ -68,7 +69,8 @@ class SearchSetup:
     self.sample_one = jax.jit(self.sample_arc)  # one arc on the host side (logs)
     phase = reinforce.make_phase(self.decisions, self.controller, self.optimizer,
                                  task.reward_fn(self.controller.reward_c))
-    self.controller_phase = jax.jit(phase, donate_argnums=(0,))
+    # The reward runs the child: a compile as long as a child step's, cached the same way.
+    self.controller_phase = exec_cache.CachedJit(phase, donate_argnums=(0,))
     self.search_valid = task.make_search_valid(self.sample_arc,
                                                self.settings.search.valid_batches)
     root = jax.random.key(self.settings.seed)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from enas_jax import parallel
+from enas_jax import exec_cache, parallel
 from enas_jax.spaces import base as space_base
 from enas_jax.train.settings import RunSettings
 from enas_jax.train.state import ChildState
@@ -35,18 +35,24 @@ ArcSampler = Callable[[Any, jax.Array], jax.Array]  # (controller params, key) -
 
 class Bound:
   """A jitted ``fn(data, *args)`` called as ``fn(*args)`` with ``task.data``
-  (read at call time). ``jitted`` is the jax function (``.lower(data, ...)``)."""
+  (read at call time). ``jitted`` is the jax function (``.lower(data, ...)``);
+  calls go through :class:`~enas_jax.exec_cache.CachedJit`, so a restart loads
+  the compiled step without tracing it again."""
 
   def __init__(self, task, fn, *, donate_argnums=(), out_shardings=None):
-    kw = {} if out_shardings is None else {"out_shardings": out_shardings}
     self.task = task
-    self.jitted = jax.jit(fn, donate_argnums=tuple(i + 1 for i in donate_argnums), **kw)
+    self.cached = exec_cache.CachedJit(fn, donate_argnums=tuple(i + 1 for i in donate_argnums),
+                                       out_shardings=out_shardings)
+    self.jitted = self.cached.jitted
 
   def __call__(self, *args):
-    return self.jitted(self.task.data, *args)
+    return self.cached(self.task.data, *args)
+
+  def _fingerprint_(self):
+    return self.cached
 
   def _cache_size(self) -> int:
-    return self.jitted._cache_size()
+    return self.cached._cache_size()
 
 
 class Task:
@@ -76,6 +82,12 @@ class Task:
     # traced value (``data["nan_at_step"]``, :meth:`scalar_data`): the run with
     # the fault and the one without share one compiled program.
     self.inject_nan_at_step = int(config.debug.inject_nan_at_step)
+
+  def _fingerprint_(self) -> dict:
+    """What the executable cache's key takes from the task: every attribute but
+    ``data``, which the jitted functions take as an argument (its shapes are
+    in the key; its values, such as ``total_steps``, are not baked in)."""
+    return {k: v for k, v in vars(self).items() if k != "data"}
 
   # ------------------------------------------------------------ task hooks
   def init_child(self, key: jax.Array) -> ChildState:
