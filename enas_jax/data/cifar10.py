@@ -133,9 +133,20 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"need non-empty uint8 [N, H, W, C] images, got {images.dtype} "
                      f"{images.shape}.")
   values = np.arange(256, dtype=np.float64) / 255.0
+  channels = images.shape[-1]
+  # One histogram of (channel, value) pairs, over slices of images: np.bincount
+  # converts its input to int64, and all 45,000 training images at once made
+  # ~370 MB of fresh temporaries per channel (7.6 s of a restart on a host
+  # with slow first-touch memory; ~0.5 s this way).
+  offsets = (np.arange(channels, dtype=np.int32) * 256)
+  hists = np.zeros(channels * 256, np.int64)
+  rows = max(1, (1 << 20) // max(1, images[0].size))  # ~1 M values per slice
+  for i in range(0, len(images), rows):
+    block = images[i:i + rows].reshape(-1, channels).astype(np.int32) + offsets
+    hists += np.bincount(block.ravel(), minlength=channels * 256)
   mean, std = [], []
-  for c in range(images.shape[-1]):
-    hist = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
+  for c in range(channels):
+    hist = hists[c * 256:(c + 1) * 256].astype(np.float64)
     n = hist.sum()
     m = (hist * values).sum() / n
     var = (hist * (values - m) ** 2).sum() / n
