@@ -226,14 +226,17 @@ def _abstract(x):
     sharding = x.sharding if getattr(x, "_committed", True) else None
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding,
                                 weak_type=getattr(x, "weak_type", False))
-  a = np.asarray(x)
-  weak = isinstance(x, (bool, int, float, complex))
-  return jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=weak)
+  aval = jax.typeof(x)  # numpy arrays, Python scalars (weakly typed, x64 rules applied)
+  return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
 
 
-def _tree_map(f, tree):
+def _leaf_key(x):
+  """What :func:`_abstract` reads of an argument, as a hashable tuple."""
   import jax
-  return jax.tree_util.tree_map(f, tree)
+  if isinstance(x, jax.Array):
+    return (x.shape, x.dtype, getattr(x, "weak_type", False), x.sharding,
+            getattr(x, "_committed", True))
+  return (type(x), np.shape(x), getattr(x, "dtype", None))
 
 
 def _signature(abstract) -> str:
@@ -294,7 +297,7 @@ class CachedJit:
     kw = {} if out_shardings is None else {"out_shardings": out_shardings}
     self.fn, self.donate_argnums, self.out_shardings = fn, tuple(donate_argnums), out_shardings
     self.jitted = jax.jit(fn, donate_argnums=self.donate_argnums, **kw)
-    self._compiled: dict[str, Any] = {}
+    self._compiled: dict[Any, Any] = {}  # by the arguments' structure, avals, shardings
     self._fn_digest: str | None = None
     self._broken = False
     self.last_source: str | None = None  # "memory", "disk", "compiled" or "jit"
@@ -310,13 +313,15 @@ class CachedJit:
     path = None if self._broken else folder()
     compiled = None
     if path is not None:
+      import jax
       try:
-        abstract = _tree_map(_abstract, args)
-        sig = _signature(abstract)
-        compiled = self._compiled.get(sig)
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        fast = (tree, tuple(_leaf_key(x) for x in leaves))  # hashable, no reprs
+        compiled = self._compiled.get(fast)
         self.last_source = "memory"
         if compiled is None:
-          entry_path = os.path.join(path, self._key(sig)[:40] + ".exe")
+          abstract = jax.tree_util.tree_unflatten(tree, [_abstract(x) for x in leaves])
+          entry_path = os.path.join(path, self._key(_signature(abstract))[:40] + ".exe")
           compiled = self._load(entry_path, abstract)
       except Exception as e:  # pylint: disable=broad-except
         _LOG.warning("executable cache off for this function (%s: %s); compiling as usual.",
@@ -325,7 +330,7 @@ class CachedJit:
       else:
         if compiled is None:  # a miss: the user's own errors (tracing) surface from here
           compiled = self._compile(path, entry_path, abstract)
-        self._compiled[sig] = compiled
+        self._compiled[fast] = compiled
     if compiled is None:
       self.last_source = "jit"
       return self.jitted(*args)

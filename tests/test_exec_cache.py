@@ -238,17 +238,16 @@ def test_rerun_loads_every_step_and_matches(cache, monkeypatch, tmp_path):
   monkeypatch.setattr(exec_cache.CachedJit, "_load", counting_load)
   cfg = tiny_cifar_config("cifar_macro", **{"search.then_final": False,
                                              "search.num_epochs": 1})
-  # JAX's cache off: its hits would not be stored (see the test above)
-  jax.config.update("jax_enable_compilation_cache", False)
-  try:
-    run_lib.run(cfg, str(tmp_path / "a"))
-    assert loads and not any(loads)
-    stored = len(_entries(cache))
-    assert stored >= 4  # child chunk, controller phase, validation, derive's scores
-    loads.clear()
-    run_lib.run(cfg, str(tmp_path / "b"))
-  finally:
-    jax.config.update("jax_enable_compilation_cache", True)
+  # JAX's cache unused (its hits would not be stored: see the test above). Not
+  # through jax_enable_compilation_cache: jax reads that once per process.
+  from jax._src import compilation_cache as jax_cc
+  monkeypatch.setattr(jax_cc, "is_cache_used", lambda backend: False)
+  run_lib.run(cfg, str(tmp_path / "a"))
+  assert loads and not any(loads)
+  stored = len(_entries(cache))
+  assert stored >= 4  # child chunk, controller phase, validation, derive's scores
+  loads.clear()
+  run_lib.run(cfg, str(tmp_path / "b"))
   assert len(loads) == stored and all(loads)
   exec_cache.wait_verified()
   assert len(_entries(cache)) == stored  # every check passed: nothing deleted
