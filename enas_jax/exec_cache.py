@@ -26,6 +26,7 @@ cache. Single-process runs only (a multi-host run uses JAX's cache alone).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import enum
 import functools
@@ -274,10 +275,23 @@ def wait_verified() -> None:
   if failures:
     raise StaleExecutableError(
         "a cached executable did not match the program this run builds, so the steps since "
-        "the start ran a different program; nothing was written from them. " + " ".join(failures)
+        "the start ran a different program; no checkpoint or result file was written from "
+        "them (progress lines and metrics logged since the start are not to be trusted). "
+        + " ".join(failures)
         + f" The entry was deleted: rerun the same command to compile afresh (it resumes from "
         f"the newest checkpoint). Set {ENV_SWITCH}=0 to turn this cache off, and please report "
         f"the config that did this.")
+
+
+def _check_at_exit() -> None:
+  """A check still running (or failed) when the program ends is reported, not lost."""
+  try:
+    wait_verified()
+  except StaleExecutableError as e:
+    _LOG.error("%s", e)
+
+
+atexit.register(_check_at_exit)
 
 
 # ------------------------------------------------------------------ the jit

@@ -158,6 +158,18 @@ def test_executable_from_jax_cache_is_not_stored(tmp_path):
   np.testing.assert_allclose([r["out"] for r in runs], np.tanh(4.0) * 7.0, rtol=1e-6)
 
 
+def test_stale_entry_reported_at_exit(cache, monkeypatch, caplog):
+  """A run that ends before any write still reports a failed check (atexit)."""
+  x = jnp.ones((2,))
+  exec_cache.CachedJit(lambda v: v + 2.0)(x)
+  key = _entries(cache)[0][:-len(".exe")]
+  monkeypatch.setattr(exec_cache.CachedJit, "_key", lambda self, sig: key)
+  exec_cache.CachedJit(lambda v: v + 3.0)(x)
+  with caplog.at_level(logging.ERROR, logger="enas_jax.exec_cache"):
+    exec_cache._check_at_exit()
+  assert "did not match" in caplog.text and _entries(cache) == []
+
+
 def test_corrupt_entry_recompiles(cache, caplog):
   f = lambda v: v + 1.0  # noqa: E731
   exec_cache.CachedJit(f)(jnp.ones(2))
