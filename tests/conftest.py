@@ -178,7 +178,7 @@ _HEAVY_FILES = {
     "test_controller.py": 17, "test_reinforce.py": 15, "test_seeds.py": 15,
     "test_task_scalars.py": 15, "test_readme.py": 14, "test_controller_micro.py": 13,
     "test_micro_compile.py": 10, "test_task_core.py": 10, "test_final_recipe.py": 9,
-    "test_cifar_nb201.py": 9,
+    "test_cifar_nb201.py": 9, "test_exec_cache.py": 25,
 }
 
 
