@@ -1,9 +1,9 @@
 """Compiled steps on disk, found without tracing: a restart runs at once.
 
 JAX's persistent cache (:mod:`enas_jax.compile_cache`) keys an entry by the
-lowered program, so even a warm start traces and lowers every step first (5-12
-s for a CIFAR child on a 2-core host, most of a warm restart). This cache keys
-the executable by what builds the program instead:
+lowered program, so even a warm start traces and lowers every step first
+(seconds for a CIFAR child, most of a warm restart). This cache keys the
+executable by what builds the program instead:
 
 * a fingerprint of the jitted Python callable and everything it reaches
   (:func:`fingerprint`: the run's config, the task's settings, data statistics
@@ -21,7 +21,9 @@ entry can never reach a checkpoint: it is deleted and the run stops with
 
 On by default wherever the compilation cache is (entries in its folder, under
 ``executables/``); off with ``ENAS_JAX_EXEC_CACHE=0`` or with the compilation
-cache. Single-process runs only (a multi-host run uses JAX's cache alone).
+cache. Single-process runs only (a multi-host run uses JAX's cache alone). A
+compile that JAX loaded from its own cache is not stored: XLA:CPU re-serialises
+such an executable without its kernels. Measurements: docs/performance.md.
 """
 
 from __future__ import annotations
