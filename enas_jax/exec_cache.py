@@ -43,6 +43,7 @@ import time
 import types
 from typing import Any
 
+import jax
 import numpy as np
 
 from enas_jax import cli_util, compile_cache
@@ -68,7 +69,6 @@ class StaleExecutableError(RuntimeError):
 # --------------------------------------------------------------------- switch
 def folder() -> str | None:
   """The entries' folder, or None when this cache is off (see the module docstring)."""
-  import jax
   if cli_util.env_switch(ENV_SWITCH, "0 (off) or 1 (on, the default)") is False:
     return None
   base = jax.config.jax_compilation_cache_dir
@@ -88,7 +88,6 @@ class _Walker:
     self.keep: list = []  # keeps walked objects alive so their ids stay unique
 
   def walk(self, obj, depth: int = 0) -> Any:
-    import jax
     if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
       return (type(obj).__name__, repr(obj))
     if depth > 60:
@@ -207,7 +206,6 @@ def source_digest() -> str:
 
 def environment() -> dict:
   """What outside the function decides the program: versions, devices, flags, options."""
-  import jax
   import jaxlib
   devs = jax.devices()
   opts = {k: repr(v) for k, v in sorted(jax.config.values.items())
@@ -224,7 +222,6 @@ def environment() -> dict:
 def _abstract(x):
   """The argument as the compile sees it: shape, dtype, weak type, and its
   sharding when committed to devices (uncommitted ones are placed by the call)."""
-  import jax
   if isinstance(x, jax.Array):
     sharding = x.sharding if getattr(x, "_committed", True) else None
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding,
@@ -235,7 +232,6 @@ def _abstract(x):
 
 def _leaf_key(x):
   """What :func:`_abstract` reads of an argument, as a hashable tuple."""
-  import jax
   if isinstance(x, jax.Array):
     return (x.shape, x.dtype, getattr(x, "weak_type", False), x.sharding,
             getattr(x, "_committed", True))
@@ -243,7 +239,6 @@ def _leaf_key(x):
 
 
 def _signature(abstract) -> str:
-  import jax
   leaves, tree = jax.tree_util.tree_flatten(abstract)
   return repr((str(tree), [(s.shape, str(s.dtype), s.weak_type, repr(s.sharding))
                            for s in leaves]))
@@ -309,7 +304,6 @@ class CachedJit:
   """
 
   def __init__(self, fn, *, donate_argnums=(), out_shardings=None):
-    import jax
     kw = {} if out_shardings is None else {"out_shardings": out_shardings}
     self.fn, self.donate_argnums, self.out_shardings = fn, tuple(donate_argnums), out_shardings
     self.jitted = jax.jit(fn, donate_argnums=self.donate_argnums, **kw)
@@ -329,24 +323,24 @@ class CachedJit:
     path = None if self._broken else folder()
     compiled = None
     if path is not None:
-      import jax
       try:
         leaves, tree = jax.tree_util.tree_flatten(args)
         fast = (tree, tuple(_leaf_key(x) for x in leaves))  # hashable, no reprs
         compiled = self._compiled.get(fast)
-        self.last_source = "memory"
-        if compiled is None:
+        if compiled is not None:
+          self.last_source = "memory"
+        else:
           abstract = jax.tree_util.tree_unflatten(tree, [_abstract(x) for x in leaves])
           entry_path = os.path.join(path, self._key(_signature(abstract))[:40] + ".exe")
-          compiled = self._load(entry_path, abstract)
+          loaded = self._load(entry_path, abstract)
       except Exception as e:  # pylint: disable=broad-except
         _LOG.warning("executable cache off for this function (%s: %s); compiling as usual.",
                      type(e).__name__, e)
         self._broken, compiled = True, None
       else:
-        if compiled is None:  # a miss: the user's own errors (tracing) surface from here
-          compiled = self._compile(path, entry_path, abstract)
-        self._compiled[fast] = compiled
+        if compiled is None:  # on a miss the user's own errors (tracing) surface from here
+          compiled = self._compiled[fast] = (
+              loaded if loaded is not None else self._compile(path, entry_path, abstract))
     if compiled is None:
       self.last_source = "jit"
       return self.jitted(*args)
@@ -359,7 +353,6 @@ class CachedJit:
 
   def _load(self, entry_path: str, abstract):
     """The entry's executable (its check started), or None."""
-    import jax
     from jax.experimental import serialize_executable as se
     entry = _read(entry_path)
     if entry is None:
@@ -382,7 +375,6 @@ class CachedJit:
 
   def _compile(self, path: str, entry_path: str, abstract):
     """Traces, lowers and compiles (JAX's cache applies); stores the entry."""
-    import jax
     from jax.experimental import serialize_executable as se
     t0 = time.perf_counter()
     lowered = self.jitted.trace(*abstract).lower()
@@ -433,7 +425,6 @@ class CachedJit:
 
 def _min_compile_secs() -> float:
   """Compiles shorter than this are not stored: JAX's own threshold."""
-  import jax
   return float(jax.config.jax_persistent_cache_min_compile_time_secs)
 
 
